@@ -1,0 +1,188 @@
+"""Audio files in and out: prompt audio reading, resampling, channel layout and atomic writes.
+
+Reading uses soundfile (libsndfile). Resampling uses torchaudio when it is installed (the resampler upstream
+uses, so prompt codes match upstream) and scipy's polyphase resampler otherwise. Writes are atomic: a temporary
+file in the target directory is renamed over the destination only once it is complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+TARGET_SAMPLE_RATE = 48000
+TARGET_CHANNELS = 2
+MAX_PROMPT_SECONDS = 30.0  # longer prompts are cut to this with a warning (the model was trained on short references)
+MIN_PROMPT_SECONDS = 0.08  # one codec frame (3840 samples at 48 kHz): shorter audio yields no prompt codes
+SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a prompt carries no voice to clone
+WRITABLE_EXTENSIONS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+
+
+def _soundfile():
+    try:
+        return importlib.import_module("soundfile")
+    except ImportError as exc:  # pragma: no cover - soundfile is a hard requirement
+        raise RuntimeError("soundfile is required for audio I/O: pip install soundfile") from exc
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 samples.
+
+    Args:
+        path: any format libsndfile reads (WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1).
+
+    Returns:
+        ``(samples [channels, frames] float32, sample_rate)``.
+
+    Raises:
+        ValueError: the file is missing, unreadable, not audio, or holds no samples.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"prompt audio file not found: '{path}'")
+    if path.is_dir():
+        raise ValueError(f"prompt audio path is a directory, expected an audio file: '{path}'")
+    soundfile = _soundfile()
+    try:
+        data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile reports unreadable or truncated files as several exception types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot read prompt audio '{path}': {reason} (supported: WAV, FLAC, OGG, MP3 via libsndfile)"
+        ) from exc
+    if data.shape[0] == 0:
+        raise ValueError(f"prompt audio '{path}' contains no samples")
+    return np.ascontiguousarray(data.T), int(sample_rate)
+
+
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """Resample ``[channels, frames]`` float32 audio to ``target_sr``."""
+    if orig_sr <= 0:
+        raise ValueError(f"sample rate must be positive, got {orig_sr}")
+    if orig_sr == target_sr:
+        return samples.astype(np.float32, copy=False)
+    try:
+        functional = importlib.import_module("torchaudio.functional")
+    except Exception:  # torchaudio is optional (no wheel for every torch build)
+        functional = None
+    if functional is not None:
+        out = functional.resample(torch.from_numpy(np.ascontiguousarray(samples)), orig_sr, target_sr)
+        return out.numpy().astype(np.float32, copy=False)
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target_sr, orig_sr)
+    return resample_poly(samples, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
+
+
+def to_channels(samples: np.ndarray, channels: int = TARGET_CHANNELS, downmix: bool = False) -> np.ndarray:
+    """Lay audio out as ``channels`` channels: mono is duplicated; more channels need ``downmix=True``."""
+    have = samples.shape[0]
+    if have == channels:
+        return samples
+    if have > channels and not downmix:
+        raise ValueError(
+            f"prompt audio has {have} channels; the codec takes at most {channels}. "
+            "Pass downmix=True (--downmix) to average them, or provide a mono/stereo file"
+        )
+    mono = samples.mean(axis=0, keepdims=True) if have > 1 else samples
+    return np.repeat(mono, channels, axis=0)
+
+
+def load_prompt_audio(
+    path: str | os.PathLike,
+    *,
+    sample_rate: int = TARGET_SAMPLE_RATE,
+    channels: int = TARGET_CHANNELS,
+    downmix: bool = False,
+    max_seconds: float = MAX_PROMPT_SECONDS,
+) -> torch.Tensor:
+    """Read a reference recording and prepare it for the codec.
+
+    Args:
+        path: the audio file.
+        sample_rate: the codec's rate (48 kHz).
+        channels: the codec's channel count (2); mono is duplicated.
+        downmix: average files with more channels instead of raising.
+        max_seconds: longer audio is cut to this length, with a warning.
+
+    Returns:
+        ``[channels, frames]`` float32 tensor at ``sample_rate``.
+
+    Raises:
+        ValueError: missing or unreadable file, empty, too short, silent or non-finite audio, too many channels.
+    """
+    samples, orig_sr = read_audio(path)
+    if not np.isfinite(samples).all():
+        raise ValueError(f"prompt audio '{path}' contains NaN or Inf samples")
+    samples = to_channels(samples, channels, downmix)
+    limit = int(math.ceil(max_seconds * orig_sr))
+    if samples.shape[1] > limit:
+        logger.warning(
+            "prompt audio '%s' is %.1f s long; using its first %.1f s", path, samples.shape[1] / orig_sr, max_seconds
+        )
+        samples = samples[:, :limit]
+    samples = resample(samples, orig_sr, sample_rate)
+    check_prompt_waveform(samples, sample_rate, source=str(path))
+    return torch.from_numpy(np.ascontiguousarray(samples))
+
+
+def check_prompt_waveform(samples: np.ndarray | torch.Tensor, sample_rate: int, source: str = "prompt audio") -> None:
+    """Reject audio too short to give one codec frame, silent audio, or non-finite samples."""
+    samples = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else samples
+    seconds = samples.shape[-1] / sample_rate
+    if seconds < MIN_PROMPT_SECONDS:
+        raise ValueError(
+            f"{source} is too short: {samples.shape[-1]} samples ({seconds * 1000:.1f} ms) at {sample_rate} Hz; "
+            f"at least {MIN_PROMPT_SECONDS * 1000:.0f} ms (one codec frame) is needed, a few seconds is typical"
+        )
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{source} contains NaN or Inf samples")
+    peak = float(np.abs(samples).max())
+    if peak < SILENCE_PEAK:
+        raise ValueError(f"{source} is silent (peak amplitude {peak:.2e}); provide a recording of the voice to clone")
+
+
+def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
+    """Write ``[channels, frames]`` (or ``[frames]``) audio; the file appears only once complete.
+
+    Missing parent directories are created. The format follows the extension (.wav, .flac, .ogg); WAV is
+    16-bit PCM.
+
+    Raises:
+        ValueError: unsupported extension or non-finite samples.
+        RuntimeError: the directory cannot be created or written.
+    """
+    path = Path(path)
+    fmt = WRITABLE_EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"output path '{path}' has extension '{path.suffix}'; supported: {', '.join(sorted(WRITABLE_EXTENSIONS))}"
+        )
+    data = waveform.detach().float().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
+    if not np.isfinite(data).all():
+        raise ValueError("refusing to write audio with NaN or Inf samples")
+    frames = data.T if data.ndim == 2 else data  # soundfile wants [frames, channels]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write to '{path.parent}': {exc.strerror or exc}; choose a writable location") from exc
+    os.close(handle)
+    subtype = "PCM_16" if fmt == "WAV" else None
+    try:
+        _soundfile().write(tmp_name, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+        os.replace(tmp_name, path)
+    except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,212 @@
+"""What infer_npu.py and verify_npu.py share: model flags, sampling flags, model loading and the error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+try:
+    from . import devices
+    from .codec_loading import WEIGHT_FILES
+    from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS
+except ImportError:  # run as a script from the repository root
+    import devices
+    from codec_loading import WEIGHT_FILES
+    from gpt2_decoder import ATTENTION_IMPLEMENTATIONS
+
+logger = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+# The official command-line defaults (TTS_SPEC §6), not upstream's method defaults.
+CLI_SAMPLING_DEFAULTS = {
+    "do_sample": True,
+    "text_temperature": 1.0,
+    "text_top_p": 1.0,
+    "text_top_k": 50,
+    "audio_temperature": 0.8,
+    "audio_top_p": 0.95,
+    "audio_top_k": 25,
+    "audio_repetition_penalty": 1.2,
+}
+CLI_MAX_NEW_FRAMES = 375
+CLI_VOICE_CLONE_MAX_TEXT_TOKENS = 75
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class UsageError(ValueError):
+    """A command-line argument that argparse rejected."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (exit code 2 through run_cli), not usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-path", help="checkpoint directory in the official format, or a hub id")
+    group.add_argument("--audio-tokenizer-path", help="codec directory or hub id (default: from the checkpoint)")
+    group.add_argument("--device", default="auto", help="auto (npu > cuda > cpu), npu, npu:N, cuda, cuda:N or cpu")
+    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="auto: float16 on NPU, bfloat16 (else float16) on CUDA, float32 on CPU")
+    group.add_argument("--attn-implementation", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
+                       help="attention backend for both decoders (auto picks per device)")
+    group.add_argument("--demo", action="store_true",
+                       help="no download: released architectures with seeded random weights (output is noise)")
+    group.add_argument("--local-files-only", action="store_true", help="never download (also HF_HUB_OFFLINE=1)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--verbose", action="store_true", help="show tracebacks and debug logging")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    d = CLI_SAMPLING_DEFAULTS
+    group = parser.add_argument_group("generation (defaults: the official CLI values)")
+    group.add_argument("--do-sample", type=_boolean, nargs="?", const=True, default=d["do_sample"],
+                       help="sample (true, default) or decode greedily (false)")
+    group.add_argument("--text-temperature", type=_bounded(float, 0, low_open=True), default=d["text_temperature"])
+    group.add_argument("--text-top-p", type=_bounded(float, 0, 1, low_open=True), default=d["text_top_p"])
+    group.add_argument("--text-top-k", type=_bounded(int, 0), default=d["text_top_k"])
+    group.add_argument("--audio-temperature", type=_bounded(float, 0, low_open=True), default=d["audio_temperature"])
+    group.add_argument("--audio-top-p", type=_bounded(float, 0, 1, low_open=True), default=d["audio_top_p"])
+    group.add_argument("--audio-top-k", type=_bounded(int, 0), default=d["audio_top_k"])
+    group.add_argument("--audio-repetition-penalty", type=_bounded(float, 0, low_open=True),
+                       default=d["audio_repetition_penalty"])
+    group.add_argument("--max-new-frames", type=_bounded(int, 1), default=None,
+                       help=f"frames to generate at most (12.5 per second; default {CLI_MAX_NEW_FRAMES})")
+    group.add_argument("--nq", type=_bounded(int, 1, 16), default=None, help="codebooks to use (1..16, default all)")
+    group.add_argument("--voice-clone-max-text-tokens", type=_bounded(int, 1),
+                       default=CLI_VOICE_CLONE_MAX_TEXT_TOKENS, help="token budget of one voice-clone text chunk")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS}
+    kwargs["max_new_frames"] = args.max_new_frames or CLI_MAX_NEW_FRAMES
+    kwargs["nq"] = args.nq
+    return kwargs
+
+
+def check_model_directory(path: Path) -> None:
+    """Raise ValueError naming what a checkpoint directory lacks (config, weights, tokenizer)."""
+    if not path.is_dir():
+        raise ValueError(f"--model-path '{path}' is not a directory")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append(f"weights ({' or '.join(WEIGHT_FILES)})")
+    if not (path / "tokenizer.model").is_file():
+        missing.append("tokenizer.model")
+    if missing:
+        raise ValueError(f"model directory '{path}' is missing {', '.join(missing)}")
+
+
+def resolve_model_path(model_path: str | None, local_files_only: bool) -> Path:
+    if not model_path:
+        raise ValueError("no model given: pass --model-path DIR (a checkpoint directory or hub id) or --demo")
+    path = Path(model_path).expanduser()
+    if path.exists() or not _HUB_ID.match(model_path):
+        check_model_directory(path)
+        return path
+    from huggingface_hub import snapshot_download
+
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        return Path(snapshot_download(model_path, local_files_only=offline))
+    except Exception as exc:
+        raise RuntimeError(
+            f"cannot fetch '{model_path}' ({'offline mode' if offline else type(exc).__name__}); download it on a "
+            "connected machine and pass the local directory as --model-path"
+        ) from exc
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
+    """Load our model class from an official-format directory, rewording loading failures."""
+    try:
+        from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    except ImportError:
+        from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
+    try:
+        return MossTTSNanoForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    except (OSError, RuntimeError, ValueError) as exc:
+        text = str(exc)
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if "size mismatch" in text or "mismatched" in text.lower():
+            raise ValueError(f"weights in '{weights}' do not match the architecture in config.json: {reason}") from exc
+        raise ValueError(f"cannot load the checkpoint '{weights}': {type(exc).__name__}: {reason}") from exc
+
+
+def load_model_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
+    """Build or load the model on the requested device; return it and the resource kwargs for inference."""
+    devices.apply_npu_environment_defaults()
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    if args.demo:
+        try:
+            from .demo import build_demo_assets
+        except ImportError:
+            from demo import build_demo_assets
+        assets = build_demo_assets(args.seed)
+        model = assets.model.to(device=device, dtype=dtype)
+        resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec,
+                     "prompt_audio": assets.prompt_audio, "_demo_workdir": assets.workdir}
+    else:
+        path = resolve_model_path(args.model_path, args.local_files_only)
+        model = load_checkpoint(path, dtype).to(device)
+        resources = {"audio_tokenizer_path": args.audio_tokenizer_path, "local_files_only": args.local_files_only}
+    model.set_attention_implementation(args.attn_implementation)
+    return model, resources
+
+
+def run_cli(body: Callable[[], int], verbose: bool) -> int:
+    """The CLI error boundary: one line per failure, exit 2 for usage, 1 for environment/runtime, 130 on Ctrl-C."""
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        return body()
+    except ValueError as exc:
+        code, message = 2, str(exc)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except (RuntimeError, OSError, ImportError) as exc:
+        code, message = 1, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if verbose:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,144 @@
+"""Find and load the audio codec (MOSS-Audio-Tokenizer-Nano) with this repository's codec code.
+
+Whatever the weights' origin (a local directory, a hub download, the checkpoint's own ``audio_tokenizer/``
+folder), they are loaded through ``audio_tokenizer/`` of this repository, never through remote code shipped
+with the weights, so the released codec weights get the device-agnostic implementation.
+
+Resolution order for the codec directory:
+1. the path or hub id the caller gives (``audio_tokenizer_path`` / ``--audio-tokenizer-path``);
+2. ``<model directory>/audio_tokenizer`` when it holds weights;
+3. ``config.audio_tokenizer_pretrained_name_or_path``: a hub id (downloaded with huggingface_hub unless offline),
+   or a relative path that must stay inside the model directory (a config never points outside it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PACKAGE_NAME = "moss_tts_nano_audio_tokenizer"
+
+
+def has_weights(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / name).is_file() for name in WEIGHT_FILES)
+
+
+def _code_directories(model_dir: Path | None) -> list[Path]:
+    here = Path(__file__).resolve().parent
+    candidates = [here / "audio_tokenizer"]
+    if model_dir is not None:
+        candidates.append(Path(model_dir).resolve() / "audio_tokenizer")
+    return candidates
+
+
+def codec_code_module(model_dir: Path | None = None) -> ModuleType:
+    """Import ``audio_tokenizer/modeling_moss_audio_tokenizer.py`` of this repository as a package module.
+
+    Raises:
+        RuntimeError: the codec code is not beside this file nor in the model directory.
+    """
+    if f"{_PACKAGE_NAME}.modeling_moss_audio_tokenizer" in sys.modules:
+        return sys.modules[f"{_PACKAGE_NAME}.modeling_moss_audio_tokenizer"]
+    for code_dir in _code_directories(model_dir):
+        if (code_dir / "modeling_moss_audio_tokenizer.py").is_file():
+            init = code_dir / "__init__.py"
+            spec = importlib.util.spec_from_file_location(
+                _PACKAGE_NAME, init if init.is_file() else None, submodule_search_locations=[str(code_dir)]
+            )
+            package = importlib.util.module_from_spec(spec)
+            sys.modules[_PACKAGE_NAME] = package
+            if init.is_file():
+                spec.loader.exec_module(package)
+            return importlib.import_module(f"{_PACKAGE_NAME}.modeling_moss_audio_tokenizer")
+    searched = ", ".join(str(p) for p in _code_directories(model_dir))
+    raise RuntimeError(
+        f"the codec code (audio_tokenizer/modeling_moss_audio_tokenizer.py) was not found in: {searched}. "
+        "Keep the repository's audio_tokenizer/ folder beside modeling_moss_tts_nano.py or in the model directory"
+    )
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _offline(local_files_only: bool) -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return local_files_only or any(v.strip().lower() in {"1", "true", "yes", "on"} for v in flags)
+
+
+def _download(repo_id: str, local_files_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = _offline(local_files_only)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as exc:
+        how = "offline mode is on" if offline else f"the download failed ({type(exc).__name__}: {exc})"
+        raise RuntimeError(
+            f"the audio codec '{repo_id}' is not available locally and {how}. Download it on a connected machine "
+            f"(huggingface-cli download {repo_id} --local-dir ./MOSS-Audio-Tokenizer-Nano) and pass its directory as "
+            "audio_tokenizer_path / --audio-tokenizer-path"
+        ) from exc
+
+
+def resolve_codec_directory(
+    explicit: str | os.PathLike | None,
+    model_dir: str | os.PathLike | None,
+    configured: str | None,
+    local_files_only: bool = False,
+) -> Path:
+    """Return a local directory holding codec weights (see the module docstring for the order).
+
+    Raises:
+        ValueError: an explicit path that holds no weights, or a configured path leaving the model directory.
+        RuntimeError: a hub id that cannot be fetched (offline or no network).
+    """
+    model_dir = Path(model_dir) if model_dir else None
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.exists():
+            if not has_weights(path):
+                raise ValueError(
+                    f"audio_tokenizer_path '{path}' holds no codec weights (expected one of {', '.join(WEIGHT_FILES)})"
+                )
+            return path
+        if _HUB_ID.match(str(explicit)):
+            return _download(str(explicit), local_files_only)
+        raise ValueError(f"audio_tokenizer_path '{explicit}' is neither an existing directory nor a hub id (org/name)")
+    if model_dir is not None and has_weights(model_dir / "audio_tokenizer"):
+        return model_dir / "audio_tokenizer"
+    if not configured:
+        raise ValueError("no audio codec given: pass audio_tokenizer_path / --audio-tokenizer-path")
+    if model_dir is not None and not Path(configured).is_absolute():
+        local = model_dir / configured
+        if local.exists():
+            if not _inside(local, model_dir):
+                raise ValueError(f"config's audio codec path '{configured}' leaves the model directory; refusing it")
+            if has_weights(local):
+                return local
+    if Path(configured).is_absolute() or configured.startswith("."):
+        raise ValueError(
+            f"config.audio_tokenizer_pretrained_name_or_path '{configured}' is a path outside the model directory; "
+            "pass the codec directory explicitly with audio_tokenizer_path / --audio-tokenizer-path"
+        )
+    if not _HUB_ID.match(configured):
+        raise ValueError(f"config.audio_tokenizer_pretrained_name_or_path '{configured}' is not a hub id (org/name)")
+    return _download(configured, local_files_only)
+
+
+def load_codec(directory: str | os.PathLike, model_dir: str | os.PathLike | None = None):
+    """Load codec weights from ``directory`` with this repository's ``MossAudioTokenizerModel`` (eval mode, CPU)."""
+    module = codec_code_module(Path(model_dir) if model_dir else None)
+    codec = module.MossAudioTokenizerModel.from_pretrained(str(directory))
+    return codec.eval()

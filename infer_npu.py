@@ -1,0 +1,149 @@
+"""One-off synthesis with MOSS-TTS-Nano on Ascend NPU, CUDA or CPU.
+
+    python infer_npu.py --demo                                   # no download: random weights, noise output
+    python infer_npu.py --model-path DIR --audio-tokenizer-path CODEC_DIR \
+        --prompt-audio-path ref.wav --text "Hello world."
+
+Exit codes: 0 success, 1 environment or runtime failure, 2 invalid input (usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+try:
+    from . import devices
+    from .cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
+    from .cli_common import sampling_kwargs
+    from .demo import DEMO_TEXT
+except ImportError:  # run as a script from the repository root
+    import devices
+    from cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
+    from cli_common import sampling_kwargs
+    from demo import DEMO_TEXT
+
+DEFAULT_OUTPUT = "generated_audio/npu_output.wav"
+DEMO_FRAMES = 50  # 4 s of audio: enough to show the pipeline without a long wait on a CPU
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text", help="text to speak")
+    text.add_argument("--text-file", help="read the text to speak from this UTF-8 file")
+    parser.add_argument("--prompt-audio-path", help="reference recording (voice_clone) or prompt audio (continuation)")
+    parser.add_argument("--prompt-text", help="transcript of the prompt audio (continuation mode only)")
+    parser.add_argument("--mode", choices=("voice_clone", "continuation"), default=None,
+                        help="voice_clone (default with prompt audio and no prompt text) or continuation")
+    parser.add_argument("--output-path", default=DEFAULT_OUTPUT, help=f"output WAV (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--downmix", action="store_true", help="average prompt audio with more than 2 channels")
+    parser.add_argument("--stream", action="store_true", help="stream: decode audio as frames are generated")
+    add_sampling_arguments(parser)
+    return parser
+
+
+def resolve_text(args: argparse.Namespace) -> str:
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise ValueError(f"--text-file '{path}' does not exist")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--text-file '{path}' is not UTF-8 text: {exc}") from exc
+    if args.text is not None:
+        return args.text
+    if args.demo:
+        return DEMO_TEXT
+    raise ValueError("no text given: pass --text or --text-file")
+
+
+def resolve_mode(args: argparse.Namespace, has_prompt_audio: bool) -> str:
+    if args.mode:
+        return args.mode
+    return "continuation" if args.prompt_text or not has_prompt_audio else "voice_clone"
+
+
+def synthesize(model: Any, resources: dict, args: argparse.Namespace, text: str) -> tuple[dict, float]:
+    """Run inference (streaming or not) and return the result dict and the wall time."""
+    resources = {k: v for k, v in resources.items() if not k.startswith("_")}
+    prompt_audio = resources.pop("prompt_audio", None)
+    has_prompt = bool(args.prompt_audio_path) or prompt_audio is not None
+    kwargs: dict[str, Any] = dict(
+        mode=resolve_mode(args, has_prompt),
+        prompt_text=args.prompt_text,
+        prompt_audio_path=args.prompt_audio_path,
+        prompt_audio=None if args.prompt_audio_path else prompt_audio,
+        downmix=args.downmix,
+        seed=args.seed,
+        voice_clone_max_text_tokens=args.voice_clone_max_text_tokens,
+        progress=lambda message: print(message, file=sys.stderr),
+        **sampling_kwargs(args),
+        **resources,
+    )
+    start = time.perf_counter()
+    if not args.stream:
+        return model.inference(text, args.output_path, **kwargs), time.perf_counter() - start
+    result: dict = {}
+    for event in model.inference_stream(text, args.output_path, **kwargs):
+        if event["type"] == "result":
+            result = event
+    return result, time.perf_counter() - start
+
+
+def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> str:
+    device = next(model.parameters()).device
+    seconds = result["waveform"].shape[-1] / result["sample_rate"]
+    peak = devices.peak_memory_bytes(device)
+    parts = [
+        f"device={device}",
+        f"dtype={str(next(model.parameters()).dtype).replace('torch.', '')}",
+        f"attention={'/'.join(model.get_attention_implementation(resolved=True))}",
+        f"frames={result['frames']}",
+        f"audio={seconds:.2f}s",
+        f"wall={wall:.2f}s",
+        f"rtf={wall / seconds:.3f}" if seconds > 0 else "rtf=n/a",
+    ]
+    if result.get("first_audio_latency_s") is not None:
+        parts.append(f"first_audio={result['first_audio_latency_s'] * 1000:.0f}ms")
+    parts.append(f"peak_memory={peak / 2**20:.0f}MiB" if peak else "peak_memory=n/a")
+    parts.append(f"output={result['audio_path']}")
+    return "summary: " + " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    text = resolve_text(args)
+    model, resources = load_model_for_cli(args)
+    if args.demo:
+        print("demo: released architectures with seeded random weights; the audio is noise, not speech",
+              file=sys.stderr)
+    devices.reset_peak_memory(next(model.parameters()).device)
+    result, wall = synthesize(model, resources, args, text)
+    print(summary(model, args, result, wall))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        if args.demo and args.max_new_frames is None:
+            args.max_new_frames = DEMO_FRAMES
+        return run(args)
+
+    return run_cli(body, verbose="--verbose" in argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_grad_enabled(False)
+    sys.exit(main())

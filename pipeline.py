@@ -1,0 +1,538 @@
+"""End-to-end synthesis behind ``MossTTSNanoForCausalLM.inference`` / ``inference_stream``.
+
+text (+ reference audio) -> codec encode -> prompt rows -> generation -> codec decode -> 48 kHz stereo waveform
+-> file. Voice-clone text is split into chunks within a token budget; chunks are generated in batches sized
+from free device memory and joined with short pauses. Generation that fails numerically is retried once in
+float32 with the device's fallback attention backend; a batch that runs out of memory is retried smaller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+try:
+    from . import devices
+    from .audio_io import (
+        TARGET_SAMPLE_RATE,
+        check_prompt_waveform,
+        load_prompt_audio,
+        resample,
+        to_channels,
+        write_audio_atomic,
+    )
+    from .codec_loading import load_codec, resolve_codec_directory
+    from .prompting import (
+        PromptTokenIds,
+        build_continuation_rows,
+        build_prompt_template,
+        build_voice_clone_rows,
+        left_pad_batch,
+        validate_mode,
+    )
+    from .text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
+except ImportError:  # imported from the repository root, not as a package
+    import devices
+    from audio_io import (
+        TARGET_SAMPLE_RATE,
+        check_prompt_waveform,
+        load_prompt_audio,
+        resample,
+        to_channels,
+        write_audio_atomic,
+    )
+    from codec_loading import load_codec, resolve_codec_directory
+    from prompting import (
+        PromptTokenIds,
+        build_continuation_rows,
+        build_prompt_template,
+        build_voice_clone_rows,
+        left_pad_batch,
+        validate_mode,
+    )
+    from text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+    from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_PER_FRAME = 3840
+STREAM_WINDOWS = ((0.25, 1), (0.5, 2), (1.0, 4))  # (audio seconds ahead of wall clock below which, window frames)
+STREAM_MAX_WINDOW = 8
+
+# Upstream's method defaults (drop-in compatibility); the scripts pass the official CLI values instead.
+METHOD_DEFAULTS: dict[str, Any] = {
+    "max_new_frames": 300,
+    "do_sample": False,
+    "text_temperature": 1.5,
+    "text_top_p": 1.0,
+    "text_top_k": 50,
+    "audio_temperature": 1.7,
+    "audio_top_p": 0.8,
+    "audio_top_k": 25,
+    "audio_repetition_penalty": 1.0,
+    "use_kv_cache": True,
+}
+SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
+
+
+@dataclass
+class Resources:
+    """What a synthesis needs besides the model, loaded once and cached on the model."""
+
+    tokenizer: Any
+    codec: Any
+    ids: PromptTokenIds
+    template: Any
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass
+class SynthesisRequest:
+    """One call's inputs, validated once."""
+
+    text: str
+    mode: str = "voice_clone"
+    prompt_text: str | None = None
+    prompt_audio_path: str | None = None
+    prompt_audio: torch.Tensor | None = None
+    prompt_audio_sample_rate: int = TARGET_SAMPLE_RATE
+    nq: int | None = None
+    max_new_frames: int = 300
+    generation: dict[str, Any] = field(default_factory=dict)
+    voice_clone_max_text_tokens: int = 50
+    voice_clone_max_memory_per_sample_gb: float = 1.0
+    voice_clone_chunk_batch_size: int | None = None
+    voice_clone_codec_batch_size: int | None = None
+    downmix: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"text must be a string, got {type(self.text).__name__}")
+        normalize_text(self.text)  # validation only: raises on empty / whitespace / control-only text
+        # voice_clone chunking normalises on its own; continuation keeps the caller's exact string (spec §5 builds
+        # the effective text as a plain concatenation of prompt_text and text)
+        has_audio = self.prompt_audio_path is not None or self.prompt_audio is not None
+        validate_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
+        if isinstance(self.max_new_frames, bool) or not isinstance(self.max_new_frames, int) or self.max_new_frames < 1:
+            raise ValueError(f"max_new_frames must be a positive integer, got {self.max_new_frames!r}")
+        if self.voice_clone_max_text_tokens < 1:
+            raise ValueError(
+                f"voice_clone_max_text_tokens must be >= 1, got {self.voice_clone_max_text_tokens!r}"
+            )
+        if self.voice_clone_max_memory_per_sample_gb <= 0:
+            raise ValueError(
+                "voice_clone_max_memory_per_sample_gb must be > 0, "
+                f"got {self.voice_clone_max_memory_per_sample_gb!r}"
+            )
+        for name in ("voice_clone_chunk_batch_size", "voice_clone_codec_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+
+
+def build_request(text: str, **kwargs: Any) -> SynthesisRequest:
+    """Split keyword arguments into request fields and generation settings (unknown names raise TypeError)."""
+    generation = {k: kwargs.pop(k, METHOD_DEFAULTS[k]) for k in SAMPLING_KEYS}
+    kwargs.setdefault("max_new_frames", METHOD_DEFAULTS["max_new_frames"])
+    return SynthesisRequest(text=text, generation=generation, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- resources
+
+
+def model_directory(model: Any) -> Path | None:
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def load_resources(
+    model: Any,
+    text_tokenizer: Any = None,
+    text_tokenizer_path: str | os.PathLike | None = None,
+    audio_tokenizer: Any = None,
+    audio_tokenizer_path: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Resources:
+    """Find the text tokenizer and codec for ``model`` (cached on the model after the first call).
+
+    Raises:
+        ValueError: a tokenizer or codec location that holds no files.
+        RuntimeError: a codec hub id that cannot be fetched.
+    """
+    key = (id(text_tokenizer), str(text_tokenizer_path), id(audio_tokenizer), str(audio_tokenizer_path))
+    cached = getattr(model, "_moss_resources", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model_dir = model_directory(model)
+    tokenizer = text_tokenizer or _load_tokenizer(text_tokenizer_path or model_dir)
+    codec = audio_tokenizer
+    if codec is None:
+        configured = getattr(model.config, "audio_tokenizer_pretrained_name_or_path", None)
+        codec_dir = resolve_codec_directory(audio_tokenizer_path, model_dir, configured, local_files_only)
+        codec = load_codec(codec_dir, model_dir)
+    codec.to(next(model.parameters()).device)
+    ids = PromptTokenIds.from_config(model.config)
+    resources = Resources(tokenizer, codec, ids, None)
+    resources.template = build_prompt_template(resources.encode_text, ids)
+    model._moss_resources = (key, resources)
+    return resources
+
+
+def _load_tokenizer(directory: str | os.PathLike | None) -> Any:
+    if directory is None or not (Path(directory) / "tokenizer.model").is_file():
+        raise ValueError(
+            f"no text tokenizer found (looked for tokenizer.model in {directory or 'the model directory'}); "
+            "pass text_tokenizer_path / the checkpoint directory that holds tokenizer.model"
+        )
+    return MossTTSNanoSentencePieceTokenizer.from_pretrained(str(directory))
+
+
+def encode_prompt_audio(codec: Any, waveform: torch.Tensor, nq: int | None = None) -> torch.LongTensor:
+    """Codec-encode a ``[2, N]`` 48 kHz waveform into ``[T_ref, n_vq]`` prompt codes (valid frames only)."""
+    device = next(codec.parameters()).device
+    out = codec.batch_encode([waveform.to(device=device, dtype=torch.float32)])
+    length = int(out.audio_codes_lengths[0])
+    if length == 0:
+        raise ValueError("prompt audio is shorter than one codec frame (80 ms) after resampling")
+    return out.audio_codes[:, 0, :length].transpose(0, 1).contiguous()  # (T_ref, n_vq)
+
+
+def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: int | None = None) -> list[torch.Tensor]:
+    """Decode per-row ``[N_i, >=nq]`` codes into ``[2, 3840 * N_i]`` float32 waveforms (CPU)."""
+    waves: list[torch.Tensor] = [torch.zeros(2, 0) for _ in codes]
+    todo = [i for i, c in enumerate(codes) if c.shape[0] > 0]
+    step = max(1, batch_size or len(todo) or 1)
+    device = next(codec.parameters()).device
+    for start in range(0, len(todo), step):
+        rows = todo[start : start + step]
+        batch = [codes[i][:, :nq].transpose(0, 1).to(device) for i in rows]  # (nq, N_i)
+        out = codec.batch_decode(batch, num_quantizers=nq)
+        for j, i in enumerate(rows):
+            waves[i] = out.audio[j, :, : int(out.audio_lengths[j])].float().cpu()
+    return waves
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def valid_frame_count(frames: torch.Tensor, pad_id: int, nq: int) -> int:
+    """Frames a row produced before it finished (finished rows get all-pad frames)."""
+    is_pad = (frames[:, :nq] == pad_id).all(dim=-1)
+    return int(is_pad.float().argmax()) if bool(is_pad.any()) else int(frames.shape[0])
+
+
+@contextlib.contextmanager
+def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
+    """Run the model in float32 with the device's fallback attention backend, then restore it."""
+    dtype = next(model.parameters()).dtype
+    previous = model.get_attention_implementation()
+    model.to(torch.float32)
+    model.set_attention_implementation(devices.fallback_attention_implementation(device))
+    try:
+        yield
+    finally:
+        model.set_attention_implementation(*previous)
+        model.to(dtype)
+
+
+def generate_robust(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest) -> Any:
+    """``model.generate`` with one float32 / fallback-backend retry on numerical failure."""
+    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    except RuntimeError as exc:
+        if not devices.is_stability_error(exc):
+            raise
+        first = exc
+    device = input_ids.device
+    logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
+    with float32_fallback(model, device):
+        try:
+            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        except RuntimeError as exc:
+            if not devices.is_stability_error(exc):
+                raise
+            raise RuntimeError(
+                f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
+                f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
+                f"({str(exc).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
+            ) from exc
+
+
+def generate_chunks(
+    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None
+) -> tuple[list[torch.Tensor], int]:
+    """Generate every chunk's rows, batched from free memory, halving the batch on out-of-memory errors."""
+    device = next(model.parameters()).device
+    batch = devices.chunk_batch_size(
+        len(rows), device, request.voice_clone_max_memory_per_sample_gb, request.voice_clone_chunk_batch_size
+    )
+    first_batch = batch
+    results: list[torch.Tensor] = []
+    nq = request.nq or resources.ids.n_vq
+    while len(results) < len(rows):
+        part = rows[len(results) : len(results) + batch]
+        input_ids, mask = left_pad_batch(part, resources.ids)
+        try:
+            out = generate_robust(model, input_ids.to(device), mask.to(device), request)
+        except Exception as exc:
+            if not devices.is_out_of_memory_error(exc):
+                raise
+            if batch == 1:
+                raise RuntimeError(
+                    "out of device memory while generating a single text chunk; lower --max-new-frames or "
+                    "voice_clone_max_text_tokens, use float16/bfloat16, or free device memory"
+                ) from exc
+            batch = max(1, batch // 2)
+            logger.warning("out of device memory; retrying with a chunk batch of %d", batch)
+            continue
+        for codes in out.audio_token_ids:
+            results.append(codes[: valid_frame_count(codes, resources.ids.audio_pad, nq)].cpu())
+        if progress is not None and len(rows) > 1:
+            progress(f"generated {len(results)}/{len(rows)} text chunks")
+    return results, first_batch
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Tensor | None:
+    """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio)."""
+    if request.prompt_audio is not None:
+        wav = torch.as_tensor(request.prompt_audio, dtype=torch.float32)
+        wav = wav.unsqueeze(0) if wav.dim() == 1 else wav
+        if wav.dim() != 2:
+            raise ValueError(f"prompt_audio must be [channels, samples] or [samples], got shape {tuple(wav.shape)}")
+        samples = resample(to_channels(wav.numpy(), 2, request.downmix), request.prompt_audio_sample_rate)
+        check_prompt_waveform(samples, TARGET_SAMPLE_RATE)
+        wav = torch.from_numpy(samples)
+    elif request.prompt_audio_path is not None:
+        wav = load_prompt_audio(request.prompt_audio_path, downmix=request.downmix)
+    else:
+        return None
+    return encode_prompt_audio(resources.codec, wav)
+
+
+def plan_rows(request: SynthesisRequest, resources: Resources, prompt_codes: torch.Tensor | None) -> tuple[list, list]:
+    """Return ``(text chunks, rows per chunk)`` for the request's mode."""
+    ids, template, enc = resources.ids, resources.template, resources.encode_text
+    if request.mode == "voice_clone":
+        chunks = split_text_into_chunks(
+            request.text, lambda s: len(enc(s)), request.voice_clone_max_text_tokens
+        )
+        rows = [build_voice_clone_rows(template, ids, enc(c), prompt_codes, request.nq) for c in chunks]
+        return chunks, rows
+    effective = (request.prompt_text or "") + request.text
+    return [request.text], [build_continuation_rows(template, ids, enc(effective), prompt_codes, request.nq)]
+
+
+def join_with_pauses(waves: list[torch.Tensor], chunks: list[str]) -> torch.Tensor:
+    """Concatenate chunk waveforms with the pause after each chunk but the last."""
+    parts: list[torch.Tensor] = []
+    for i, (wave, chunk) in enumerate(zip(waves, chunks)):
+        parts.append(wave)
+        if i + 1 < len(waves):
+            parts.append(pause_waveform(chunk))
+    return torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
+
+
+def pause_waveform(chunk: str) -> torch.Tensor:
+    return torch.zeros(2, int(round(pause_seconds_after(chunk) * TARGET_SAMPLE_RATE)))
+
+
+def decode_generated(
+    codec: Any, codes: list[torch.Tensor], request: SynthesisRequest, prompt_codes: torch.Tensor | None, nq: int
+) -> list[torch.Tensor]:
+    """Decode each chunk's codes. Continuation with prompt audio decodes prompt + generated and drops the prompt."""
+    if request.mode == "continuation" and prompt_codes is not None:
+        joined = torch.cat([prompt_codes.cpu(), codes[0]], dim=0)
+        wave = decode_frames(codec, [joined], nq)[0]
+        return [wave[:, prompt_codes.shape[0] * SAMPLES_PER_FRAME :]]
+    return decode_frames(codec, codes, nq, request.voice_clone_codec_batch_size)
+
+
+def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+    """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
+    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
+    progress = kwargs.pop("progress", None)
+    request = build_request(text, **kwargs)
+    resources = load_resources(model, **resource_kwargs)
+    if request.seed is not None:
+        devices.seed_everything(request.seed, next(model.parameters()).device)
+    prompt_codes = prepare_prompt(request, resources)
+    chunks, rows = plan_rows(request, resources, prompt_codes)
+    codes, chunk_batch = generate_chunks(model, rows, request, resources, progress)
+    nq = request.nq or resources.ids.n_vq
+    waves = decode_generated(resources.codec, codes, request, prompt_codes, nq)
+    waveform = join_with_pauses(waves, chunks)
+    result = {
+        "audio_path": None,
+        "sample_rate": TARGET_SAMPLE_RATE,
+        "audio_token_ids": codes[0] if len(codes) == 1 else codes,
+        "waveform": waveform,
+        "reference_audio_token_ids": prompt_codes,
+        "voice_clone_text_chunks": chunks if request.mode == "voice_clone" else None,
+        "voice_clone_chunk_batch_size": chunk_batch,
+        "voice_clone_codec_batch_size": request.voice_clone_codec_batch_size or len(codes),
+        "frames": sum(int(c.shape[0]) for c in codes),
+    }
+    if output_audio_path is not None:
+        result["audio_path"] = str(write_audio_atomic(output_audio_path, waveform, TARGET_SAMPLE_RATE))
+    return result
+
+
+_RESOURCE_KEYS = (
+    "text_tokenizer",
+    "text_tokenizer_path",
+    "audio_tokenizer",
+    "audio_tokenizer_path",
+    "local_files_only",
+)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+class StreamDecoder:
+    """Decode frames as they arrive with the codec's streaming session, in windows sized by the lead over real time.
+
+    While little audio is ahead of the wall clock, frames are decoded one or two at a time (low latency);
+    once audio is comfortably ahead, in windows of up to 8 frames (less per-call overhead).
+    """
+
+    def __init__(self, codec: Any, nq: int) -> None:
+        self.codec, self.nq = codec, nq
+        self.pending: list[torch.Tensor] = []
+        self.started = False
+        self.emitted_seconds = 0.0
+        self.first_audio_at: float | None = None
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        device = next(self.codec.parameters()).device
+        first = {} if self.started else {"max_batch_size": 1, "reset_stream": True}
+        self.started = True
+        out = self.codec.batch_decode(
+            [codes[:, : self.nq].transpose(0, 1).to(device)], num_quantizers=self.nq, streaming=True, **first
+        )
+        return out.audio[0, :, : int(out.audio_lengths[0])].float().cpu()
+
+    def prime(self, codes: torch.Tensor) -> None:
+        """Feed prompt codes whose audio is not wanted (continuation with prompt audio)."""
+        self._decode(codes)
+
+    def window(self) -> int:
+        if self.first_audio_at is None:
+            return 1
+        ahead = self.emitted_seconds - (time.perf_counter() - self.first_audio_at)
+        for limit, frames in STREAM_WINDOWS:
+            if ahead < limit:
+                return frames
+        return STREAM_MAX_WINDOW
+
+    def push(self, frame: torch.Tensor) -> torch.Tensor | None:
+        self.pending.append(frame.reshape(1, -1).cpu())
+        return self.flush() if len(self.pending) >= self.window() else None
+
+    def flush(self) -> torch.Tensor | None:
+        if not self.pending:
+            return None
+        wave = self._decode(torch.cat(self.pending, dim=0))
+        self.pending = []
+        if self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+        self.emitted_seconds += wave.shape[-1] / TARGET_SAMPLE_RATE
+        return wave
+
+    def close(self) -> None:
+        self.codec._reset_batch_decode_streaming_state()
+
+
+def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> dict:
+    return {"type": kind, "waveform": wave, "sample_rate": TARGET_SAMPLE_RATE, "chunk_index": chunk_index}
+
+
+def _stream_chunk(
+    model: Any, rows: torch.Tensor, request: SynthesisRequest, resources: Resources, decoder: StreamDecoder, sink: list
+) -> Iterator[dict]:
+    """Generate one chunk and yield its audio as it is decoded; the chunk's codes are appended to ``sink``."""
+    device = next(model.parameters()).device
+    nq = request.nq or resources.ids.n_vq
+    input_ids, mask = left_pad_batch([rows], resources.ids)
+    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    frames: list[torch.Tensor] = []
+    for event in model.generate_stream(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs):
+        if event["type"] != "frame":
+            continue
+        frame = event["audio_token_ids"][0]
+        if bool((frame[:nq] == resources.ids.audio_pad).all()):
+            continue  # the row finished at this step
+        frames.append(frame.reshape(1, -1).cpu())
+        wave = decoder.push(frame)
+        if wave is not None:
+            yield wave
+    wave = decoder.flush()
+    if wave is not None:
+        yield wave
+    sink.append(torch.cat(frames, dim=0) if frames else torch.zeros(0, resources.ids.n_vq, dtype=torch.long))
+
+
+def run_inference_stream(
+    model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any
+) -> Iterator[dict]:
+    """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
+    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
+    kwargs.pop("progress", None)
+    request = build_request(text, **kwargs)
+    resources = load_resources(model, **resource_kwargs)
+    if request.seed is not None:
+        devices.seed_everything(request.seed, next(model.parameters()).device)
+    prompt_codes = prepare_prompt(request, resources)
+    chunks, rows = plan_rows(request, resources, prompt_codes)
+    nq = request.nq or resources.ids.n_vq
+    started = time.perf_counter()
+    first_audio: float | None = None
+    parts: list[torch.Tensor] = []
+    codes: list[torch.Tensor] = []
+    for index, (chunk, chunk_rows) in enumerate(zip(chunks, rows)):
+        decoder = StreamDecoder(resources.codec, nq)
+        try:
+            if request.mode == "continuation" and prompt_codes is not None:
+                decoder.prime(prompt_codes)
+            for wave in _stream_chunk(model, chunk_rows, request, resources, decoder, codes):
+                first_audio = first_audio if first_audio is not None else time.perf_counter() - started
+                parts.append(wave)
+                yield _audio_event(wave, index)
+        finally:
+            decoder.close()
+        if index + 1 < len(chunks):
+            pause = pause_waveform(chunk)
+            parts.append(pause)
+            yield _audio_event(pause, index, kind="pause")
+    waveform = torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
+    result = {
+        "type": "result",
+        "audio_path": None,
+        "sample_rate": TARGET_SAMPLE_RATE,
+        "audio_token_ids": codes[0] if len(codes) == 1 else codes,
+        "waveform": waveform,
+        "reference_audio_token_ids": prompt_codes,
+        "voice_clone_text_chunks": chunks if request.mode == "voice_clone" else None,
+        "voice_clone_chunk_batch_size": 1,
+        "voice_clone_codec_batch_size": 1,
+        "frames": sum(int(c.shape[0]) for c in codes),
+        "first_audio_latency_s": first_audio,
+    }
+    if output_audio_path is not None:
+        result["audio_path"] = str(write_audio_atomic(output_audio_path, waveform, TARGET_SAMPLE_RATE))
+    yield result

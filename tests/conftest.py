@@ -1,0 +1,26 @@
+"""Shared test helpers: repository import path and access to ../shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("MOSS_TTS_SHARED_DIR", ROOT.parent / "shared"))
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+    """Return a path under ../shared, or skip the calling test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"{path} is not available: these tests read the shared fixtures that CI places beside the "
+            "clone (../shared); set MOSS_TTS_SHARED_DIR to point elsewhere"
+        )
+    return path
