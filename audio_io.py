@@ -152,6 +152,12 @@ def check_prompt_waveform(samples: np.ndarray | torch.Tensor, sample_rate: int, 
         raise ValueError(f"{source} is silent (peak amplitude {peak:.2e}); provide a recording of the voice to clone")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write ``[channels, frames]`` (or ``[frames]``) audio; the file appears only once complete.
 
@@ -181,6 +187,7 @@ def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndar
     subtype = "PCM_16" if fmt == "WAV" else None
     try:
         _soundfile().write(tmp_name, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_name, path)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
         Path(tmp_name).unlink(missing_ok=True)

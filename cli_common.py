@@ -162,7 +162,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
     try:
         return MossTTSNanoForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # safetensors, torch and transformers each raise their own types for a bad file
         text = str(exc)
         reason = text.splitlines()[0] if text else type(exc).__name__
         if "size mismatch" in text or "mismatched" in text.lower():
@@ -170,8 +170,11 @@ def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
         raise ValueError(f"cannot load the checkpoint '{weights}': {type(exc).__name__}: {reason}") from exc
 
 
-def load_model_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
-    """Build or load the model on the requested device; return it and the resource kwargs for inference."""
+def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tuple[Any, dict]:
+    """Build or load the model on the requested device; return it and the resource kwargs for inference.
+
+    ``path`` is the checkpoint directory already resolved by ``resolve_model_path`` (resolved here when None).
+    """
     devices.apply_npu_environment_defaults()
     device = devices.resolve_device(args.device)
     dtype = devices.resolve_dtype(args.dtype, device)
@@ -185,7 +188,7 @@ def load_model_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
         resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec,
                      "prompt_audio": assets.prompt_audio, "_demo_workdir": assets.workdir}
     else:
-        path = resolve_model_path(args.model_path, args.local_files_only)
+        path = path or resolve_model_path(args.model_path, args.local_files_only)
         model = load_checkpoint(path, dtype).to(device)
         resources = {"audio_tokenizer_path": args.audio_tokenizer_path, "local_files_only": args.local_files_only}
     model.set_attention_implementation(args.attn_implementation)
@@ -198,15 +201,23 @@ def run_cli(body: Callable[[], int], verbose: bool) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     try:
         return body()
-    except ValueError as exc:
-        code, message = 2, str(exc)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
-    except (RuntimeError, OSError, ImportError) as exc:
-        code, message = 1, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if verbose:
-        traceback.print_exc()
+    except BaseException as exc:  # the CLI boundary: every failure ends with one line (a traceback with --verbose)
+        code, message = classify_failure(exc)
+        if verbose:
+            traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def classify_failure(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message: 2 for invalid input, 1 for environment/runtime failures, 130 on Ctrl-C."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ValueError):
+        return 2, first_line
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, (RuntimeError, OSError, ImportError)):
+        return 1, first_line
+    return 1, f"internal error {type(exc).__name__}: {first_line} (rerun with --verbose for the traceback)"

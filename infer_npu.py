@@ -21,12 +21,12 @@ import torch
 try:
     from . import devices
     from .cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
-    from .cli_common import sampling_kwargs
+    from .cli_common import resolve_model_path, sampling_kwargs
     from .demo import DEMO_TEXT
 except ImportError:  # run as a script from the repository root
     import devices
     from cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
-    from cli_common import sampling_kwargs
+    from cli_common import resolve_model_path, sampling_kwargs
     from demo import DEMO_TEXT
 
 DEFAULT_OUTPUT = "generated_audio/npu_output.wav"
@@ -106,7 +106,7 @@ def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> 
     parts = [
         f"device={device}",
         f"dtype={str(next(model.parameters()).dtype).replace('torch.', '')}",
-        f"attention={'/'.join(model.get_attention_implementation(resolved=True))}",
+        f"attention={'/'.join(model.resolved_attention_implementation())}",
         f"frames={result['frames']}",
         f"audio={seconds:.2f}s",
         f"wall={wall:.2f}s",
@@ -120,13 +120,13 @@ def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    path = None if args.demo else resolve_model_path(args.model_path, args.local_files_only)
     text = resolve_text(args)
-    model, resources = load_model_for_cli(args)
-    if args.demo:
-        print("demo: released architectures with seeded random weights; the audio is noise, not speech",
-              file=sys.stderr)
+    model, resources = load_model_for_cli(args, path)
     devices.reset_peak_memory(next(model.parameters()).device)
     result, wall = synthesize(model, resources, args, text)
+    if args.demo:
+        print("demo: released architectures with seeded random weights; the audio is noise, not speech")
     print(summary(model, args, result, wall))
     return 0
 

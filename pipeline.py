@@ -226,12 +226,6 @@ def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: in
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-def valid_frame_count(frames: torch.Tensor, pad_id: int, nq: int) -> int:
-    """Frames a row produced before it finished (finished rows get all-pad frames)."""
-    is_pad = (frames[:, :nq] == pad_id).all(dim=-1)
-    return int(is_pad.float().argmax()) if bool(is_pad.any()) else int(frames.shape[0])
-
-
 @contextlib.contextmanager
 def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
     """Run the model in float32 with the device's fallback attention backend, then restore it."""
@@ -246,11 +240,17 @@ def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
         model.to(dtype)
 
 
-def generate_robust(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest) -> Any:
-    """``model.generate`` with one float32 / fallback-backend retry on numerical failure."""
+def generate_robust(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest
+) -> tuple[Any, bool]:
+    """``model.generate`` with one float32 / fallback-backend retry on numerical failure.
+
+    Returns:
+        ``(generation output, whether the float32 retry was needed)``.
+    """
     kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
     try:
-        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), False
     except RuntimeError as exc:
         if not devices.is_stability_error(exc):
             raise
@@ -259,7 +259,7 @@ def generate_robust(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, req
     logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
     with float32_fallback(model, device):
         try:
-            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
         except RuntimeError as exc:
             if not devices.is_stability_error(exc):
                 raise
@@ -272,20 +272,23 @@ def generate_robust(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, req
 
 def generate_chunks(
     model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None
-) -> tuple[list[torch.Tensor], int]:
-    """Generate every chunk's rows, batched from free memory, halving the batch on out-of-memory errors."""
+) -> tuple[list[torch.Tensor], int, bool]:
+    """Generate every chunk's rows, batched from free memory, halving the batch on out-of-memory errors.
+
+    Returns:
+        ``(codes per chunk [frames, n_vq], first batch size, whether any batch needed the float32 retry)``.
+    """
     device = next(model.parameters()).device
     batch = devices.chunk_batch_size(
         len(rows), device, request.voice_clone_max_memory_per_sample_gb, request.voice_clone_chunk_batch_size
     )
-    first_batch = batch
+    first_batch, retried = batch, False
     results: list[torch.Tensor] = []
-    nq = request.nq or resources.ids.n_vq
     while len(results) < len(rows):
         part = rows[len(results) : len(results) + batch]
         input_ids, mask = left_pad_batch(part, resources.ids)
         try:
-            out = generate_robust(model, input_ids.to(device), mask.to(device), request)
+            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request)
         except Exception as exc:
             if not devices.is_out_of_memory_error(exc):
                 raise
@@ -297,11 +300,12 @@ def generate_chunks(
             batch = max(1, batch // 2)
             logger.warning("out of device memory; retrying with a chunk batch of %d", batch)
             continue
-        for codes in out.audio_token_ids:
-            results.append(codes[: valid_frame_count(codes, resources.ids.audio_pad, nq)].cpu())
+        retried = retried or fallback
+        for codes, frames in zip(out.audio_token_ids, out.num_frames.tolist()):
+            results.append(codes[:frames].cpu())
         if progress is not None and len(rows) > 1:
             progress(f"generated {len(results)}/{len(rows)} text chunks")
-    return results, first_batch
+    return results, first_batch, retried
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
@@ -372,7 +376,7 @@ def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | 
         devices.seed_everything(request.seed, next(model.parameters()).device)
     prompt_codes = prepare_prompt(request, resources)
     chunks, rows = plan_rows(request, resources, prompt_codes)
-    codes, chunk_batch = generate_chunks(model, rows, request, resources, progress)
+    codes, chunk_batch, float32_retry = generate_chunks(model, rows, request, resources, progress)
     nq = request.nq or resources.ids.n_vq
     waves = decode_generated(resources.codec, codes, request, prompt_codes, nq)
     waveform = join_with_pauses(waves, chunks)
@@ -386,6 +390,7 @@ def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | 
         "voice_clone_chunk_batch_size": chunk_batch,
         "voice_clone_codec_batch_size": request.voice_clone_codec_batch_size or len(codes),
         "frames": sum(int(c.shape[0]) for c in codes),
+        "float32_fallback": float32_retry,
     }
     if output_audio_path is not None:
         result["audio_path"] = str(write_audio_atomic(output_audio_path, waveform, TARGET_SAMPLE_RATE))

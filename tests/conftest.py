@@ -7,12 +7,17 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MOSS_TTS_SHARED_DIR", ROOT.parent / "shared"))
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# The tests run tiny models made of thousands of small ops: on a small shared CPU, OpenMP barriers between
+# threads cost far more than they save (about 10x slower). Results do not depend on the thread count.
+torch.set_num_threads(int(os.environ.get("MOSS_TTS_TEST_THREADS", "1")))
 
 
 def shared_path(*parts: str) -> pathlib.Path:

@@ -1,0 +1,180 @@
+"""Speed and memory of MOSS-TTS-Nano at the released sizes, with seeded random weights (no download).
+
+    python benchmarks/benchmark.py                       # CPU float32, 3 repetitions, prints and writes JSON
+    python benchmarks/benchmark.py --device npu --dtype float16 --repeats 5
+
+Measures (median over repetitions):
+- generation frames/s: a 150-row voice-clone prompt, the official CLI sampling settings, KV cache on;
+- codec decode real-time factor: 8 s of codes one-shot, and streamed in 4-frame windows;
+- end-to-end streaming (voice clone, text -> first audio -> last audio): real-time factor and first-audio latency
+  measured from the moment the prompt audio is encoded;
+- peak memory: process peak RSS (CPU) or peak device memory (accelerators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import devices  # noqa: E402
+from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
+from demo import build_demo_assets  # noqa: E402
+from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
+
+PROMPT_ROWS = 150
+CODEC_SECONDS = 8.0
+FRAMES_PER_SECOND = 12.5
+E2E_TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
+
+
+def _median_of(repeats: int, run: Callable[[], float]) -> dict[str, Any]:
+    values = [run() for _ in range(repeats)]
+    return {"median": statistics.median(values), "runs": values}
+
+
+def voice_clone_prompt(assets: Any, rows: int = PROMPT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a voice-clone prompt padded with reference frames to exactly ``rows`` rows."""
+    ids = PromptTokenIds.from_config(assets.model.config)
+    enc = lambda s: list(assets.tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    template = build_prompt_template(enc, ids)
+    text = enc("Hello world, this is a benchmark.")
+    overhead = build_voice_clone_rows(template, ids, text, torch.zeros(1, ids.n_vq, dtype=torch.long)).shape[0] - 1
+    frames = torch.randint(0, 1024, (rows - overhead, ids.n_vq), generator=torch.Generator().manual_seed(0))
+    return left_pad_batch([build_voice_clone_rows(template, ids, text, frames)], ids)
+
+
+def bench_generation(assets: Any, device: torch.device, frames: int, repeats: int) -> dict[str, Any]:
+    input_ids, mask = voice_clone_prompt(assets)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames)
+    assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
+
+    def run() -> float:
+        devices.synchronize(device)
+        start = time.perf_counter()
+        out = assets.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        devices.synchronize(device)
+        return int(out.audio_token_ids.shape[1]) / (time.perf_counter() - start)
+
+    result = _median_of(repeats, run)
+    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames)
+    return result
+
+
+def bench_codec(assets: Any, device: torch.device, repeats: int) -> dict[str, Any]:
+    codec = assets.codec
+    n = int(CODEC_SECONDS * FRAMES_PER_SECOND)
+    codes = torch.randint(0, 1024, (16, n), generator=torch.Generator().manual_seed(1)).to(device)
+    codec.batch_decode([codes[:, :4]])  # warm-up
+
+    def one_shot() -> float:
+        start = time.perf_counter()
+        codec.batch_decode([codes])
+        devices.synchronize(device)
+        return (time.perf_counter() - start) / CODEC_SECONDS
+
+    def streaming() -> float:
+        start = time.perf_counter()
+        try:
+            for i in range(0, n, 4):
+                first = {"max_batch_size": 1, "reset_stream": True} if i == 0 else {}
+                codec.batch_decode([codes[:, i : i + 4]], streaming=True, **first)
+        finally:
+            codec._reset_batch_decode_streaming_state()
+        devices.synchronize(device)
+        return (time.perf_counter() - start) / CODEC_SECONDS
+
+    return {"one_shot_rtf": _median_of(repeats, one_shot), "streaming_4frame_rtf": _median_of(repeats, streaming)}
+
+
+def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: int) -> dict[str, Any]:
+    kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames, voice_clone_max_text_tokens=75)
+    resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec}
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        audio_samples, result = 0, {}
+        for event in assets.model.inference_stream(E2E_TEXT, prompt_audio=assets.prompt_audio, **resources, **kwargs):
+            if event["type"] in ("audio", "pause"):
+                audio_samples += event["waveform"].shape[-1]
+            else:
+                result = event
+        wall = time.perf_counter() - start
+        runs.append({
+            "rtf": wall / (audio_samples / 48000),
+            # measured by the pipeline from the end of prompt encoding to the first decoded audio
+            "first_audio_s": result["first_audio_latency_s"],
+            "audio_s": audio_samples / 48000,
+            "frames": result["frames"],
+        })
+    return {
+        "rtf": statistics.median(r["rtf"] for r in runs),
+        "first_audio_s": statistics.median(r["first_audio_s"] for r in runs),
+        "runs": runs,
+    }
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    env = devices.describe_environment(device)
+    env.update(
+        dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        processor=platform.processor() or None,
+    )
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=100, help="frames generated per generation run")
+    parser.add_argument("--e2e-frames", type=int, default=100, help="max frames per chunk in the end-to-end run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    devices.seed_everything(0, device)
+    assets = build_demo_assets(seed=0)
+    assets.model.to(device=device, dtype=dtype)
+    assets.codec.to(device)
+    devices.reset_peak_memory(device)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    report: dict[str, Any] = {"environment": environment(device, dtype), "repeats": args.repeats}
+    if "generation" not in skip:
+        report["generation_frames_per_s"] = bench_generation(assets, device, args.frames, args.repeats)
+    if "codec" not in skip:
+        report["codec"] = bench_codec(assets, device, args.repeats)
+    if "e2e" not in skip:
+        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats)
+    peak = devices.peak_memory_bytes(device)
+    report["peak_memory_bytes"] = peak
+    report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The GPT-2 style decoder used twice by MOSS-TTS-Nano: RoPE, attention backends, blocks, the stack, a KV cache.
+
+Checkpoint names are kept (`c_attn`, `c_proj`, `ln_1`, `ln_2`, `mlp.fc_in`, `mlp.fc_out`, `wte`, `h`, `ln_f`).
+Attention backends share one signature and live in one table (`ATTENTION_FUNCTIONS`); the model resolves a requested
+name once per (device, dtype) with `resolve_attention_implementation` and passes the chosen function down.
+Every backend takes queries/keys/values as (B, heads, T, head_dim) and returns (B, T_q, heads * head_dim).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from .devices import is_flash_attn_usable, npu_fusion_attention_fn
+except ImportError:  # imported from the repository root, not as a package
+    from devices import is_flash_attn_usable, npu_fusion_attention_fn
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "npu_fusion_attention")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention masks
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """What every backend needs to know about which keys a query may see.
+
+    `dense` is None for the common unpadded case: causal, aligned so that the last query sees every key (a single
+    query sees all keys). Otherwise `dense` is (B, 1, T_q, T_k) bool, True = attend, already causal, with fully
+    masked query rows opened up so no backend ever normalises over nothing (their outputs are zeroed later).
+    `key_valid` (B, T_k) and `query_valid` (B, T_q) are the padding masks the varlen flash path unpads with.
+    """
+
+    dense: Optional[torch.Tensor] = None
+    key_valid: Optional[torch.Tensor] = None
+    query_valid: Optional[torch.Tensor] = None
+
+    @functools.cached_property
+    def varlen(self) -> dict[str, Any]:
+        """Unpadding metadata for varlen kernels, computed once per forward (shared by all layers)."""
+        q_lens = self.query_valid.sum(-1, dtype=torch.int32)
+        k_lens = self.key_valid.sum(-1, dtype=torch.int32)
+        return {
+            "q_index": self.query_valid.reshape(-1).nonzero().squeeze(-1),
+            "k_index": self.key_valid.reshape(-1).nonzero().squeeze(-1),
+            "cu_seqlens_q": F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            "cu_seqlens_k": F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            # Upper bounds (the padded lengths) are valid and need no device-to-host copy.
+            "max_seqlen_q": self.query_valid.shape[1],
+            "max_seqlen_k": self.key_valid.shape[1],
+        }
+
+
+def build_attention_mask(key_valid: Optional[torch.Tensor], num_queries: int) -> AttentionMask:
+    """Mask for the last `num_queries` of `key_valid.shape[1]` keys (queries are the newest keys).
+
+    Args:
+        key_valid: (B, T_k) bool, False on padding; None when nothing is padded.
+        num_queries: T_q <= T_k.
+
+    Returns:
+        The mask (all fields None when `key_valid` is None).
+    """
+    if key_valid is None:
+        return AttentionMask()
+    num_keys = key_valid.shape[1]
+    query_valid = key_valid[:, num_keys - num_queries :]  # (B, T_q)
+    causal = _bottom_right_causal(num_queries, num_keys, key_valid.device)  # (T_q, T_k)
+    dense = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, T_q, T_k)
+    # Why: a padded query would attend to nothing and softmax would give NaN; let it see every key instead.
+    dense = dense | ~query_valid[:, None, :, None]
+    return AttentionMask(dense=dense, key_valid=key_valid, query_valid=query_valid)
+
+
+def _bottom_right_causal(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)
+    return torch.arange(num_keys, device=device)[None, :] <= rows  # (T_q, T_k)
+
+
+def _dense_or_causal(mask: AttentionMask, num_queries: int, num_keys: int, device: torch.device):
+    """The boolean (.., T_q, T_k) mask a dense backend needs, or None when every key may be seen."""
+    if mask.dense is not None:
+        return mask.dense
+    if num_queries == 1:
+        return None
+    return _bottom_right_causal(num_queries, num_keys, device)
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    batch, heads, num_queries, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, num_queries, heads * head_dim)  # (B, T_q, H * D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backends (one signature)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Reference attention: explicit scores, float32 softmax."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, T_q, T_k)
+    allowed = _dense_or_causal(mask, q.shape[2], k.shape[2], q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return _merge_heads(torch.matmul(probs, v))
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """torch scaled_dot_product_attention with a boolean mask (Ascend's SDPA reaches its fused kernel only then)."""
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    if mask.dense is None and num_queries == num_keys and num_queries > 1:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        allowed = _dense_or_causal(mask, num_queries, num_keys, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return _merge_heads(out)
+
+
+def flash_attention_2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """flash-attn 2 (CUDA, fp16/bf16): `flash_attn_func`, or `flash_attn_varlen_func` when keys are padded.
+
+    Other dtypes fall back to SDPA. Padded queries get zero output (the model zeroes them anyway).
+    """
+    module = _flash_attn_module()
+    if q.dtype not in _HALF_DTYPES or module is None:
+        return sdpa_attention(q, k, v, mask, scale)
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D)
+    if mask.key_valid is None:
+        out = module.flash_attn_func(q_, k_, v_, softmax_scale=scale, causal=True)  # (B, T_q, H, D)
+        return out.reshape(q.shape[0], q.shape[2], -1)
+    return _flash_varlen(module, q_, k_, v_, mask, scale)
+
+
+def _flash_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float):
+    batch, num_queries, heads, head_dim = q.shape
+    meta = mask.varlen
+    out = module.flash_attn_varlen_func(
+        q.reshape(-1, heads, head_dim).index_select(0, meta["q_index"]),
+        k.reshape(-1, heads, head_dim).index_select(0, meta["k_index"]),
+        v.reshape(-1, heads, head_dim).index_select(0, meta["k_index"]),
+        cu_seqlens_q=meta["cu_seqlens_q"],
+        cu_seqlens_k=meta["cu_seqlens_k"],
+        max_seqlen_q=meta["max_seqlen_q"],
+        max_seqlen_k=meta["max_seqlen_k"],
+        softmax_scale=scale,
+        causal=True,
+    )  # (total_q, H, D)
+    full = out.new_zeros(batch * num_queries, heads, head_dim).index_copy_(0, meta["q_index"], out)
+    return full.reshape(batch, num_queries, heads * head_dim)
+
+
+def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Ascend fused kernel `torch_npu.npu_fusion_attention` (BNSD layout, fp16/bf16; others fall back to SDPA).
+
+    Why the inversion: the kernel's `atten_mask` marks positions to DROP (True = masked out), the opposite of SDPA.
+    """
+    kernel = npu_fusion_attention_fn()
+    if q.dtype not in _HALF_DTYPES or kernel is None:
+        return sdpa_attention(q, k, v, mask, scale)
+    allowed = _dense_or_causal(mask, q.shape[2], k.shape[2], q.device)
+    dropped = None if allowed is None else ~allowed.expand(q.shape[0], 1, q.shape[2], k.shape[2])
+    # Why contiguous: queries come from a permuted projection and keys/values are views into the KV cache.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = kernel(
+        q, k, v, q.shape[1], input_layout="BNSD", atten_mask=dropped, scale=scale, keep_prob=1.0, sparse_mode=0
+    )[0]  # (B, H, T_q, D)
+    return _merge_heads(out)
+
+
+def _flash_attn_module() -> Any:
+    try:
+        return importlib.import_module("flash_attn")
+    except ImportError:
+        return None
+
+
+AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask, float], torch.Tensor]
+ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention_2,
+    "npu_fusion_attention": npu_fusion_attention,
+}
+
+
+def check_attention_name(name: Any, argument: str = "attn_implementation") -> str:
+    """Return `name` if it is a known attention implementation.
+
+    Raises:
+        ValueError: naming `argument`, the value and the valid names.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"{argument}={name!r} is not a known attention implementation; valid: {ATTENTION_IMPLEMENTATIONS}")
+    return name
+
+
+def resolve_attention_implementation(requested: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Map a requested attention implementation to the backend that runs on (device, dtype).
+
+    "auto" -> sdpa everywhere. "flash_attention_2" -> flash-attn where usable (CUDA, fp16/bf16, package present);
+    on an NPU the fused kernel (fp16/bf16 with torch_npu) else sdpa; elsewhere sdpa. The NPU kernel requested off an
+    NPU (or in float32) -> sdpa. Each kind of downgrade of an explicit request is logged once per process.
+
+    Args:
+        requested: one of `ATTENTION_IMPLEMENTATIONS`.
+        device: where the model runs.
+        dtype: the model's floating dtype.
+
+    Returns:
+        A key of `ATTENTION_FUNCTIONS`.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    check_attention_name(requested, "requested")
+    # A string, so that "npu" can be named on machines where torch does not know that device type.
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if requested in ("eager", "sdpa"):
+        return requested
+    if requested == "auto":
+        return "sdpa"
+    if requested == "flash_attention_2" and is_flash_attn_usable(device, dtype):
+        return requested
+    if device_type == "npu" and dtype in _HALF_DTYPES and npu_fusion_attention_fn() is not None:
+        return "npu_fusion_attention"
+    key = (requested, device_type, dtype)
+    if key not in _DOWNGRADES_LOGGED:
+        _DOWNGRADES_LOGGED.add(key)
+        logger.warning("attention %r is not available on %s with %s; using 'sdpa' instead",
+                       requested, device_type, str(dtype).split(".")[-1])
+    return "sdpa"
+
+
+_DOWNGRADES_LOGGED: set[tuple[str, str, torch.dtype]] = set()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (interleaved pairs)
+
+
+class RotaryEmbedding:
+    """Interleaved-pair RoPE. Frequencies are computed in float32 per device (never loaded, never a buffer)."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        self.head_dim = head_dim
+        self.base = float(base)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        cached = self._inv_freq.get(device)
+        if cached is None:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            cached = self._inv_freq[device] = 1.0 / (self.base**exponents)  # (D/2,)
+        return cached
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for integer `positions` (B, T), shaped (B, 1, T, D/2) float32."""
+        angles = positions.to(torch.float32)[:, None, :, None] * self.inv_freq(positions.device)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2j], x[2j+1]) of x (B, H, T, D) by the angles behind cos/sin (.., T, D/2), in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys (already rotated) and values per layer, (B, heads, capacity, head_dim), filled to `length`.
+
+    `key_valid` (B, capacity) records which cached rows are real; `None` means "no padding anywhere" (the local
+    decoder). `valid_count` (B,) counts real rows per batch item (the next position).
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int, *,
+                 dtype: torch.dtype, device: torch.device, track_padding: bool = True) -> None:
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device) if track_padding else None
+        self.valid_count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reset(self) -> None:
+        self.length = 0
+        self.valid_count.zero_()
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more rows (grows by copying; generation preallocates and never grows)."""
+        needed = self.length + extra
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        self.keys = [_grow(t, capacity, dim=2) for t in self.keys]
+        self.values = [_grow(t, capacity, dim=2) for t in self.values]
+        if self.key_valid is not None:
+            self.key_valid = _grow(self.key_valid, capacity, dim=1)
+
+    def extend_mask(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the padding mask (B, T) of the next T rows (call before running the layers on them).
+
+        Returns:
+            (key_valid of every row so far (B, length + T), positions of the new rows (B, T)).
+        """
+        self.reserve(new_valid.shape[1])
+        end = self.length + new_valid.shape[1]
+        self.key_valid[:, self.length : end] = new_valid
+        positions = (self.valid_count[:, None] + new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, 0)
+        self.valid_count += new_valid.sum(-1)
+        return self.key_valid[:, :end], positions
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new rows of `layer` after the cached ones; return views of all rows so far."""
+        end = self.length + key.shape[2]
+        self.keys[layer][:, :, self.length : end] = key
+        self.values[layer][:, :, self.length : end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) from a padding mask (B, T): cumsum(mask) - 1, and 0 where the mask is False."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+
+
+def _grow(tensor: torch.Tensor, capacity: int, dim: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = capacity
+    grown = tensor.new_zeros(shape)
+    grown.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return grown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation called `name` (GPT-2 naming; "gelu_new" is the tanh approximation).
+
+    Raises:
+        ValueError: for an unsupported name.
+    """
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation_function={name!r} is not supported; valid: {tuple(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        hidden = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = hidden // config.n_head
+        self.c_attn = nn.Linear(hidden, 3 * hidden)  # rows: q, k, v; heads contiguous within each
+        self.c_proj = nn.Linear(hidden, hidden)
+        scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        self.scale = scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.c_attn(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        return self.c_proj(attend(q, k, v, mask, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.fc_in = nn.Linear(config.n_embd, inner)
+        self.fc_out = nn.Linear(inner, config.n_embd)
+        self.act = activation_function(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN block: h + c_proj(attn(ln_1(h))), then h + fc_out(act(fc_in(ln_2(h))))."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), rope, mask, attend, cache)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT2Decoder(nn.Module):
+    """A stack of `num_layers` blocks and a final LayerNorm, optionally with a token embedding `wte`.
+
+    Positions are RoPE only (no learned position table). Hidden states of padded query rows are forced to exactly
+    zero after the input, after every block and after `ln_f`.
+    """
+
+    def __init__(self, config: Any, num_layers: int, with_token_embedding: bool = True) -> None:
+        super().__init__()
+        if with_token_embedding:
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(num_layers))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.rotary = RotaryEmbedding(self.head_dim, getattr(config, "rope_base", 10000.0))
+
+    def new_cache(self, batch: int, capacity: int, *, dtype: torch.dtype, device: torch.device,
+                  track_padding: bool = True) -> KVCache:
+        return KVCache(len(self.h), batch, self.num_heads, self.head_dim, capacity,
+                       dtype=dtype, device=device, track_padding=track_padding)
+
+    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                attend: AttentionFunction, cache: Optional[KVCache] = None,
+                collect_hidden: bool = False) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """Run the stack on `hidden` (B, T, H).
+
+        Args:
+            hidden: input embeddings.
+            rope: (cos, sin) for the T new positions, from `self.rotary.angles`.
+            mask: the attention mask (queries are the last T keys).
+            attend: the attention backend.
+            cache: when given, keys/values are appended to it and `cache.length` advances by T.
+            collect_hidden: also return the hidden states (input, after each block but the last, after ln_f).
+
+        Returns:
+            (output after ln_f (B, T, H), the collected hidden states or None).
+        """
+        keep = None if mask.query_valid is None else mask.query_valid[..., None]  # (B, T, 1)
+        hidden = _zero_padded(hidden, keep)
+        collected = [hidden] if collect_hidden else None
+        for block in self.h:
+            hidden = _zero_padded(block(hidden, rope, mask, attend, cache), keep)
+            if collected is not None:
+                collected.append(hidden)
+        if cache is not None:
+            cache.length += hidden.shape[1]
+        hidden = _zero_padded(self.ln_f(hidden), keep)
+        if collected is not None:
+            collected[-1] = hidden
+        return hidden, (tuple(collected) if collected is not None else None)
+
+
+def _zero_padded(hidden: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return hidden if keep is None else hidden.masked_fill(~keep, 0.0)

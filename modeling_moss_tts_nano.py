@@ -1,0 +1,559 @@
+"""MOSS-TTS-Nano: embeddings, the global and local GPT-2 style decoders, the tied heads and the public API.
+
+A model input is a tensor of rows (B, T, n_vq + 1): column 0 a text-token id, columns 1..n_vq audio codes (or the
+pad code). The global decoder turns rows into one hidden state per frame; the local decoder expands the last one
+into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). Generation lives in generation.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+# Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
+# transformers 4.57's remote-code loader copies only the relative imports written in this file.
+try:
+    from .configuration_moss_tts_nano import MossTTSNanoConfig
+    from .devices import is_flash_attn_usable  # noqa: F401  (needed by gpt2_decoder; listed for the loader)
+    from .generation import GenerationOutput, generate_frames
+    from .gpt2_decoder import (
+        ATTENTION_FUNCTIONS,
+        AttentionFunction,
+        GPT2Decoder,
+        KVCache,
+        build_attention_mask,
+        check_attention_name,
+        positions_from_mask,
+        resolve_attention_implementation,
+    )
+    from .prompting import (
+        PromptTokenIds,
+        build_continuation_rows,
+        build_prompt_template,
+        build_voice_clone_rows,
+        left_pad_batch,
+        validate_mode,
+    )
+    from .sampling import SamplingParams
+except ImportError:  # imported from the repository root, not as a package
+    from configuration_moss_tts_nano import MossTTSNanoConfig
+    from devices import is_flash_attn_usable  # noqa: F401
+    from generation import GenerationOutput, generate_frames
+    from gpt2_decoder import (
+        ATTENTION_FUNCTIONS,
+        AttentionFunction,
+        GPT2Decoder,
+        KVCache,
+        build_attention_mask,
+        check_attention_name,
+        positions_from_mask,
+        resolve_attention_implementation,
+    )
+    from prompting import (
+        PromptTokenIds,
+        build_continuation_rows,
+        build_prompt_template,
+        build_voice_clone_rows,
+        left_pad_batch,
+        validate_mode,
+    )
+    from sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# transformers 5.x declares tied parameters as {target: source}; 4.x as a list of target patterns.
+_TIES_AS_MAPPING = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
+
+
+@dataclass
+class MossTTSNanoOutput:
+    """Output of `MossTTSNanoForCausalLM.forward` (ModelOutput-like: attributes, `out["name"]`, `out[i]`, to_tuple).
+
+    Why not transformers' ModelOutput: 5.x renames a `past_key_values` field to `cache` (with warnings and broken
+    string indexing); this plain dataclass behaves the same under every transformers version.
+
+    Attributes:
+        last_hidden_state: (B, T, hidden) global decoder output after ln_f (zero on padded rows).
+        past_key_values: the `KVCache` holding every row so far (when caching), else None.
+        hidden_states: embeddings, each block's output and the final output (when requested), else None.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[KVCache] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        """The fields that are not None, in order."""
+        return tuple(getattr(self, name) for name in self.keys())
+
+    def __getitem__(self, key: Union[int, str]) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+class MossTTSNanoForCausalLM(PreTrainedModel):
+    """MOSS-TTS-Nano text-to-speech model (global decoder over frames + local decoder over codebooks)."""
+
+    config_class = MossTTSNanoConfig
+    base_model_prefix = "moss_tts_nano"  # no submodule has this name: checkpoint keys are used as they are
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    # Why: transformers must never reject a configured backend name; this model resolves names itself per device.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    # Some released checkpoints carry an unused local token embedding; drop it quietly.
+    _keys_to_ignore_on_load_unexpected = [r"^local_transformer\.wte\.weight$"]
+
+    def __init__(self, config: MossTTSNanoConfig) -> None:
+        super().__init__(config)
+        gpt2 = config.gpt2_config
+        hidden = gpt2.n_embd
+        self.transformer = GPT2Decoder(gpt2, gpt2.n_layer, with_token_embedding=True)
+        self.local_transformer = GPT2Decoder(gpt2, config.local_transformer_layers, with_token_embedding=False)
+        self.audio_embeddings = nn.ModuleList(nn.Embedding(config.audio_vocab_size, hidden) for _ in range(config.n_vq))
+        self.text_lm_head = nn.Linear(hidden, gpt2.vocab_size, bias=False)
+        self.audio_lm_heads = nn.ModuleList(
+            nn.Linear(hidden, config.audio_vocab_size, bias=False) for _ in range(config.n_vq)
+        )
+        ties = {"text_lm_head.weight": "transformer.wte.weight"}
+        ties.update({f"audio_lm_heads.{i}.weight": f"audio_embeddings.{i}.weight" for i in range(config.n_vq)})
+        self._tied_weights_keys = ties if _TIES_AS_MAPPING else [rf"^{k}$".replace(".", r"\.") for k in ties]
+        self._resolved_attention: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
+        self.register_load_state_dict_pre_hook(_drop_local_token_embedding)
+        self.post_init()  # ties the heads (transformers 5.x from `_tied_weights_keys`, 4.x through `_tie_weights`)
+
+    # ------------------------------------------------------------------------------------------------ weights
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.text_lm_head
+
+    def _tie_weights(self) -> None:
+        """Tie text_lm_head to transformer.wte and audio_lm_heads.i to audio_embeddings.i (TTS_SPEC §3)."""
+        self.text_lm_head.weight = self.transformer.wte.weight
+        for head, embedding in zip(self.audio_lm_heads, self.audio_embeddings):
+            head.weight = embedding.weight
+
+    # ------------------------------------------------------------------------------------------------ attention
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: Optional[Union[str, dict]], is_init_check: bool = False, **kwargs: Any
+    ) -> str:
+        """transformers' hook: record an explicitly requested global backend, never reject one.
+
+        Why: transformers validates names against its own registry and raises for flash_attention_2 without the
+        package (e.g. on CPU); this model resolves names per device instead (see `set_attention_implementation`).
+        """
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", None)
+        if attn_implementation is not None:
+            self.config.attn_implementation = check_attention_name(attn_implementation)
+            getattr(self, "_resolved_attention", {}).clear()
+        return self.config.attn_implementation
+
+    def set_attn_implementation(self, attn_implementation: Union[str, dict]) -> None:
+        """transformers' public setter, routed to `set_attention_implementation` (global and local)."""
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", self.config.attn_implementation)
+        self.set_attention_implementation(attn_implementation)
+
+    def set_attention_implementation(self, global_impl: str, local: Optional[str] = None) -> None:
+        """Request attention backends; they are resolved per (device, dtype) on the next call.
+
+        Args:
+            global_impl: backend of the global decoder, one of `ATTENTION_IMPLEMENTATIONS`.
+            local: backend of the local decoder; None uses `global_impl` for both.
+
+        Raises:
+            ValueError: for an unknown name (the message lists the valid names).
+        """
+        check_attention_name(global_impl, "global_impl")
+        local = global_impl if local is None else check_attention_name(local, "local")
+        self.config.attn_implementation = global_impl
+        self.config.local_transformer_attn_implementation = local
+        self.config._attn_implementation_internal = global_impl
+        self._resolved_attention.clear()
+
+    def _set_attention_implementation(self, global_impl: str, local_attn_implementation: Optional[str] = None) -> None:
+        """Upstream's name for `set_attention_implementation` (kept for drivers that call it)."""
+        self.set_attention_implementation(global_impl, local_attn_implementation)
+
+    def get_attention_implementation(self) -> tuple[str, str]:
+        """The requested (global, local) backend names, as accepted by `set_attention_implementation`."""
+        return self.config.attn_implementation, self.config.local_transformer_attn_implementation
+
+    def resolved_attention_implementation(self) -> tuple[str, str]:
+        """The (global, local) backends that run for the model's current device and dtype."""
+        weight = self.transformer.wte.weight
+        key = (weight.device, weight.dtype)
+        resolved = self._resolved_attention.get(key)
+        if resolved is None:
+            requested = self.get_attention_implementation()
+            resolved = tuple(resolve_attention_implementation(name, weight.device, weight.dtype) for name in requested)
+            self._resolved_attention[key] = resolved
+        return resolved
+
+    def attention_functions(self) -> tuple[AttentionFunction, AttentionFunction]:
+        """The (global, local) attention backend functions for the current device and dtype (cached)."""
+        global_name, local_name = self.resolved_attention_implementation()
+        return ATTENTION_FUNCTIONS[global_name], ATTENTION_FUNCTIONS[local_name]
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def check_input_ids(self, input_ids: Any, name: str = "input_ids") -> torch.Tensor:
+        """Validate rows (B, T, n_vq + 1): integer ids, text ids in the vocabulary, codes in range or the pad code.
+
+        Raises:
+            ValueError: naming the argument, the value and what is allowed.
+        """
+        width = self.config.n_vq + 1
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3 or input_ids.shape[-1] != width:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"{name} is {shape}: expected a tensor [B, T, {width}] (n_vq + 1 columns per row)")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"{name} has dtype {input_ids.dtype}: rows must hold integer ids")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"{name} is {tuple(input_ids.shape)}: at least one row per batch item is required")
+        text = input_ids[..., 0]
+        bad_text = (text < 0) | (text >= self.config.vocab_size)
+        if bool(bad_text.any()):
+            raise ValueError(
+                f"{name}[..., 0] holds text id {int(text[bad_text][0])}: allowed 0..{self.config.vocab_size - 1}"
+            )
+        self._check_codes(input_ids[..., 1:], name)
+        return input_ids.long()
+
+    def _check_codes(self, codes: torch.Tensor, name: str) -> None:
+        pad = self.config.audio_pad_token_id
+        sizes = torch.tensor(self.config.audio_codebook_sizes, device=codes.device)
+        bad = (codes != pad) & ((codes < 0) | (codes >= sizes))  # (B, T, n_vq)
+        if bool(bad.any()):
+            channel = int(bad.flatten(0, -2).any(0).nonzero()[0])
+            value = int(codes[..., channel][bad[..., channel]][0])
+            size = self.config.audio_codebook_sizes[channel]
+            raise ValueError(
+                f"{name}[..., {channel + 1}] (codebook {channel}) holds code {value}: allowed 0..{size - 1} "
+                f"or {pad} (audio_pad_token_id)"
+            )
+
+    @staticmethod
+    def check_attention_mask(
+        attention_mask: Any, batch: int, length: int, name: str = "attention_mask"
+    ) -> Optional[torch.Tensor]:
+        """Return `attention_mask` (B, T) as bool; None means every row is real.
+
+        Raises:
+            ValueError: when the shape is not (batch, length).
+        """
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"{name} is {shape}: expected shape ({batch}, {length}) matching input_ids [B, T]")
+        return attention_mask.bool()
+
+    def embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """wte(col 0) + sum_i [col i+1 != pad] * audio_embeddings[i](col i+1), summed in channel order (B, T, H)."""
+        hidden = self.transformer.wte(input_ids[..., 0])
+        pad = self.config.audio_pad_token_id
+        for channel, embedding in enumerate(self.audio_embeddings):
+            codes = input_ids[..., channel + 1]
+            present = codes != pad
+            hidden = hidden + embedding(codes.masked_fill(~present, 0)) * present[..., None]
+        return hidden
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def run_global(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        attend: Optional[AttentionFunction] = None,
+        collect_hidden: bool = False,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """Global decoder on embeddings (B, T, H) with padding mask (B, T) bool, appending to `cache` if given."""
+        if cache is None:
+            key_valid, positions = mask, positions_from_mask(mask)
+        else:
+            key_valid, positions = cache.extend_mask(mask)
+        attn_mask = build_attention_mask(key_valid, embeds.shape[1])
+        rope = self.transformer.rotary.angles(positions)
+        attend = attend if attend is not None else self.attention_functions()[0]
+        return self.transformer(embeds, rope, attn_mask, attend, cache, collect_hidden)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[MossTTSNanoOutput, tuple]:
+        """Global decoder hidden states for rows.
+
+        Args:
+            input_ids: (B, T, n_vq + 1) rows.
+            attention_mask: (B, T) for the new rows, or (B, past + T) covering the cache too (its last T columns
+                are used); None means no padding.
+            past_key_values: a `KVCache` from a previous call (it is extended in place).
+            use_cache: return a cache (default: only when `past_key_values` is given).
+            output_hidden_states: also return every layer's hidden states.
+            return_dict: return a `MossTTSNanoOutput` (default) instead of a tuple.
+
+        Returns:
+            `MossTTSNanoOutput` with `last_hidden_state` (B, T, H), `past_key_values`, `hidden_states`.
+
+        Raises:
+            ValueError: for malformed rows, codes out of range, a mask of the wrong shape or a foreign cache.
+        """
+        input_ids = self.check_input_ids(input_ids)
+        batch, length = input_ids.shape[:2]
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise ValueError(
+                f"past_key_values is a {type(past_key_values).__name__}: pass the KVCache returned by forward"
+            )
+        past = past_key_values.length if past_key_values is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == past + length:
+            attention_mask = attention_mask[:, past:]
+        mask = self.check_attention_mask(attention_mask, batch, length)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
+        cache = past_key_values
+        if cache is None and use_cache:
+            weight = self.transformer.wte.weight
+            cache = self.transformer.new_cache(batch, length, dtype=weight.dtype, device=weight.device)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else False)
+        hidden, states = self.run_global(self.embed_rows(input_ids), mask, cache, collect_hidden=output_hidden_states)
+        output = MossTTSNanoOutput(last_hidden_state=hidden, past_key_values=cache, hidden_states=states)
+        return output if return_dict is not False else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------------------ prompts
+
+    @torch.inference_mode()
+    def build_inference_input_ids(
+        self,
+        text_tokenizer: Any,
+        text: Union[str, Sequence[str]],
+        mode: str = "continuation",
+        prompt_text: Optional[str] = None,
+        prompt_audio_codes: Any = None,
+        nq: Optional[int] = None,
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Prompt rows for one text (or a left-padded batch for a list of texts), on the model's device.
+
+        Args:
+            text_tokenizer: a tokenizer with `encode(text, add_special_tokens=False)`.
+            text: the text to speak, or a list of texts (same prompt for each).
+            mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt, or both).
+            prompt_text: transcript of the prompt audio (continuation only).
+            prompt_audio_codes: (T_ref, n_vq) codes of the reference / prompt audio.
+            nq: codebooks in use (1..n_vq); prompt codes of higher channels become the pad code.
+
+        Returns:
+            (input_ids (B, T, n_vq + 1), attention_mask (B, T) bool).
+
+        Raises:
+            ValueError: for a mode rule violation, empty text, or malformed codes.
+        """
+        ids = PromptTokenIds.from_config(self.config)
+        validate_mode(mode, has_prompt_audio=prompt_audio_codes is not None, has_prompt_text=bool(prompt_text))
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(item, str) for item in texts):
+            raise ValueError(f"text={text!r} must be a string or a non-empty list of strings")
+
+        def encode(value: str) -> list[int]:
+            return list(text_tokenizer.encode(value, add_special_tokens=False))
+
+        template = build_prompt_template(encode, ids)
+        if mode == "voice_clone":
+            rows = [build_voice_clone_rows(template, ids, encode(item), prompt_audio_codes, nq) for item in texts]
+        else:
+            rows = [
+                build_continuation_rows(template, ids, encode((prompt_text or "") + item), prompt_audio_codes, nq)
+                for item in texts
+            ]
+        input_ids, attention_mask = left_pad_batch(rows, ids)
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_frames: int = 300,
+        do_sample: bool = False,
+        text_temperature: float = 1.5,
+        text_top_p: float = 1.0,
+        text_top_k: int = 50,
+        audio_temperature: float = 1.7,
+        audio_top_p: float = 0.8,
+        audio_top_k: int = 25,
+        audio_repetition_penalty: float = 1.0,
+        nq: Optional[int] = None,
+        use_kv_cache: bool = True,
+        **extra: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Generate frame by frame, yielding each frame as it is produced.
+
+        Args:
+            input_ids: (B, T, n_vq + 1) left-padded prompt rows.
+            attention_mask: (B, T), False on left padding; None means no padding.
+            max_new_frames: at most this many frames (one per step).
+            do_sample: sample (True) or greedy (False) for both the text decision and the codes.
+            text_temperature, text_top_p, text_top_k: sampling of the continue / audio_end decision.
+            audio_temperature, audio_top_p, audio_top_k: sampling of the codes.
+            audio_repetition_penalty: penalty on codes this row already generated in the same channel.
+            nq: codebooks to generate (1..n_vq, default all); higher channels hold the pad code.
+            use_kv_cache: cached decoding (fast); False recomputes everything each step (reference path).
+            extra: accepted for drop-in compatibility; `generator` (torch.Generator) is used, others are ignored.
+
+        Yields:
+            {"type": "frame", "step_index": int, "audio_token_ids": (B, n_vq), "active_mask": (B,) rows whose codes
+            are real, "finished_mask": (B,) rows that chose audio_end}, then {"type": "final", "generation":
+            GenerationOutput}.
+
+        Raises:
+            ValueError: for invalid rows, mask or sampling settings.
+            RuntimeError: "Non-finite ..." when text or audio logits are NaN/inf.
+        """
+        params = SamplingParams(
+            max_new_frames=max_new_frames,
+            do_sample=do_sample,
+            text_temperature=text_temperature,
+            text_top_p=text_top_p,
+            text_top_k=text_top_k,
+            audio_temperature=audio_temperature,
+            audio_top_p=audio_top_p,
+            audio_top_k=audio_top_k,
+            audio_repetition_penalty=audio_repetition_penalty,
+            nq=nq,
+        )
+        generator = extra.pop("generator", None)
+        if extra:
+            logger.warning("generate ignores unknown keyword arguments: %s", ", ".join(sorted(extra)))
+        input_ids, mask = self._check_generation_inputs(input_ids, attention_mask, params)
+        yield from generate_frames(self, input_ids, mask, params, use_kv_cache=use_kv_cache, generator=generator)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_frames: int = 300,
+        do_sample: bool = False,
+        text_temperature: float = 1.5,
+        text_top_p: float = 1.0,
+        text_top_k: int = 50,
+        audio_temperature: float = 1.7,
+        audio_top_p: float = 0.8,
+        audio_top_k: int = 25,
+        audio_repetition_penalty: float = 1.0,
+        nq: Optional[int] = None,
+        use_kv_cache: bool = True,
+        **extra: Any,
+    ) -> GenerationOutput:
+        """Generate audio codes for a batch of prompt rows (same arguments as `generate_stream`).
+
+        Returns:
+            `GenerationOutput` with `audio_token_ids` (B, frames, n_vq), `prompt_input_ids`,
+            `prompt_attention_mask`, `finished_mask` (B,) and `num_frames` (B,) real frames per row.
+
+        Raises:
+            ValueError: for invalid rows, mask or sampling settings.
+            RuntimeError: "Non-finite ..." when text or audio logits are NaN/inf.
+        """
+        events = self.generate_stream(
+            input_ids,
+            attention_mask,
+            max_new_frames=max_new_frames,
+            do_sample=do_sample,
+            text_temperature=text_temperature,
+            text_top_p=text_top_p,
+            text_top_k=text_top_k,
+            audio_temperature=audio_temperature,
+            audio_top_p=audio_top_p,
+            audio_top_k=audio_top_k,
+            audio_repetition_penalty=audio_repetition_penalty,
+            nq=nq,
+            use_kv_cache=use_kv_cache,
+            **extra,
+        )
+        for event in events:
+            if event["type"] == "final":
+                return event["generation"]
+        raise AssertionError("generate_stream ended without a final event")
+
+    def _check_generation_inputs(
+        self, input_ids: Any, attention_mask: Any, params: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        params.resolve_nq(self.config.n_vq)
+        device = self.transformer.wte.weight.device
+        input_ids = self.check_input_ids(input_ids).to(device)
+        batch, length = input_ids.shape[:2]
+        mask = self.check_attention_mask(attention_mask, batch, length)
+        mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+        if not bool(mask[:, -1].all()):
+            rows = (~mask[:, -1]).nonzero().flatten().tolist()
+            raise ValueError(
+                f"attention_mask: rows {rows} end with padding; prompts must be left-padded (last position real)"
+            )
+        limit = self.config.max_position_embeddings
+        if int(mask.sum(-1).max()) + params.max_new_frames > limit:
+            raise ValueError(
+                f"max_new_frames={params.max_new_frames} plus the prompt length exceeds max_position_embeddings={limit}"
+            )
+        return input_ids, mask
+
+    # ------------------------------------------------------------------------------------------------ pipeline
+
+    def inference(self, *args: Any, **kwargs: Any) -> dict:
+        """Text (+ prompt audio) to a waveform and optionally a file; see pipeline.run_inference."""
+        return _pipeline_module().run_inference(self, *args, **kwargs)
+
+    def inference_stream(self, *args: Any, **kwargs: Any) -> Iterator[dict]:
+        """Streaming variant of `inference`; see pipeline.run_inference_stream."""
+        return _pipeline_module().run_inference_stream(self, *args, **kwargs)
+
+
+def _pipeline_module() -> Any:
+    """pipeline.py, imported on first use (generation never needs it, nor its audio / tokenizer dependencies).
+
+    The `from .x import` lines name pipeline.py's sibling dependencies for transformers 4.57's remote-code loader,
+    which copies only the relative imports written in this file when loading from a local folder.
+    """
+    try:
+        from . import pipeline
+        from .audio_io import write_audio_atomic  # noqa: F401
+        from .codec_loading import load_codec  # noqa: F401
+        from .pipeline import run_inference  # noqa: F401
+        from .text_chunking import split_text_into_chunks  # noqa: F401
+        from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
+    except ImportError:  # imported from the repository root, not as a package
+        import pipeline
+    return pipeline
+
+
+def _drop_local_token_embedding(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: released checkpoints may carry an unused `local_transformer.wte.weight`."""
+    state_dict.pop(f"{prefix}local_transformer.wte.weight", None)
+
+
+__all__ = ["MossTTSNanoForCausalLM", "MossTTSNanoOutput", "GenerationOutput", "MossTTSNanoConfig"]
