@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import re
@@ -153,20 +155,77 @@ def resolve_model_path(model_path: str | None, local_files_only: bool) -> Path:
         ) from exc
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
-    """Load our model class from an official-format directory, rewording loading failures."""
+def _model_class() -> Any:
     try:
         from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
     except ImportError:
         from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    return MossTTSNanoForCausalLM
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes stored in a checkpoint directory, read without loading the tensors."""
+    files = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            files += sorted({path / f for f in json.loads((path / index).read_text())["weight_map"].values()})
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        else:
+            state = torch.load(str(file), map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes
+
+
+def first_shape_mismatch(path: Path) -> str | None:
+    """Describe the first tensor whose stored shape differs from what config.json describes, if any."""
+    model_class = _model_class()
+    try:
+        config = model_class.config_class.from_pretrained(str(path))
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in model_class(config).state_dict().items()}
+        stored = _checkpoint_shapes(path)
+    except Exception:  # the caller reports the original loading error instead
+        return None
+    for key, shape in stored.items():
+        if key in expected and expected[key] != shape:
+            return f"{key} is {list(shape)} in the checkpoint but {list(expected[key])} in config.json"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    """Silence transformers' multi-line load reports; failures are reworded into one line by the caller."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
+    """Load our model class from an official-format directory, rewording loading failures as one line."""
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
     try:
-        return MossTTSNanoForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        with _quiet_transformers():
+            return _model_class().from_pretrained(str(path), dtype=dtype).eval()
     except Exception as exc:  # safetensors, torch and transformers each raise their own types for a bad file
+        mismatch = first_shape_mismatch(path)
+        if mismatch:
+            raise ValueError(f"weights in '{weights}' do not match the architecture in config.json: {mismatch}") from exc
         text = str(exc)
         reason = text.splitlines()[0] if text else type(exc).__name__
-        if "size mismatch" in text or "mismatched" in text.lower():
-            raise ValueError(f"weights in '{weights}' do not match the architecture in config.json: {reason}") from exc
         raise ValueError(f"cannot load the checkpoint '{weights}': {type(exc).__name__}: {reason}") from exc
 
 

@@ -70,6 +70,7 @@ def test_cli_names_the_malicious_file_and_exits_2(tmp_path, capsys):
     (directory / "tokenizer.model").write_bytes(b"")
     marker = tmp_path / "pwned"
     _malicious_bin(directory / "pytorch_model.bin", marker)
+    capsys.readouterr()  # drop save_pretrained's progress output
     code = infer_npu.main(["--model-path", str(directory), "--text", "Hi.", "--output-path", str(tmp_path / "o.wav")])
     err = capsys.readouterr().err
     assert code == 2 and "pytorch_model.bin" in err and len(err.strip().splitlines()) == 1
