@@ -524,13 +524,56 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ pipeline
 
-    def inference(self, *args: Any, **kwargs: Any) -> dict:
-        """Text (+ prompt audio) to a waveform and optionally a file; see pipeline.run_inference."""
-        return _pipeline_module().run_inference(self, *args, **kwargs)
+    def inference(self, text: str, output_audio_path: Optional[str] = None, **kwargs: Any) -> dict:
+        """Text (+ prompt audio) to a 48 kHz stereo waveform, optionally written to a file (atomically).
 
-    def inference_stream(self, *args: Any, **kwargs: Any) -> Iterator[dict]:
-        """Streaming variant of `inference`; see pipeline.run_inference_stream."""
-        return _pipeline_module().run_inference_stream(self, *args, **kwargs)
+        Args:
+            text: what to say. voice_clone text is split into chunks of `voice_clone_max_text_tokens` (50).
+            output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
+            mode: "voice_clone" (default: prompt audio, no prompt text) or "continuation" (no prompt at all, or
+                prompt_text + prompt audio).
+            prompt_audio_path / prompt_audio (+ prompt_audio_sample_rate): the reference recording, a file or a
+                [channels, samples] tensor; resampled to 48 kHz, mono duplicated; `downmix=True` for > 2 channels.
+            prompt_text: transcript of the prompt audio (continuation).
+            text_tokenizer / text_tokenizer_path: default: tokenizer.model of the checkpoint directory.
+            audio_tokenizer / audio_tokenizer_path (alias audio_tokenizer_pretrained_name_or_path): the codec;
+                default: <checkpoint>/audio_tokenizer, else config.audio_tokenizer_pretrained_name_or_path.
+            local_files_only: never download the codec.
+            device: move the model there first ("auto", "npu:0", "cuda", "cpu", ...).
+            max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
+                audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
+            voice_clone_max_text_tokens, voice_clone_max_memory_per_sample_gb (1.0),
+                voice_clone_chunk_batch_size (cap), voice_clone_codec_batch_size: long-text chunking and batching.
+            seed: seeds torch (and the device) before generation.
+            progress: callable receiving progress messages for long texts.
+
+        Returns:
+            dict with audio_path, sample_rate (48000), audio_token_ids ([frames, 16], or a list per chunk),
+            waveform ([2, samples] float32), reference_audio_token_ids, voice_clone_text_chunks,
+            voice_clone_chunk_batch_size, voice_clone_codec_batch_size, frames, float32_fallback.
+
+        Raises:
+            ValueError: invalid text, prompt, mode combination, sampling value or file.
+            RuntimeError: missing codec offline, out of memory at batch 1, or non-finite logits after the float32 retry.
+        """
+        return _pipeline_module().run_inference(self, text, output_audio_path, **kwargs)
+
+    def inference_stream(self, text: str, output_audio_path: Optional[str] = None, **kwargs: Any) -> Iterator[dict]:
+        """Streaming `inference`: audio is decoded and yielded while frames are generated.
+
+        Args:
+            Same as `inference`.
+
+        Yields:
+            {"type": "audio", "waveform": [2, n], "sample_rate", "chunk_index"} as frames are decoded (1-8 frames
+            at a time, fewer while audio is not yet ahead of real time), {"type": "pause", ...} silence between
+            voice-clone chunks, then {"type": "result", ...} with `inference`'s fields plus first_audio_latency_s.
+            Their concatenation equals the non-streaming waveform for the same codes.
+
+        Raises:
+            As `inference`. Closing the generator early releases the codec's streaming state.
+        """
+        return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
 
 
 def _pipeline_module() -> Any:

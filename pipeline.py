@@ -366,10 +366,23 @@ def decode_generated(
     return decode_frames(codec, codes, nq, request.voice_clone_codec_batch_size)
 
 
+def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | None]:
+    """Take the resource and device keywords out of ``kwargs``; move the model when ``device`` is given.
+
+    ``audio_tokenizer_pretrained_name_or_path`` (upstream's name) is accepted for ``audio_tokenizer_path``.
+    """
+    if "audio_tokenizer_pretrained_name_or_path" in kwargs:
+        kwargs.setdefault("audio_tokenizer_path", kwargs.pop("audio_tokenizer_pretrained_name_or_path"))
+    device = kwargs.pop("device", None)
+    if device is not None:
+        model.to(devices.resolve_device(device))
+    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
+    return resource_kwargs, kwargs.pop("progress", None)
+
+
 def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
-    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
-    progress = kwargs.pop("progress", None)
+    resource_kwargs, progress = split_call_arguments(model, kwargs)
     request = build_request(text, **kwargs)
     resources = load_resources(model, **resource_kwargs)
     if request.seed is not None:
@@ -496,8 +509,7 @@ def run_inference_stream(
     model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
-    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
-    kwargs.pop("progress", None)
+    resource_kwargs, _ = split_call_arguments(model, kwargs)
     request = build_request(text, **kwargs)
     resources = load_resources(model, **resource_kwargs)
     if request.seed is not None:
@@ -536,6 +548,7 @@ def run_inference_stream(
         "voice_clone_chunk_batch_size": 1,
         "voice_clone_codec_batch_size": 1,
         "frames": sum(int(c.shape[0]) for c in codes),
+        "float32_fallback": False,  # streaming has no retry: audio already yielded cannot be taken back
         "first_audio_latency_s": first_audio,
     }
     if output_audio_path is not None:
