@@ -18,11 +18,11 @@ import torch
 try:
     from . import devices
     from .codec_loading import WEIGHT_FILES
-    from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS
+    from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 except ImportError:  # run as a script from the repository root
     import devices
     from codec_loading import WEIGHT_FILES
-    from gpt2_decoder import ATTENTION_IMPLEMENTATIONS
+    from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,26 @@ def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tu
         model = load_checkpoint(path, dtype).to(device)
         resources = {"audio_tokenizer_path": args.audio_tokenizer_path, "local_files_only": args.local_files_only}
     model.set_attention_implementation(args.attn_implementation)
+    apply_performance_settings(model, args)
     return model, resources
+
+
+def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("performance (CPU)")
+    group.add_argument("--threads", type=_bounded(int, 1), default=None,
+                       help="torch intra-op threads (default: torch's choice; 1 is faster on a busy or tiny CPU)")
+    group.add_argument("--weight-precision", choices=WEIGHT_PRECISIONS, default="float32",
+                       help="int8: opt-in int8 weights for the decoder Linear layers (CPU float32 model only; "
+                            "faster, logits within cosine 0.999 of float32)")
+
+
+def apply_performance_settings(model: Any, args: argparse.Namespace) -> None:
+    """Apply --threads and --weight-precision (when the parser has them)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    precision = getattr(args, "weight_precision", "float32")
+    if precision != "float32":
+        model.set_weight_precision(precision)
 
 
 def run_cli(body: Callable[[], int], verbose: bool) -> int:

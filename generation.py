@@ -172,12 +172,12 @@ def _sample_frame(model: Any, h: torch.Tensor, local: Any, params: SamplingParam
                            top_k=params.text_top_k, top_p=params.text_top_p, generator=generator)
     x = model.transformer.wte(consts.candidate_ids[choice])  # (B, H)
     embeds = consts.continue_embedding
-    codes, audio_finite = [], []
+    codes, all_logits = [], []
     for channel in range(nq):
         logits = model.audio_lm_heads[channel](local.step(x))  # (B, audio_vocab_size)
         if consts.codebook_sizes[channel] < logits.shape[-1]:  # heads have audio_vocab_size rows; codes < size
             logits = logits[:, : consts.codebook_sizes[channel]]
-        audio_finite.append(torch.isfinite(logits).all())
+        all_logits.append(logits)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen[channel], params.audio_repetition_penalty)
         code = select_tokens(logits, do_sample=params.do_sample, temperature=params.audio_temperature,
@@ -192,7 +192,7 @@ def _sample_frame(model: Any, h: torch.Tensor, local: Any, params: SamplingParam
         continues=active & (choice == 0),
         next_embeds=embeds[:, None],
         text_finite=torch.isfinite(text_logits).all(),
-        audio_finite=torch.stack(audio_finite).all(),
+        audio_finite=torch.isfinite(torch.cat(all_logits, dim=-1)).all(),  # one check per frame, not per channel
     )
 
 

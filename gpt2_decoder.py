@@ -12,6 +12,7 @@ import functools
 import importlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -274,10 +275,20 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x[2j], x[2j+1]) of x (B, H, T, D) by the angles behind cos/sin (.., T, D/2), in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    return rotate_pairs(x, torch.complex(cos, sin))
+
+
+def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs of x (.., D) by the unit complex numbers `turn` (broadcastable to (.., D/2)), in float32.
+
+    Why complex: a pair (x0, x1) read as x0 + i x1 times cos + i sin is (x0 cos - x1 sin) + i (x1 cos + x0 sin),
+    the interleaved RoPE rotation, in one kernel instead of a handful (it matters at one token per step).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or any(step % 2 for step in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
+    return rotated.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,14 +387,83 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return _ACTIVATIONS[name]
 
 
+WEIGHT_PRECISIONS = ("float32", "int8")
+
+
+class PrecisionLinear(nn.Linear):
+    """nn.Linear that can run from a derived reduced-precision copy of its weight (opt-in, CPU, never saved).
+
+    The parameters stay as they are (same names, dtype, ties, state_dict); "int8" adds a packed copy of the weight
+    (per-output-channel symmetric int8, ~1/4 of the float32 bytes) used by `forward` through fbgemm's dynamic
+    quantized linear: activations are quantized per call (per tensor, 7-bit range as fbgemm needs on AVX2 without
+    VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
+    (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
+    """
+
+    _packed: Any = None
+
+    @property
+    def weight_precision(self) -> str:
+        return "float32" if self._packed is None else "int8"
+
+    def set_weight_precision(self, precision: str) -> None:
+        """Switch between the float32 weight ("float32") and a packed int8 copy ("int8").
+
+        Raises:
+            ValueError: for an unknown precision.
+            RuntimeError: for "int8" when the weight is not a float32 CPU tensor or no int8 engine is available.
+        """
+        if precision not in WEIGHT_PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
+        self._packed = None if precision == "float32" else _pack_int8(self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
+        result = super()._apply(fn, *args, **kwargs)
+        if self._packed is not None:
+            # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
+            if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+                self._packed = _pack_int8(self.weight, self.bias)
+            else:
+                logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
+                self._packed = None
+        return result
+
+
+def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise RuntimeError(
+            f"int8 weight precision needs a float32 CPU model (weight is {weight.dtype} on {weight.device}); "
+            "call model.to('cpu', torch.float32) first, or keep float32"
+        )
+    engines = torch.backends.quantized.supported_engines
+    if not {"x86", "fbgemm"} & set(engines):
+        raise RuntimeError(f"int8 weight precision needs torch's x86/fbgemm quantized engine; this build has {engines}")
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+    with torch.no_grad(), warnings.catch_warnings():
+        # Why: torch flags its quantized-tensor constructors as deprecated; they are still the only CPU int8 path
+        # here that beats float32 (torchao's eager int8 CPU kernels measured slower than float32 on AVX2).
+        warnings.simplefilter("ignore", UserWarning)
+        w = weight.detach()
+        scales = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)  # (out,)
+        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+        qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach())
+
+
 class Attention(nn.Module):
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
         hidden = config.n_embd
         self.num_heads = config.n_head
         self.head_dim = hidden // config.n_head
-        self.c_attn = nn.Linear(hidden, 3 * hidden)  # rows: q, k, v; heads contiguous within each
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.c_attn = PrecisionLinear(hidden, 3 * hidden)  # rows: q, k, v; heads contiguous within each
+        self.c_proj = PrecisionLinear(hidden, hidden)
         scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         self.scale = scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
         self.layer_idx = layer_idx
@@ -392,8 +472,9 @@ class Attention(nn.Module):
                 attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.c_attn(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        turn = torch.complex(*rope).transpose(1, 2).unsqueeze(2)  # (B, T, 1, 1, D/2)
+        q, k = rotate_pairs(qkv[:, :, :2], turn).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         return self.c_proj(attend(q, k, v, mask, self.scale))
@@ -403,8 +484,8 @@ class MLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.fc_in = nn.Linear(config.n_embd, inner)
-        self.fc_out = nn.Linear(inner, config.n_embd)
+        self.fc_in = PrecisionLinear(config.n_embd, inner)
+        self.fc_out = PrecisionLinear(inner, config.n_embd)
         self.act = activation_function(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,14 @@ import torch
 
 try:
     from . import devices
-    from .cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
+    from .cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
+    from .cli_common import load_model_for_cli, run_cli
     from .cli_common import resolve_model_path, sampling_kwargs
     from .demo import DEMO_TEXT
 except ImportError:  # run as a script from the repository root
     import devices
-    from cli_common import Parser, add_model_arguments, add_sampling_arguments, load_model_for_cli, run_cli
+    from cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
+    from cli_common import load_model_for_cli, run_cli
     from cli_common import resolve_model_path, sampling_kwargs
     from demo import DEMO_TEXT
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--downmix", action="store_true", help="average prompt audio with more than 2 channels")
     parser.add_argument("--stream", action="store_true", help="stream: decode audio as frames are generated")
     add_sampling_arguments(parser)
+    add_performance_arguments(parser)
     return parser
 
 
@@ -106,6 +109,8 @@ def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> 
     parts = [
         f"device={device}",
         f"dtype={str(next(model.parameters()).dtype).replace('torch.', '')}",
+        f"weights={args.weight_precision}",
+        f"threads={torch.get_num_threads()}",
         f"attention={'/'.join(model.resolved_attention_implementation())}",
         f"frames={result['frames']}",
         f"audio={seconds:.2f}s",

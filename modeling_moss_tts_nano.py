@@ -23,9 +23,11 @@ try:
     from .generation import GenerationOutput, generate_frames
     from .gpt2_decoder import (
         ATTENTION_FUNCTIONS,
+        WEIGHT_PRECISIONS,
         AttentionFunction,
         GPT2Decoder,
         KVCache,
+        PrecisionLinear,
         build_attention_mask,
         check_attention_name,
         positions_from_mask,
@@ -46,9 +48,11 @@ except ImportError:  # imported from the repository root, not as a package
     from generation import GenerationOutput, generate_frames
     from gpt2_decoder import (
         ATTENTION_FUNCTIONS,
+        WEIGHT_PRECISIONS,
         AttentionFunction,
         GPT2Decoder,
         KVCache,
+        PrecisionLinear,
         build_attention_mask,
         check_attention_name,
         positions_from_mask,
@@ -146,6 +150,35 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self.text_lm_head.weight = self.transformer.wte.weight
         for head, embedding in zip(self.audio_lm_heads, self.audio_embeddings):
             head.weight = embedding.weight
+
+    @property
+    def weight_precision(self) -> str:
+        """"float32", or "int8" after `set_weight_precision("int8")`."""
+        return next(m.weight_precision for m in self.modules() if isinstance(m, PrecisionLinear))
+
+    def set_weight_precision(self, precision: str) -> None:
+        """Opt-in reduced-precision weights for the Linear layers of both decoders (CPU, float32 model).
+
+        "int8": each of those Linear layers also keeps a packed int8 copy of its weight (per output channel) and
+        runs from it with dynamically quantized activations (fbgemm); ~1/4 of the weight bytes per frame, so faster
+        where generation is memory-bound, at a small accuracy cost (teacher-forced logits stay close to float32;
+        see tests/test_generation_speedups.py). Embeddings, LayerNorms, attention, the heads and sampling stay
+        float32 (the audio heads would carry much of the int8 error for a few percent of the time). The parameters
+        and state_dict are untouched, so "float32" switches back exactly. Set the precision again after changing
+        weights; moving or casting the model off CPU float32 returns it to float32.
+
+        Args:
+            precision: one of `WEIGHT_PRECISIONS` ("float32", "int8").
+
+        Raises:
+            ValueError: for an unknown precision.
+            RuntimeError: for "int8" when the model is not float32 on CPU or torch lacks its x86 int8 engine.
+        """
+        if precision not in WEIGHT_PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
+        for module in self.modules():
+            if isinstance(module, PrecisionLinear):
+                module.set_weight_precision(precision)
 
     # ------------------------------------------------------------------------------------------------ attention
 

@@ -15,8 +15,9 @@ logger = logging.get_logger(__name__)
 class MossAudioTokenizerDecodeSession:
     """Incremental decoding of several code streams that share ``max_batch_size`` physical slots.
 
-    Every ``step`` decodes one frame at a time for all slots; a frame's audio (3840 samples per channel) depends only
-    on that frame and earlier ones, so any split of a stream into calls gives identical audio. Only one session (or
+    Every ``step`` decodes the call's frames in runs that advance the same slots (up to 8 frames per run); a frame's
+    audio (3840 samples per channel) depends only on that frame and earlier ones, so any split of a stream into calls
+    gives the same audio up to float rounding (within the spec's 1e-6 P streaming tolerance). Only one session (or
     ``streaming()`` context) may be open per model.
 
     Args:

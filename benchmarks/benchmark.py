@@ -2,10 +2,13 @@
 
     python benchmarks/benchmark.py                       # CPU float32, 3 repetitions, prints and writes JSON
     python benchmarks/benchmark.py --device npu --dtype float16 --repeats 5
+    python benchmarks/benchmark.py --skip codec,e2e --threads 1 --weight-precision int8
 
 Measures (median over repetitions):
-- generation frames/s: a 150-row voice-clone prompt, the official CLI sampling settings, KV cache on;
-- codec decode real-time factor: 8 s of codes one-shot, and streamed in 4-frame windows;
+- generation frames/s: a 150-row voice-clone prompt, the official CLI sampling settings, KV cache on (and the
+  process CPU time per frame, a load-robust secondary figure); `--weight-precision int8` measures the opt-in mode;
+- codec decode real-time factor: 8 s of codes one-shot, and streamed in 4-frame windows (and the process CPU
+  time per frame);
 - end-to-end streaming (voice clone, text -> first audio -> last audio): real-time factor and first-audio latency
   measured from the moment the prompt audio is encoded;
 - peak memory: process peak RSS (CPU) or peak device memory (accelerators).
@@ -30,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets  # noqa: E402
+from gpt2_decoder import WEIGHT_PRECISIONS  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 
 PROMPT_ROWS = 150
@@ -60,42 +64,56 @@ def bench_generation(assets: Any, device: torch.device, frames: int, repeats: in
     kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames)
     assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
 
+    cpu_ms: list[float] = []
+
     def run() -> float:
         devices.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = assets.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         devices.synchronize(device)
-        return int(out.audio_token_ids.shape[1]) / (time.perf_counter() - start)
+        wall, count = time.perf_counter() - start, int(out.audio_token_ids.shape[1])
+        cpu_ms.append(1000 * (time.process_time() - cpu_start) / count)
+        return count / wall
 
     result = _median_of(repeats, run)
-    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames)
+    # Process CPU time per frame (all threads, prompt prefill included): less sensitive to other load than wall time.
+    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames,
+                  cpu_ms_per_frame={"median": statistics.median(cpu_ms), "runs": cpu_ms})
     return result
 
 
 def bench_codec(assets: Any, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Codec decode RTF (wall) of 8 s of codes, plus the process CPU time per frame (a load-robust figure)."""
     codec = assets.codec
     n = int(CODEC_SECONDS * FRAMES_PER_SECOND)
     codes = torch.randint(0, 1024, (16, n), generator=torch.Generator().manual_seed(1)).to(device)
     codec.batch_decode([codes[:, :4]])  # warm-up
+    cpu_ms: dict[str, list[float]] = {"one_shot_rtf": [], "streaming_4frame_rtf": []}
 
-    def one_shot() -> float:
-        start = time.perf_counter()
+    def one_shot() -> None:
         codec.batch_decode([codes])
-        devices.synchronize(device)
-        return (time.perf_counter() - start) / CODEC_SECONDS
 
-    def streaming() -> float:
-        start = time.perf_counter()
+    def streaming() -> None:
         try:
             for i in range(0, n, 4):
                 first = {"max_batch_size": 1, "reset_stream": True} if i == 0 else {}
                 codec.batch_decode([codes[:, i : i + 4]], streaming=True, **first)
         finally:
             codec._reset_batch_decode_streaming_state()
+
+    def timed(key: str, decode: Callable[[], None]) -> float:
         devices.synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        decode()
+        devices.synchronize(device)
+        cpu_ms[key].append(1000 * (time.process_time() - cpu_start) / n)
         return (time.perf_counter() - start) / CODEC_SECONDS
 
-    return {"one_shot_rtf": _median_of(repeats, one_shot), "streaming_4frame_rtf": _median_of(repeats, streaming)}
+    report = {key: _median_of(repeats, lambda k=key, d=decode: timed(k, d))
+              for key, decode in (("one_shot_rtf", one_shot), ("streaming_4frame_rtf", streaming))}
+    for key, values in cpu_ms.items():
+        report[key]["cpu_ms_per_frame"] = statistics.median(values)
+    return report
 
 
 def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: int) -> dict[str, Any]:
@@ -125,10 +143,11 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
     }
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def environment(device: torch.device, dtype: torch.dtype, weight_precision: str) -> dict[str, Any]:
     env = devices.describe_environment(device)
     env.update(
         dtype=str(dtype).replace("torch.", ""),
+        weight_precision=weight_precision,
         threads=torch.get_num_threads(),
         machine=platform.machine(),
         processor=platform.processor() or None,
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100, help="frames generated per generation run")
     parser.add_argument("--e2e-frames", type=int, default=100, help="max frames per chunk in the end-to-end run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--weight-precision", default="float32", choices=WEIGHT_PRECISIONS,
+                        help="decoder Linear weights: float32, or the opt-in int8 mode (CPU only)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
@@ -155,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     devices.seed_everything(0, device)
     assets = build_demo_assets(seed=0)
     assets.model.to(device=device, dtype=dtype)
+    assets.model.set_weight_precision(args.weight_precision)
     assets.codec.to(device)
     devices.reset_peak_memory(device)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    report: dict[str, Any] = {"environment": environment(device, dtype), "repeats": args.repeats}
+    report: dict[str, Any] = {"environment": environment(device, dtype, args.weight_precision), "repeats": args.repeats}
     if "generation" not in skip:
         report["generation_frames_per_s"] = bench_generation(assets, device, args.frames, args.repeats)
     if "codec" not in skip:

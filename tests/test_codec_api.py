@@ -223,10 +223,11 @@ def test_bad_knobs(model):
 
 
 def test_one_shot_attention_blocks_match_full_mask(monkeypatch):
-    """Sequences longer than twice the context are attended in query blocks; they equal the full-mask result."""
+    """Sequences longer than one query block are attended in blocks; they equal the full-mask result."""
     model = tiny_model()
     codes = random_codes(20, seed=15)  # 640 tokens at 400 Hz vs a context of 40: blocked
-    assert len(codec_layers.WindowPlan._blocks(640, 40)) == 16
+    assert len(codec_layers.WindowPlan._blocks(640, 40)) == 5  # blocks of MIN_QUERY_BLOCK = 128 queries
+    assert codec_layers.WindowPlan._blocks(3200, 1600)[-1] == (3000, 3200, 1401)  # an eighth of the context
     blocked = model.batch_decode([codes]).audio
     monkeypatch.setattr(codec_layers.WindowPlan, "_blocks", staticmethod(lambda length, context: [(0, length, 0)]))
     full = model.batch_decode([codes]).audio

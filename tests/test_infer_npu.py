@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+import torch
 
 import demo
 import infer_npu
@@ -178,3 +179,25 @@ def test_verbose_shows_the_traceback(tiny_demo, tmp_path, capsys):
 def test_help_exits_zero(capsys):
     assert infer_npu.main(["--help"]) == 0
     assert "--prompt-audio-path" in capsys.readouterr().out
+
+
+def test_int8_weights_and_threads_flags(tiny_demo, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = infer_npu.main(["--demo", "--max-new-frames", "3", "--weight-precision", "int8", "--threads", "1",
+                               "--output-path", str(tmp_path / "q.wav"), *GREEDY])
+        assert code == 0
+        summary = _summary(capsys)
+        assert summary["weights"] == "int8" and summary["threads"] == "1" and summary["frames"] == "3"
+    finally:
+        tiny_demo.model.set_weight_precision("float32")
+        torch.set_num_threads(threads)
+
+
+def test_int8_weights_on_a_half_precision_model_is_an_environment_error(tiny_demo, tmp_path, capsys):
+    try:
+        code = infer_npu.main(["--demo", "--dtype", "bfloat16", "--weight-precision", "int8",
+                               "--output-path", str(tmp_path / "q.wav")])
+        assert code == 1 and "int8" in capsys.readouterr().err
+    finally:
+        tiny_demo.model.to(torch.float32)

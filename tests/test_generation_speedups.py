@@ -1,0 +1,165 @@
+"""The generation fast paths give the reference results; the opt-in int8 weight mode stays close to float32."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configuration_moss_tts_nano import MossTTSNanoConfig
+from gpt2_decoder import (
+    WEIGHT_PRECISIONS,
+    AttentionMask,
+    PrecisionLinear,
+    RotaryEmbedding,
+    apply_rotary,
+    rotate_pairs,
+)
+from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from verification import teacher_forced_logits
+
+N_VQ, CODES, PAD = 4, 32, 32
+INT8_MIN_COSINE = 0.999  # teacher-forced logits, int8 weights vs float32 (the documented tolerance)
+needs_int8_engine = pytest.mark.skipif(
+    not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines),
+    reason="this torch build has no x86/fbgemm quantized engine (int8 weight precision is x86-only)",
+)
+
+
+def tiny_model(seed: int = 0) -> MossTTSNanoForCausalLM:
+    config = MossTTSNanoConfig(
+        gpt2_config=dict(n_embd=64, n_head=4, n_layer=2, n_inner=128, vocab_size=64, n_positions=256),
+        n_vq=N_VQ, audio_vocab_size=CODES, audio_pad_token_id=PAD, local_transformer_layers=1,
+    )
+    torch.manual_seed(seed)
+    model = MossTTSNanoForCausalLM(config).eval()
+    with torch.no_grad():  # lean the continue / audio_end decision so generation runs its full length
+        direction = model.transformer.wte.weight[9] - model.transformer.wte.weight[7]
+        model.local_transformer.ln_f.bias += 40.0 * direction / direction.pow(2).sum()  # logit gap ~40
+    return model
+
+
+def prompt_rows(length: int = 12, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((1, length, N_VQ + 1), PAD, dtype=torch.long)
+    rows[0, :, 0] = torch.randint(10, 64, (length,), generator=gen)
+    rows[0, -4:-1, 0] = 8
+    rows[0, -4:-1, 1:] = torch.randint(0, CODES, (3, N_VQ), generator=gen)
+    rows[0, -1, 0] = 6
+    return rows
+
+
+@pytest.fixture()
+def model() -> MossTTSNanoForCausalLM:
+    return tiny_model()
+
+
+# ------------------------------------------------------------------------------------------------ RoPE fast path
+
+
+def test_rotate_pairs_matches_the_interleaved_formula_on_strided_input():
+    x = torch.randn(2, 5, 3, 4, 16).permute(0, 3, 1, 2, 4)[..., 1, :]  # (B, H, T, D), not contiguous
+    cos, sin = RotaryEmbedding(16, 10000.0).angles(torch.arange(5)[None] + 7)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rotate_pairs(x, torch.complex(cos, sin)), expected, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ float32 paths
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(audio_repetition_penalty=1.3), dict(nq=3)])
+def test_cached_greedy_codes_equal_full_recompute(model, settings):
+    rows = prompt_rows()
+    cached = model.generate(rows, max_new_frames=8, **settings)
+    recomputed = model.generate(rows, max_new_frames=8, use_kv_cache=False, **settings)
+    assert cached.audio_token_ids.shape[1] == 8
+    assert torch.equal(cached.audio_token_ids, recomputed.audio_token_ids)
+    assert torch.equal(cached.num_frames, recomputed.num_frames)
+
+
+def test_cached_local_decoder_hidden_states_match_the_full_sequence(model):
+    local = model.local_transformer
+    sequence = torch.randn(2, N_VQ + 1, 64)
+    attend = model.attention_functions()[1]
+    cos, sin = local.rotary.angles(torch.arange(N_VQ + 1)[None])  # (1, 1, L, D/2)
+    full, _ = local(sequence, (cos, sin), AttentionMask(), attend, None)
+    cache = local.new_cache(2, N_VQ + 1, dtype=torch.float32, device=torch.device("cpu"), track_padding=False)
+    steps = []
+    for p in range(N_VQ + 1):
+        rope = (cos[..., p : p + 1, :], sin[..., p : p + 1, :])
+        steps.append(local(sequence[:, p : p + 1], rope, AttentionMask(), attend, cache)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ int8 weights
+
+
+@needs_int8_engine
+def test_int8_teacher_forced_logits_stay_close_to_float32(model):
+    rows = prompt_rows()
+    frames = model.generate(rows, max_new_frames=6).audio_token_ids
+    reference = teacher_forced_logits(model, rows, None, frames)
+    model.set_weight_precision("int8")
+    assert model.weight_precision == "int8"
+    quantized = teacher_forced_logits(model, rows, None, frames)
+    audio_cos = F.cosine_similarity(quantized.audio.flatten(0, -2), reference.audio.flatten(0, -2), dim=-1)
+    text_cos = F.cosine_similarity(quantized.text.flatten(0, -2), reference.text.flatten(0, -2), dim=-1)
+    assert audio_cos.min() >= INT8_MIN_COSINE and text_cos.min() >= INT8_MIN_COSINE
+    assert not torch.equal(quantized.audio, reference.audio)  # the int8 path really ran
+
+
+@needs_int8_engine
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_int8_generates_valid_codes(model, do_sample):
+    model.set_weight_precision("int8")
+    generator = torch.Generator().manual_seed(0)
+    codes = model.generate(prompt_rows(), max_new_frames=6, do_sample=do_sample, generator=generator).audio_token_ids
+    assert codes.shape == (1, 6, N_VQ)
+    assert bool(((codes >= 0) & (codes < CODES)).all())
+
+
+@needs_int8_engine
+def test_float32_after_int8_is_exact_and_state_dict_is_untouched(model):
+    rows = prompt_rows()
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model.generate(rows, max_new_frames=6)
+    model.set_weight_precision("int8")
+    assert set(model.state_dict()) == set(before_state)
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    model.set_weight_precision("float32")
+    assert model.weight_precision == "float32"
+    assert torch.equal(model.generate(rows, max_new_frames=6).audio_token_ids, before.audio_token_ids)
+
+
+@needs_int8_engine
+def test_casting_an_int8_model_returns_it_to_float32(model, caplog):
+    model.set_weight_precision("int8")
+    model.to(torch.float32)  # still CPU float32: the packed copy is rebuilt
+    assert model.weight_precision == "int8"
+    with caplog.at_level(logging.WARNING):
+        model.to(torch.bfloat16)
+    assert model.weight_precision == "float32"
+    assert "switches it back to float32" in caplog.text
+
+
+def test_unknown_weight_precision_is_a_value_error(model):
+    expected = r"precision='int4' is not a known weight precision; valid: \('float32', 'int8'\)"
+    with pytest.raises(ValueError, match=expected):
+        model.set_weight_precision("int4")
+    assert WEIGHT_PRECISIONS == ("float32", "int8")
+
+
+def test_int8_needs_a_float32_cpu_model(model):
+    model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="int8 weight precision needs a float32 CPU model"):
+        model.set_weight_precision("int8")
+
+
+def test_decoder_linears_are_precision_linears_with_checkpoint_names(model):
+    names = {n for n, m in model.named_modules() if isinstance(m, PrecisionLinear)}
+    assert "transformer.h.0.attn.c_attn" in names and "local_transformer.h.0.mlp.fc_out" in names
+    assert not any(n.startswith(("audio_lm_heads", "text_lm_head")) for n in names)
