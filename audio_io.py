@@ -122,17 +122,34 @@ def load_prompt_audio(
         ValueError: missing or unreadable file, empty, too short, silent or non-finite audio, too many channels.
     """
     samples, orig_sr = read_audio(path)
+    return prepare_prompt_waveform(
+        samples, orig_sr, sample_rate=sample_rate, channels=channels, downmix=downmix, max_seconds=max_seconds,
+        source=f"prompt audio '{path}'",
+    )
+
+
+def prepare_prompt_waveform(
+    samples: np.ndarray,
+    orig_sr: int,
+    *,
+    sample_rate: int = TARGET_SAMPLE_RATE,
+    channels: int = TARGET_CHANNELS,
+    downmix: bool = False,
+    max_seconds: float = MAX_PROMPT_SECONDS,
+    source: str = "prompt audio",
+) -> torch.Tensor:
+    """Check, lay out, cut and resample ``[channels, frames]`` samples (see ``load_prompt_audio``)."""
+    if samples.ndim != 2 or samples.shape[-1] == 0:
+        raise ValueError(f"{source} must be [channels, samples] with samples > 0, got shape {tuple(samples.shape)}")
     if not np.isfinite(samples).all():
-        raise ValueError(f"prompt audio '{path}' contains NaN or Inf samples")
+        raise ValueError(f"{source} contains NaN or Inf samples")
     samples = to_channels(samples, channels, downmix)
     limit = int(math.ceil(max_seconds * orig_sr))
     if samples.shape[1] > limit:
-        logger.warning(
-            "prompt audio '%s' is %.1f s long; using its first %.1f s", path, samples.shape[1] / orig_sr, max_seconds
-        )
+        logger.warning("%s is %.1f s long; using its first %.1f s", source, samples.shape[1] / orig_sr, max_seconds)
         samples = samples[:, :limit]
     samples = resample(samples, orig_sr, sample_rate)
-    check_prompt_waveform(samples, sample_rate, source=str(path))
+    check_prompt_waveform(samples, sample_rate, source=source)
     return torch.from_numpy(np.ascontiguousarray(samples))
 
 

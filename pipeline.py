@@ -22,10 +22,8 @@ try:
     from . import devices
     from .audio_io import (
         TARGET_SAMPLE_RATE,
-        check_prompt_waveform,
         load_prompt_audio,
-        resample,
-        to_channels,
+        prepare_prompt_waveform,
         write_audio_atomic,
     )
     from .codec_loading import load_codec, resolve_codec_directory
@@ -43,10 +41,8 @@ except ImportError:  # imported from the repository root, not as a package
     import devices
     from audio_io import (
         TARGET_SAMPLE_RATE,
-        check_prompt_waveform,
         load_prompt_audio,
-        resample,
-        to_channels,
+        prepare_prompt_waveform,
         write_audio_atomic,
     )
     from codec_loading import load_codec, resolve_codec_directory
@@ -314,13 +310,11 @@ def generate_chunks(
 def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Tensor | None:
     """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio)."""
     if request.prompt_audio is not None:
-        wav = torch.as_tensor(request.prompt_audio, dtype=torch.float32)
+        wav = torch.as_tensor(request.prompt_audio, dtype=torch.float32).detach().cpu()
         wav = wav.unsqueeze(0) if wav.dim() == 1 else wav
         if wav.dim() != 2:
             raise ValueError(f"prompt_audio must be [channels, samples] or [samples], got shape {tuple(wav.shape)}")
-        samples = resample(to_channels(wav.numpy(), 2, request.downmix), request.prompt_audio_sample_rate)
-        check_prompt_waveform(samples, TARGET_SAMPLE_RATE)
-        wav = torch.from_numpy(samples)
+        wav = prepare_prompt_waveform(wav.numpy(), request.prompt_audio_sample_rate, downmix=request.downmix)
     elif request.prompt_audio_path is not None:
         wav = load_prompt_audio(request.prompt_audio_path, downmix=request.downmix)
     else:

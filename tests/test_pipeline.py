@@ -178,3 +178,22 @@ def test_prompt_audio_file_and_tensor_give_the_same_codes(assets, tmp_path):
     from_tensor = _run(assets)
     assert torch.equal(from_file["reference_audio_token_ids"], from_tensor["reference_audio_token_ids"])
     assert np.allclose(from_file["waveform"], from_tensor["waveform"], atol=1e-6)
+
+
+def test_long_prompt_tensor_is_cut_like_a_file(assets, caplog):
+    long = assets.prompt_audio.repeat(1, 80)  # 40 s
+    result = _run(assets, prompt_audio=long)
+    assert "using its first 30.0 s" in caplog.text
+    assert result["reference_audio_token_ids"].shape[0] == 30 * 48000 // 3840
+
+
+def test_codec_from_a_directory_by_upstream_keyword_and_device_argument(assets, tmp_path):
+    codec_dir = tmp_path / "codec"
+    assets.codec.save_pretrained(str(codec_dir))
+    result = assets.model.inference(
+        "Hello world.", prompt_audio=assets.prompt_audio, text_tokenizer=assets.tokenizer,
+        audio_tokenizer_pretrained_name_or_path=str(codec_dir), device="cpu", max_new_frames=3, **GREEDY,
+    )
+    reference = _run(assets, max_new_frames=3)
+    assert torch.equal(result["audio_token_ids"], reference["audio_token_ids"])
+    assert torch.allclose(result["waveform"], reference["waveform"], atol=1e-6)
