@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -17,11 +16,11 @@ import torch
 
 try:
     from . import devices
-    from .codec_loading import WEIGHT_FILES
+    from .codec_loading import WEIGHT_FILES, check_loading_info, quiet_transformers
     from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 except ImportError:  # run as a script from the repository root
     import devices
-    from codec_loading import WEIGHT_FILES
+    from codec_loading import WEIGHT_FILES, check_loading_info, quiet_transformers
     from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -198,28 +197,12 @@ def first_shape_mismatch(path: Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Any:
-    """Silence transformers' multi-line load reports; failures are reworded into one line by the caller."""
-    from transformers.utils import logging as hf_logging
-
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
     """Load our model class from an official-format directory, rewording loading failures as one line."""
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
     try:
-        with _quiet_transformers():
-            return _model_class().from_pretrained(str(path), dtype=dtype).eval()
+        with quiet_transformers():
+            model, info = _model_class().from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     except Exception as exc:  # safetensors, torch and transformers each raise their own types for a bad file
         mismatch = first_shape_mismatch(path)
         if mismatch:
@@ -227,6 +210,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
         text = str(exc)
         reason = text.splitlines()[0] if text else type(exc).__name__
         raise ValueError(f"cannot load the checkpoint '{weights}': {type(exc).__name__}: {reason}") from exc
+    check_loading_info(info, path)
+    return model.eval()
 
 
 def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tuple[Any, dict]:

@@ -13,6 +13,7 @@ Resolution order for the codec directory:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -137,8 +139,41 @@ def resolve_codec_directory(
     return _download(configured, local_files_only)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' multi-line load reports; failures are reworded into one line by the caller."""
+    from transformers.utils import logging as hf_logging
+
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_codec(directory: str | os.PathLike, model_dir: str | os.PathLike | None = None):
     """Load codec weights from ``directory`` with this repository's ``MossAudioTokenizerModel`` (eval mode, CPU)."""
     module = codec_code_module(Path(model_dir) if model_dir else None)
-    codec = module.MossAudioTokenizerModel.from_pretrained(str(directory))
+    with quiet_transformers():
+        codec, info = module.MossAudioTokenizerModel.from_pretrained(str(directory), output_loading_info=True)
+    check_loading_info(info, Path(directory))
     return codec.eval()
+
+
+def check_loading_info(info: dict, directory: Path) -> None:
+    """Refuse a checkpoint that left weights uninitialised (transformers would only warn, then run garbage).
+
+    Raises:
+        ValueError: naming the directory and the first missing keys.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(
+            f"checkpoint in '{directory}' lacks {len(missing)} weight(s) the architecture in its config.json needs "
+            f"({shown}); it is incomplete or belongs to another model"
+        )

@@ -193,9 +193,10 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
                     config = MossAudioTokenizerConfig.from_pretrained(config or path)
                 kwargs.update(config=config, state_dict=state_dict)
                 path = None
-        model = super().from_pretrained(path, *model_args, **kwargs)
+        result = super().from_pretrained(path, *model_args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # a tuple with output_loading_info=True
         model.refresh_weight_norm()
-        return model
+        return result
 
     # -------------------------------------------------------------------------------------------- attributes
 

@@ -201,3 +201,31 @@ def test_int8_weights_on_a_half_precision_model_is_an_environment_error(tiny_dem
         assert code == 1 and "int8" in capsys.readouterr().err
     finally:
         tiny_demo.model.to(torch.float32)
+
+
+def _drop_tts_key(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    state.pop("transformer.h.1.mlp.fc_out.weight")
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _drop_codec_key(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "audio_tokenizer" / "model.safetensors"
+    state = load_file(str(path))
+    state.pop(sorted(k for k in state if k.startswith("decoder."))[0])
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("mutate, where", [(_drop_tts_key, "transformer.h.1.mlp.fc_out.weight"), (_drop_codec_key, "audio_tokenizer")])
+def test_incomplete_checkpoints_are_refused_not_run_with_random_weights(checkpoint, tmp_path, capsys, mutate, where):
+    directory = _broken_checkpoint(checkpoint, tmp_path, mutate)
+    out = tmp_path / "x.wav"
+    code = infer_npu.main(["--model-path", str(directory), "--text", "Hi.", "--max-new-frames", "2",
+                           "--output-path", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "lacks 1 weight(s)" in err and where in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
