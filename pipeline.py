@@ -35,6 +35,7 @@ try:
         left_pad_batch,
         validate_mode,
     )
+    from .sampling import SamplingParams
     from .text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
     from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 except ImportError:  # imported from the repository root, not as a package
@@ -54,6 +55,7 @@ except ImportError:  # imported from the repository root, not as a package
         left_pad_batch,
         validate_mode,
     )
+    from sampling import SamplingParams
     from text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
     from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
@@ -89,7 +91,12 @@ class Resources:
     template: Any
 
     def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return _encoder(self.tokenizer)(text)
+
+
+def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Tokenise without special tokens, as every prompt piece is (spec §5)."""
+    return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 
 @dataclass
@@ -120,8 +127,9 @@ class SynthesisRequest:
         # the effective text as a plain concatenation of prompt_text and text)
         has_audio = self.prompt_audio_path is not None or self.prompt_audio is not None
         validate_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
-        if isinstance(self.max_new_frames, bool) or not isinstance(self.max_new_frames, int) or self.max_new_frames < 1:
-            raise ValueError(f"max_new_frames must be a positive integer, got {self.max_new_frames!r}")
+        # the generator's own validation, run before any audio is read or encoded
+        sampling = {k: v for k, v in self.generation.items() if k != "use_kv_cache"}
+        SamplingParams(max_new_frames=self.max_new_frames, nq=self.nq, **sampling)
         if self.voice_clone_max_text_tokens < 1:
             raise ValueError(
                 f"voice_clone_max_text_tokens must be >= 1, got {self.voice_clone_max_text_tokens!r}"
@@ -179,8 +187,7 @@ def load_resources(
         codec = load_codec(codec_dir, model_dir)
     codec.to(next(model.parameters()).device)
     ids = PromptTokenIds.from_config(model.config)
-    resources = Resources(tokenizer, codec, ids, None)
-    resources.template = build_prompt_template(resources.encode_text, ids)
+    resources = Resources(tokenizer, codec, ids, build_prompt_template(_encoder(tokenizer), ids))
     model._moss_resources = (key, resources)
     return resources
 
@@ -194,7 +201,7 @@ def _load_tokenizer(directory: str | os.PathLike | None) -> Any:
     return MossTTSNanoSentencePieceTokenizer.from_pretrained(str(directory))
 
 
-def encode_prompt_audio(codec: Any, waveform: torch.Tensor, nq: int | None = None) -> torch.LongTensor:
+def encode_prompt_audio(codec: Any, waveform: torch.Tensor) -> torch.LongTensor:
     """Codec-encode a ``[2, N]`` 48 kHz waveform into ``[T_ref, n_vq]`` prompt codes (valid frames only)."""
     device = next(codec.parameters()).device
     out = codec.batch_encode([waveform.to(device=device, dtype=torch.float32)])
@@ -374,8 +381,24 @@ def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | Non
     return resource_kwargs, kwargs.pop("progress", None)
 
 
-def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
-    """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
+@dataclass
+class Plan:
+    """A validated call: its request, resources, prompt codes, text chunks and their prompt rows."""
+
+    request: SynthesisRequest
+    resources: Resources
+    prompt_codes: torch.Tensor | None
+    chunks: list[str]
+    rows: list[torch.Tensor]
+    progress: Callable | None
+
+    @property
+    def nq(self) -> int:
+        return self.request.nq or self.resources.ids.n_vq
+
+
+def prepare_call(model: Any, text: str, kwargs: dict) -> Plan:
+    """Everything before generation, shared by the streaming and non-streaming entry points."""
     resource_kwargs, progress = split_call_arguments(model, kwargs)
     request = build_request(text, **kwargs)
     resources = load_resources(model, **resource_kwargs)
@@ -383,25 +406,38 @@ def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | 
         devices.seed_everything(request.seed, next(model.parameters()).device)
     prompt_codes = prepare_prompt(request, resources)
     chunks, rows = plan_rows(request, resources, prompt_codes)
-    codes, chunk_batch, float32_retry = generate_chunks(model, rows, request, resources, progress)
-    nq = request.nq or resources.ids.n_vq
-    waves = decode_generated(resources.codec, codes, request, prompt_codes, nq)
-    waveform = join_with_pauses(waves, chunks)
+    return Plan(request, resources, prompt_codes, chunks, rows, progress)
+
+
+def finish_result(plan: Plan, codes: list[torch.Tensor], waveform: torch.Tensor, output_audio_path: Any,
+                  **extra: Any) -> dict:
+    """The result dict of both entry points; writes the file (atomically) when a path is given."""
     result = {
         "audio_path": None,
         "sample_rate": TARGET_SAMPLE_RATE,
         "audio_token_ids": codes[0] if len(codes) == 1 else codes,
         "waveform": waveform,
-        "reference_audio_token_ids": prompt_codes,
-        "voice_clone_text_chunks": chunks if request.mode == "voice_clone" else None,
-        "voice_clone_chunk_batch_size": chunk_batch,
-        "voice_clone_codec_batch_size": request.voice_clone_codec_batch_size or len(codes),
+        "reference_audio_token_ids": plan.prompt_codes,
+        "voice_clone_text_chunks": plan.chunks if plan.request.mode == "voice_clone" else None,
         "frames": sum(int(c.shape[0]) for c in codes),
-        "float32_fallback": float32_retry,
+        **extra,
     }
     if output_audio_path is not None:
         result["audio_path"] = str(write_audio_atomic(output_audio_path, waveform, TARGET_SAMPLE_RATE))
     return result
+
+
+def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+    """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
+    plan = prepare_call(model, text, kwargs)
+    codes, chunk_batch, float32_retry = generate_chunks(model, plan.rows, plan.request, plan.resources, plan.progress)
+    waves = decode_generated(plan.resources.codec, codes, plan.request, plan.prompt_codes, plan.nq)
+    return finish_result(
+        plan, codes, join_with_pauses(waves, plan.chunks), output_audio_path,
+        voice_clone_chunk_batch_size=chunk_batch,
+        voice_clone_codec_batch_size=plan.request.voice_clone_codec_batch_size or len(codes),
+        float32_fallback=float32_retry,
+    )
 
 
 _RESOURCE_KEYS = (
@@ -453,7 +489,8 @@ class StreamDecoder:
         return STREAM_MAX_WINDOW
 
     def push(self, frame: torch.Tensor) -> torch.Tensor | None:
-        self.pending.append(frame.reshape(1, -1).cpu())
+        """Queue one ``[1, n_vq]`` CPU frame; return decoded audio once the current window is full."""
+        self.pending.append(frame)
         return self.flush() if len(self.pending) >= self.window() else None
 
     def flush(self) -> torch.Tensor | None:
@@ -489,7 +526,8 @@ def _stream_chunk(
         frame = event["audio_token_ids"][0]
         if bool((frame[:nq] == resources.ids.audio_pad).all()):
             continue  # the row finished at this step
-        frames.append(frame.reshape(1, -1).cpu())
+        frame = frame.reshape(1, -1).cpu()
+        frames.append(frame)
         wave = decoder.push(frame)
         if wave is not None:
             yield wave
@@ -503,48 +541,33 @@ def run_inference_stream(
     model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
-    resource_kwargs, _ = split_call_arguments(model, kwargs)
-    request = build_request(text, **kwargs)
-    resources = load_resources(model, **resource_kwargs)
-    if request.seed is not None:
-        devices.seed_everything(request.seed, next(model.parameters()).device)
-    prompt_codes = prepare_prompt(request, resources)
-    chunks, rows = plan_rows(request, resources, prompt_codes)
-    nq = request.nq or resources.ids.n_vq
+    plan = prepare_call(model, text, kwargs)
+    request, resources = plan.request, plan.resources
     started = time.perf_counter()
     first_audio: float | None = None
     parts: list[torch.Tensor] = []
     codes: list[torch.Tensor] = []
-    for index, (chunk, chunk_rows) in enumerate(zip(chunks, rows)):
-        decoder = StreamDecoder(resources.codec, nq)
+    for index, (chunk, chunk_rows) in enumerate(zip(plan.chunks, plan.rows)):
+        decoder = StreamDecoder(resources.codec, plan.nq)
         try:
-            if request.mode == "continuation" and prompt_codes is not None:
-                decoder.prime(prompt_codes)
+            if request.mode == "continuation" and plan.prompt_codes is not None:
+                decoder.prime(plan.prompt_codes)
             for wave in _stream_chunk(model, chunk_rows, request, resources, decoder, codes):
                 first_audio = first_audio if first_audio is not None else time.perf_counter() - started
                 parts.append(wave)
                 yield _audio_event(wave, index)
         finally:
             decoder.close()
-        if index + 1 < len(chunks):
+        if index + 1 < len(plan.chunks):
             pause = pause_waveform(chunk)
             parts.append(pause)
             yield _audio_event(pause, index, kind="pause")
     waveform = torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
-    result = {
-        "type": "result",
-        "audio_path": None,
-        "sample_rate": TARGET_SAMPLE_RATE,
-        "audio_token_ids": codes[0] if len(codes) == 1 else codes,
-        "waveform": waveform,
-        "reference_audio_token_ids": prompt_codes,
-        "voice_clone_text_chunks": chunks if request.mode == "voice_clone" else None,
-        "voice_clone_chunk_batch_size": 1,
-        "voice_clone_codec_batch_size": 1,
-        "frames": sum(int(c.shape[0]) for c in codes),
-        "float32_fallback": False,  # streaming has no retry: audio already yielded cannot be taken back
-        "first_audio_latency_s": first_audio,
-    }
-    if output_audio_path is not None:
-        result["audio_path"] = str(write_audio_atomic(output_audio_path, waveform, TARGET_SAMPLE_RATE))
-    yield result
+    yield finish_result(
+        plan, codes, waveform, output_audio_path,
+        type="result",
+        voice_clone_chunk_batch_size=1,
+        voice_clone_codec_batch_size=1,
+        float32_fallback=False,  # streaming has no retry: audio already yielded cannot be taken back
+        first_audio_latency_s=first_audio,
+    )
