@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -16,11 +14,11 @@ import torch
 
 try:
     from . import devices
-    from .codec_loading import WEIGHT_FILES, check_loading_info, quiet_transformers
+    from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 except ImportError:  # run as a script from the repository root
     import devices
-    from codec_loading import WEIGHT_FILES, check_loading_info, quiet_transformers
+    from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -39,7 +37,6 @@ CLI_SAMPLING_DEFAULTS = {
 }
 CLI_MAX_NEW_FRAMES = 375
 CLI_VOICE_CLONE_MAX_TEXT_TOKENS = 75
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class UsageError(ValueError):
@@ -139,19 +136,10 @@ def resolve_model_path(model_path: str | None, local_files_only: bool) -> Path:
     if not model_path:
         raise ValueError("no model given: pass --model-path DIR (a checkpoint directory or hub id) or --demo")
     path = Path(model_path).expanduser()
-    if path.exists() or not _HUB_ID.match(model_path):
-        check_model_directory(path)
-        return path
-    from huggingface_hub import snapshot_download
-
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-    try:
-        return Path(snapshot_download(model_path, local_files_only=offline))
-    except Exception as exc:
-        raise RuntimeError(
-            f"cannot fetch '{model_path}' ({'offline mode' if offline else type(exc).__name__}); download it on a "
-            "connected machine and pass the local directory as --model-path"
-        ) from exc
+    if not path.exists() and is_hub_id(model_path):
+        path = fetch_snapshot(model_path, local_files_only, "the checkpoint", "--model-path")
+    check_model_directory(path)
+    return path
 
 
 def _model_class() -> Any:

@@ -26,6 +26,7 @@ from typing import Iterator
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PACKAGE_NAME = "moss_tts_nano_audio_tokenizer"
+_CODEC, _CODEC_FLAG = "the audio codec", "audio_tokenizer_path / --audio-tokenizer-path"
 
 
 def has_weights(directory: Path) -> bool:
@@ -79,7 +80,23 @@ def _offline(local_files_only: bool) -> bool:
     return local_files_only or any(v.strip().lower() in {"1", "true", "yes", "on"} for v in flags)
 
 
-def _download(repo_id: str, local_files_only: bool) -> Path:
+def is_hub_id(name: str) -> bool:
+    """True for an ``org/name`` repository id (as opposed to a local path)."""
+    return bool(_HUB_ID.match(name))
+
+
+def fetch_snapshot(repo_id: str, local_files_only: bool, what: str, flag: str) -> Path:
+    """Download (or find in the local cache) a hub repository; offline mode and ``local_files_only`` are respected.
+
+    Args:
+        repo_id: ``org/name``.
+        local_files_only: only use the local cache (also when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set).
+        what: what the repository is, for the error message ("the audio codec").
+        flag: the option that takes a local directory instead, for the error message.
+
+    Raises:
+        RuntimeError: the repository is neither cached nor downloadable, saying how to provide a local copy.
+    """
     from huggingface_hub import snapshot_download
 
     offline = _offline(local_files_only)
@@ -87,10 +104,10 @@ def _download(repo_id: str, local_files_only: bool) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=offline))
     except Exception as exc:
         how = "offline mode is on" if offline else f"the download failed ({type(exc).__name__}: {exc})"
+        local = repo_id.split("/")[-1]
         raise RuntimeError(
-            f"the audio codec '{repo_id}' is not available locally and {how}. Download it on a connected machine "
-            f"(huggingface-cli download {repo_id} --local-dir ./MOSS-Audio-Tokenizer-Nano) and pass its directory as "
-            "audio_tokenizer_path / --audio-tokenizer-path"
+            f"{what} '{repo_id}' is not available locally and {how}. Download it on a connected machine "
+            f"(huggingface-cli download {repo_id} --local-dir ./{local}) and pass its directory as {flag}"
         ) from exc
 
 
@@ -116,7 +133,7 @@ def resolve_codec_directory(
                 )
             return path
         if _HUB_ID.match(str(explicit)):
-            return _download(str(explicit), local_files_only)
+            return fetch_snapshot(str(explicit), local_files_only, _CODEC, _CODEC_FLAG)
         raise ValueError(f"audio_tokenizer_path '{explicit}' is neither an existing directory nor a hub id (org/name)")
     if model_dir is not None and has_weights(model_dir / "audio_tokenizer"):
         return model_dir / "audio_tokenizer"
@@ -136,7 +153,7 @@ def resolve_codec_directory(
         )
     if not _HUB_ID.match(configured):
         raise ValueError(f"config.audio_tokenizer_pretrained_name_or_path '{configured}' is not a hub id (org/name)")
-    return _download(configured, local_files_only)
+    return fetch_snapshot(configured, local_files_only, _CODEC, _CODEC_FLAG)
 
 
 @contextlib.contextmanager

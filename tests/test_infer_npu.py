@@ -141,6 +141,7 @@ def test_broken_checkpoint_is_one_clear_line(checkpoint, tmp_path, capsys, mutat
     [
         ([], 2, "no model given"),
         (["--model-path", "/nonexistent/dir"], 2, "is not a directory"),
+        (["--model-path", "no-such-org/no-such-model", "--local-files-only"], 1, "pass its directory as --model-path"),
         (["--demo", "--text-top-p", "2"], 2, "--text-top-p"),
         (["--demo", "--max-new-frames", "0"], 2, "--max-new-frames"),
         (["--demo", "--max-new-frames", "-5"], 2, "--max-new-frames"),
