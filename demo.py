@@ -77,9 +77,7 @@ def build_demo_codec(seed: int = 0, config_overrides: dict | None = None) -> Any
         probe = torch.randint(0, 1024, (codec.config.num_quantizers, 4), generator=torch.Generator().manual_seed(seed))
         peak = codec.batch_decode([probe]).audio.abs().max().clamp_min(1e-12)
         last = [m for n, m in codec.named_modules() if n.startswith("decoder.") and hasattr(m, "output_proj")][-1]
-        last.output_proj.weight.mul_(DEMO_PEAK / peak)
-        if hasattr(codec, "refresh_cached_weights"):
-            codec.refresh_cached_weights()
+        last.output_proj.weight.mul_(DEMO_PEAK / peak)  # a plain Linear: no derived weight cache to refresh
     return codec
 
 
