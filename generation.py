@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from .gpt2_decoder import AttentionFunction, AttentionMask
+    from .gpt2_decoder import AttentionFunction, AttentionMask, linear
     from .sampling import SamplingParams, apply_repetition_penalty, select_tokens
 except ImportError:  # imported from the repository root, not as a package
-    from gpt2_decoder import AttentionFunction, AttentionMask
+    from gpt2_decoder import AttentionFunction, AttentionMask, linear
     from sampling import SamplingParams, apply_repetition_penalty, select_tokens
 
 
@@ -174,7 +174,7 @@ def _sample_frame(model: Any, h: torch.Tensor, local: Any, params: SamplingParam
     embeds = consts.continue_embedding
     codes, all_logits = [], []
     for channel in range(nq):
-        logits = model.audio_lm_heads[channel](local.step(x))  # (B, audio_vocab_size)
+        logits = linear(local.step(x), model.audio_lm_heads[channel].weight)  # (B, audio_vocab_size)
         if consts.codebook_sizes[channel] < logits.shape[-1]:  # heads have audio_vocab_size rows; codes < size
             logits = logits[:, : consts.codebook_sizes[channel]]
         all_logits.append(logits)

@@ -418,9 +418,9 @@ class PrecisionLinear(nn.Linear):
         self._packed = None if precision == "float32" else _pack_int8(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
+        if self._packed is not None:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
+        return linear(x, self.weight, self.bias)
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
         result = super()._apply(fn, *args, **kwargs)
@@ -432,6 +432,48 @@ class PrecisionLinear(nn.Linear):
                 logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
                 self._packed = None
         return result
+
+
+# A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
+# F.linear sends them to a single-threaded GEMV (about 11 GB/s on a 2-core EPYC) and to a poor small-GEMM path for
+# 2-16 rows; the same product as a batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all
+# threads (about 19 GB/s there). Same float32 math per output, only the summation order inside a dot product can
+# differ (relative ~1e-7). Measured with benchmarks/benchmark.py; larger row counts stay with F.linear (GEMM).
+SPLIT_MAX_ROWS = 16
+SPLIT_PARTS = 4
+
+
+def _use_split_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() <= SPLIT_MAX_ROWS * x.shape[-1]
+        and weight.shape[0] % SPLIT_PARTS == 0
+        and weight.is_contiguous()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, through `split_matvec_linear` for a few float32 rows on CPU."""
+    if _use_split_matvec(x, weight):
+        return split_matvec_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows of x, as one batched matmul over SPLIT_PARTS blocks of weight rows."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    blocks = weight.view(SPLIT_PARTS, out_features // SPLIT_PARTS, in_features)
+    columns = x.reshape(1, rows, in_features).transpose(1, 2).expand(SPLIT_PARTS, in_features, rows)
+    if bias is None:
+        out = torch.bmm(blocks, columns)
+    else:
+        out = torch.baddbmm(bias.view(SPLIT_PARTS, out_features // SPLIT_PARTS, 1), blocks, columns)
+    out = out.view(out_features, rows)
+    out = out.view(1, out_features) if rows == 1 else out.t().contiguous()
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
@@ -479,6 +521,21 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         return self.c_proj(attend(q, k, v, mask, self.scale))
 
+    def decode_one(self, x: torch.Tensor, turn: torch.Tensor, mask: AttentionMask, attend: AttentionFunction,
+                   cache: KVCache) -> torch.Tensor:
+        """`forward` for one new row per batch item, x (B, H) -> (B, H): same operations, fewer of them.
+
+        `turn` is the RoPE rotation of the new position as unit complex numbers (B, 1, D/2).
+        """
+        batch, hidden = x.shape
+        qkv = self.c_attn.forward(x)  # (B, 3H): q, k, v
+        pairs = qkv[:, : 2 * hidden].float().view(batch, 2 * self.num_heads, self.head_dim // 2, 2)
+        qk = torch.view_as_real(torch.view_as_complex(pairs) * turn).to(x.dtype)
+        qk = qk.view(batch, 2 * self.num_heads, 1, self.head_dim)  # (B, 2 * heads, 1, D): q heads, then k heads
+        v = qkv[:, 2 * hidden :].view(batch, self.num_heads, 1, self.head_dim)
+        k, v = cache.update(self.layer_idx, qk[:, self.num_heads :], v)
+        return self.c_proj.forward(attend(qk[:, : self.num_heads], k, v, mask, self.scale).view(batch, hidden))
+
 
 class MLP(nn.Module):
     def __init__(self, config: Any) -> None:
@@ -506,6 +563,13 @@ class Block(nn.Module):
                 attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
         h = h + self.attn(self.ln_1(h), rope, mask, attend, cache)
         return h + self.mlp(self.ln_2(h))
+
+    def decode_one(self, h: torch.Tensor, turn: torch.Tensor, mask: AttentionMask, attend: AttentionFunction,
+                   cache: KVCache) -> torch.Tensor:
+        """`forward` for one new row per batch item, h (B, H); see `GPT2Decoder.forward`."""
+        h = h + self.attn.decode_one(self.ln_1.forward(h), turn, mask, attend, cache)
+        mlp = self.mlp
+        return h + mlp.fc_out.forward(mlp.act(mlp.fc_in.forward(self.ln_2.forward(h))))
 
 
 class GPT2Decoder(nn.Module):
@@ -546,6 +610,8 @@ class GPT2Decoder(nn.Module):
         Returns:
             (output after ln_f (B, T, H), the collected hidden states or None).
         """
+        if cache is not None and hidden.shape[1] == 1 and not collect_hidden:
+            return self._decode_one(hidden, rope, mask, attend, cache), None
         keep = None if mask.query_valid is None else mask.query_valid[..., None]  # (B, T, 1)
         hidden = _zero_padded(hidden, keep)
         collected = [hidden] if collect_hidden else None
@@ -559,6 +625,22 @@ class GPT2Decoder(nn.Module):
         if collected is not None:
             collected[-1] = hidden
         return hidden, (tuple(collected) if collected is not None else None)
+
+
+    def _decode_one(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                    attend: AttentionFunction, cache: KVCache) -> torch.Tensor:
+        """The generation step (one new row per batch item, with a cache): the same operations in the same order as
+        the general path (identical results), without its per-layer module calls and reshapes, which cost as much
+        as the weights' memory traffic at one row per step."""
+        batch, _, width = hidden.shape
+        turn = torch.complex(*rope)  # (B or 1, 1, 1, D/2)
+        turn = turn.view(turn.shape[0], 1, -1)  # (B or 1, 1, D/2)
+        keep = None if mask.query_valid is None else mask.query_valid  # (B, 1)
+        h = _zero_padded(hidden.view(batch, width), keep)
+        for block in self.h:
+            h = _zero_padded(block.decode_one(h, turn, mask, attend, cache), keep)
+        cache.length += 1
+        return _zero_padded(self.ln_f.forward(h), keep).view(batch, 1, width)
 
 
 def _zero_padded(hidden: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:

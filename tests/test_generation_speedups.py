@@ -9,13 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
+import gpt2_decoder
 from gpt2_decoder import (
+    ATTENTION_FUNCTIONS,
+    SPLIT_MAX_ROWS,
+    SPLIT_PARTS,
     WEIGHT_PRECISIONS,
     AttentionMask,
     PrecisionLinear,
     RotaryEmbedding,
     apply_rotary,
+    build_attention_mask,
+    linear,
     rotate_pairs,
+    split_matvec_linear,
 )
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from verification import teacher_forced_logits
@@ -93,6 +100,68 @@ def test_cached_local_decoder_hidden_states_match_the_full_sequence(model):
         rope = (cos[..., p : p + 1, :], sin[..., p : p + 1, :])
         steps.append(local(sequence[:, p : p + 1], rope, AttentionMask(), attend, cache)[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 1), (4, 4), (SPLIT_MAX_ROWS,)])
+def test_split_matvec_linear_equals_f_linear(with_bias, lead):
+    gen = torch.Generator().manual_seed(len(lead) + lead[-1])
+    weight = torch.randn(8 * SPLIT_PARTS, 48, generator=gen)
+    bias = torch.randn(8 * SPLIT_PARTS, generator=gen) if with_bias else None
+    x = torch.randn(*lead, 48, generator=gen)
+    out = split_matvec_linear(x, weight, bias)
+    assert out.shape == (*lead, 8 * SPLIT_PARTS) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_takes_the_split_path_only_for_a_few_float32_rows_on_cpu(monkeypatch):
+    calls = []
+    real = gpt2_decoder.split_matvec_linear
+    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    weight = torch.randn(4 * SPLIT_PARTS, 8)
+    linear(torch.randn(1, 1, 8), weight)
+    linear(torch.randn(SPLIT_MAX_ROWS, 8), weight)
+    assert calls == [(1, 1, 8), (SPLIT_MAX_ROWS, 8)]
+    for x, w in [
+        (torch.randn(SPLIT_MAX_ROWS + 1, 8), weight),  # a prompt: GEMM
+        (torch.randn(1, 8), torch.randn(4 * SPLIT_PARTS + 1, 8)),  # rows not divisible into the blocks
+        (torch.randn(1, 8), torch.randn(8, 4 * SPLIT_PARTS).t()),  # non-contiguous weight
+        (torch.randn(1, 8, dtype=torch.float64), weight.double()),
+    ]:
+        torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_one_row_decode_path_equals_the_general_path(model, backend):
+    """The generation step (`GPT2Decoder._decode_one`) against the general forward (forced by collect_hidden)."""
+    decoder = model.transformer
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 64, generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[1, 6] = False  # a finished row
+    outputs, caches = [], []
+    for collect in (False, True):
+        cache = decoder.new_cache(2, 8, dtype=torch.float32, device=torch.device("cpu"))
+        key_valid, positions = cache.extend_mask(mask[:, :5])
+        decoder(x[:, :5], decoder.rotary.angles(positions), build_attention_mask(key_valid, 5),
+                ATTENTION_FUNCTIONS[backend], cache)
+        steps = []
+        for p in (5, 6):
+            key_valid, positions = cache.extend_mask(mask[:, p : p + 1])
+            out, states = decoder(x[:, p : p + 1], decoder.rotary.angles(positions), build_attention_mask(key_valid, 1),
+                                  ATTENTION_FUNCTIONS[backend], cache, collect_hidden=collect)
+            assert (states is None) != collect
+            steps.append(out)
+        outputs.append(torch.cat(steps, dim=1))
+        caches.append(cache)
+    assert cache.length == 7 and outputs[0].shape == (2, 2, 64)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
+    assert (outputs[0][1, 1] == 0).all() and (outputs[0][0] != 0).any()
+    for layer in range(len(decoder.h)):
+        torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(caches[0].values[layer], caches[1].values[layer], atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ int8 weights
