@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -151,8 +152,55 @@ def environment(device: torch.device, dtype: torch.dtype, weight_precision: str)
         threads=torch.get_num_threads(),
         machine=platform.machine(),
         processor=platform.processor() or None,
+        cpu_model=_cpu_model(),
+        logical_cpus=os.cpu_count(),
+        load_average_at_start=_load_average(),
     )
     return env
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages (other work on the machine skews every timing), where the OS reports them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+SECTIONS = {"generation", "codec", "e2e"}
+
+
+def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(args.dtype, device)
+    devices.seed_everything(0, device)
+    assets = build_demo_assets(seed=0)
+    assets.model.to(device=device, dtype=dtype)
+    assets.model.set_weight_precision(args.weight_precision)
+    assets.codec.to(device)
+    devices.reset_peak_memory(device)
+    report: dict[str, Any] = {"environment": environment(device, dtype, args.weight_precision), "repeats": args.repeats}
+    if "generation" not in skip:
+        report["generation_frames_per_s"] = bench_generation(assets, device, args.frames, args.repeats)
+    if "codec" not in skip:
+        report["codec"] = bench_codec(assets, device, args.repeats)
+    if "e2e" not in skip:
+        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats)
+    report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
+    report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,28 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
+    for name in ("repeats", "frames", "e2e_frames", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - SECTIONS:
+        parser.error(f"--skip: unknown section(s) {sorted(skip - SECTIONS)}; valid: {sorted(SECTIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    device = devices.resolve_device(args.device)
-    dtype = devices.resolve_dtype(args.dtype, device)
-    devices.seed_everything(0, device)
-    assets = build_demo_assets(seed=0)
-    assets.model.to(device=device, dtype=dtype)
-    assets.model.set_weight_precision(args.weight_precision)
-    assets.codec.to(device)
-    devices.reset_peak_memory(device)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    report: dict[str, Any] = {"environment": environment(device, dtype, args.weight_precision), "repeats": args.repeats}
-    if "generation" not in skip:
-        report["generation_frames_per_s"] = bench_generation(assets, device, args.frames, args.repeats)
-    if "codec" not in skip:
-        report["codec"] = bench_codec(assets, device, args.repeats)
-    if "e2e" not in skip:
-        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats)
-    peak = devices.peak_memory_bytes(device)
-    report["peak_memory_bytes"] = peak
-    report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
+    with torch.no_grad():
+        report = run(args, skip)
     text = json.dumps(report, indent=2, default=str)
     print(text)
     out = Path(args.output)

@@ -1,0 +1,78 @@
+"""benchmarks/benchmark.py runs every section and writes the JSON the README quotes (tiny assets, no timing checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline_assets import TinyAssets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("moss_benchmark", ROOT / "benchmarks" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return TinyAssets(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def tiny_benchmark(benchmark, tiny, monkeypatch):
+    monkeypatch.setattr(benchmark, "build_demo_assets", lambda seed=0: tiny)
+    yield benchmark
+    tiny.model.set_weight_precision("float32")
+
+
+def _run(module, tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    grad = torch.is_grad_enabled()
+    assert module.main(["--repeats", "2", "--frames", "3", "--e2e-frames", "3", "--output", str(out), *extra]) == 0
+    assert torch.get_num_threads() == threads and torch.is_grad_enabled() == grad  # no global state left behind
+    return json.loads(out.read_text())
+
+
+def test_every_section_is_measured_and_written(tiny_benchmark, tmp_path, capsys):
+    report = _run(tiny_benchmark, tmp_path)
+    assert json.loads(capsys.readouterr().out) == report  # printed and written alike
+    env = report["environment"]
+    assert env["device_type"] == "cpu" and env["dtype"] == "float32" and env["weight_precision"] == "float32"
+    assert env["threads"] == torch.get_num_threads() and "cpu_model" in env and "load_average_at_start" in env
+    generation = report["generation_frames_per_s"]
+    assert len(generation["runs"]) == 2 and generation["median"] > 0 and generation["frames"] == 3
+    assert generation["prompt_rows"] == tiny_benchmark.PROMPT_ROWS
+    assert generation["cpu_ms_per_frame"]["median"] > 0
+    for key in ("one_shot_rtf", "streaming_4frame_rtf"):
+        assert len(report["codec"][key]["runs"]) == 2 and report["codec"][key]["median"] > 0
+    e2e = report["end_to_end_streaming"]
+    assert len(e2e["runs"]) == 2 and e2e["rtf"] > 0 and e2e["first_audio_s"] > 0
+    assert all(0 < run["frames"] <= 3 and run["audio_s"] > 0 for run in e2e["runs"])
+    assert report["peak_memory_bytes"] > 0 and report["peak_memory_kind"] == "process peak RSS"
+
+
+def test_int8_mode_and_skipped_sections(tiny_benchmark, tmp_path):
+    report = _run(tiny_benchmark, tmp_path, "--weight-precision", "int8", "--skip", "codec,e2e")
+    assert report["environment"]["weight_precision"] == "int8"
+    assert "generation_frames_per_s" in report and "codec" not in report and "end_to_end_streaming" not in report
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skip", "codecs"], "unknown section"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--frames", "-2"], "--frames must be at least 1"),
+])
+def test_bad_arguments_are_usage_errors(benchmark, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
