@@ -437,8 +437,8 @@ class PrecisionLinear(nn.Linear):
 # A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
 # F.linear sends them to a single-threaded GEMV (about 11 GB/s on a 2-core EPYC) and to a poor small-GEMM path for
 # 2-16 rows; the same product as a batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all
-# threads (about 19 GB/s there). Same float32 math per output, only the summation order inside a dot product can
-# differ (relative ~1e-7). Measured with benchmarks/benchmark.py; larger row counts stay with F.linear (GEMM).
+# threads (about 19 GB/s there, +25% generation speed in benchmarks/benchmark.py). Same float32 math per output, only
+# the summation order inside a dot product can differ (relative ~1e-7). More rows (a prompt) stay with F.linear.
 SPLIT_MAX_ROWS = 16
 SPLIT_PARTS = 4
 
@@ -626,16 +626,15 @@ class GPT2Decoder(nn.Module):
             collected[-1] = hidden
         return hidden, (tuple(collected) if collected is not None else None)
 
-
     def _decode_one(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                     attend: AttentionFunction, cache: KVCache) -> torch.Tensor:
-        """The generation step (one new row per batch item, with a cache): the same operations in the same order as
-        the general path (identical results), without its per-layer module calls and reshapes, which cost as much
-        as the weights' memory traffic at one row per step."""
+        """The generation step (one new row per batch item, with a cache): the general path's operations in the same
+        order (same results), without its per-layer module calls and reshapes, which add several milliseconds per
+        frame at one row per step. Module hooks of the blocks and their Linear/LayerNorm layers are not called."""
         batch, _, width = hidden.shape
         turn = torch.complex(*rope)  # (B or 1, 1, 1, D/2)
         turn = turn.view(turn.shape[0], 1, -1)  # (B or 1, 1, D/2)
-        keep = None if mask.query_valid is None else mask.query_valid  # (B, 1)
+        keep = mask.query_valid  # (B, 1) or None
         h = _zero_padded(hidden.view(batch, width), keep)
         for block in self.h:
             h = _zero_padded(block.decode_one(h, turn, mask, attend, cache), keep)
