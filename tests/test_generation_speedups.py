@@ -114,22 +114,46 @@ def test_split_matvec_linear_equals_f_linear(with_bias, lead):
     torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
-def test_linear_takes_the_split_path_only_for_a_few_float32_rows_on_cpu(monkeypatch):
+def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
     calls = []
-    real = gpt2_decoder.split_matvec_linear
-    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    weight = torch.randn(4 * SPLIT_PARTS, 8)
-    linear(torch.randn(1, 1, 8), weight)
-    linear(torch.randn(SPLIT_MAX_ROWS, 8), weight)
-    assert calls == [(1, 1, 8), (SPLIT_MAX_ROWS, 8)]
+    real_split = gpt2_decoder.split_matvec_linear
+    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear",
+                        lambda *a: calls.append(("split", a[0].shape)) or real_split(*a))
+    real_ops = torch.ops.mkldnn
+
+    class SpyOps:  # records oneDNN calls, forwards them to the real op
+        def _linear_pointwise(self, *args):
+            calls.append(("onednn", args[0].shape))
+            return real_ops._linear_pointwise(*args)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", SpyOps())
+    weight, bias = torch.randn(4 * SPLIT_PARTS, 8), torch.randn(4 * SPLIT_PARTS)
+    for x in (torch.randn(1, 1, 8), torch.randn(SPLIT_MAX_ROWS, 8), torch.randn(2, SPLIT_MAX_ROWS, 8)):
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+    prompt = ("onednn", (2 * SPLIT_MAX_ROWS, 8)) if gpt2_decoder.onednn_linear_usable() else None
+    assert calls == [("split", (1, 1, 8)), ("split", (SPLIT_MAX_ROWS, 8))] + ([prompt] if prompt else [])
+    calls.clear()
     for x, w in [
-        (torch.randn(SPLIT_MAX_ROWS + 1, 8), weight),  # a prompt: GEMM
         (torch.randn(1, 8), torch.randn(4 * SPLIT_PARTS + 1, 8)),  # rows not divisible into the blocks
         (torch.randn(1, 8), torch.randn(8, 4 * SPLIT_PARTS).t()),  # non-contiguous weight
-        (torch.randn(1, 8, dtype=torch.float64), weight.double()),
+        (torch.randn(SPLIT_MAX_ROWS + 3, 8, dtype=torch.float64), weight.double()),
+        (torch.randn(SPLIT_MAX_ROWS + 3, 8, requires_grad=True), weight),  # training: the oneDNN op has no backward
     ]:
+        out = linear(x, w)
+        torch.testing.assert_close(out, F.linear(x, w))
+    out.sum().backward()
+    assert calls == []
+
+
+def test_onednn_linear_is_only_used_where_it_was_measured(monkeypatch):
+    gpt2_decoder.onednn_linear_usable.cache_clear()
+    monkeypatch.setattr(gpt2_decoder.platform, "machine", lambda: "aarch64")
+    try:
+        assert gpt2_decoder.onednn_linear_usable() is False
+        x, w = torch.randn(SPLIT_MAX_ROWS + 1, 8), torch.randn(12, 8)
         torch.testing.assert_close(linear(x, w), F.linear(x, w))
-    assert len(calls) == 2
+    finally:
+        gpt2_decoder.onednn_linear_usable.cache_clear()
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
