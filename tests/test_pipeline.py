@@ -197,3 +197,58 @@ def test_codec_from_a_directory_by_upstream_keyword_and_device_argument(assets, 
     reference = _run(assets, max_new_frames=3)
     assert torch.equal(result["audio_token_ids"], reference["audio_token_ids"])
     assert torch.allclose(result["waveform"], reference["waveform"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ stream windows
+
+
+class _RecordingCodec:
+    """Stands in for the codec: records each streaming call's frame count and returns 3840 samples per frame."""
+
+    def __init__(self):
+        self.windows, self.resets = [], 0
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def batch_decode(self, codes_list, num_quantizers=None, streaming=False, **kwargs):
+        frames = codes_list[0].shape[-1]
+        self.windows.append(frames)
+        audio = torch.zeros(1, 2, 3840 * frames)
+        return type("Out", (), {"audio": audio, "audio_lengths": torch.tensor([3840 * frames])})()
+
+    def _reset_batch_decode_streaming_state(self):
+        self.resets += 1
+
+
+def test_stream_windows_follow_the_lead_over_the_wall_clock(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    codec = _RecordingCodec()
+    decoder = pipeline.StreamDecoder(codec, nq=16)
+    frame = torch.zeros(1, 16, dtype=torch.long)
+
+    def push_until_decoded():
+        pushed = 1
+        while decoder.push(frame) is None:
+            pushed += 1
+        return pushed
+
+    assert push_until_decoded() == 1  # first audio as soon as possible
+    # 0.08 s of audio emitted at t=100: 0.08 s ahead -> one frame at a time
+    assert push_until_decoded() == 1
+    clock[0] += 0.01  # 0.16 - 0.01 = 0.15 s ahead
+    assert push_until_decoded() == 1
+    decoder.emitted_seconds = 0.4  # pretend more audio went out: 0.39 s ahead
+    assert push_until_decoded() == 2
+    decoder.emitted_seconds = 0.9
+    assert push_until_decoded() == 4
+    decoder.emitted_seconds = 5.0
+    assert push_until_decoded() == pipeline.STREAM_MAX_WINDOW
+    clock[0] += 10.0  # generation fell behind real time: playback waits, decode in larger windows
+    assert push_until_decoded() == pipeline.STREAM_BEHIND_WINDOW
+    assert codec.windows == [1, 1, 1, 2, 4, pipeline.STREAM_MAX_WINDOW, pipeline.STREAM_BEHIND_WINDOW]
+    decoder.push(frame)
+    assert decoder.flush().shape == (2, 3840) and decoder.flush() is None  # a partial window at the end
+    decoder.close()
+    assert codec.resets == 1
