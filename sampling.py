@@ -117,18 +117,20 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
     """
     vocab = scores.shape[-1]
     k = min(top_k, vocab) if top_k > 0 else vocab
-    ranked = None
+    if k == vocab and top_p >= 1.0:
+        return scores
     if k < vocab:
         ranked = torch.topk(scores, k, dim=-1).values  # (B, k), descending
-        scores = scores.masked_fill(scores < ranked[..., -1:], float("-inf"))
+    else:
+        ranked = torch.sort(scores, dim=-1, descending=True).values  # (B, V)
+    cutoff = ranked[..., -1:]  # (B, 1) the k-th largest
     if top_p < 1.0:
-        if ranked is None:
-            ranked = torch.sort(scores, dim=-1, descending=True).values  # (B, V)
+        # Only the k ranked values can survive top-k, so the nucleus is taken over them (softmax over the top-k
+        # survivors, as after masking); its cutoff is >= the k-th largest, so one mask applies both filters.
         cumulative = torch.softmax(ranked.float(), dim=-1).cumsum(dim=-1)
         kept = (cumulative <= top_p).sum(dim=-1, keepdim=True).clamp_min(1)  # a prefix of the ranking, at least 1
         cutoff = ranked.gather(-1, kept - 1)  # (B, 1) smallest kept value
-        scores = scores.masked_fill(scores < cutoff, float("-inf"))
-    return scores
+    return scores.masked_fill(scores < cutoff, float("-inf"))
 
 
 def select_tokens(
