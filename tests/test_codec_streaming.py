@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -239,3 +241,44 @@ def test_streaming_state_lives_on_parameter_device(model):
         assert all(s.offsets.device == model.device for s in states)
         assert all(buf.device == model.device for s in states for pair in s.buffers for buf in pair)
         assert [int(s.offsets[0]) for s in states] == [8, 16, 32, 64]
+
+
+def _poison_single_slot_buffers(model, monkeypatch) -> list[tuple[int, bool]]:
+    """Fill every new single-slot stream buffer with NaN; record (slots, allocated all-zero) per allocation."""
+    layers = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".codec_layers"]
+    real = layers.StageStreamState._allocate
+    allocated = []
+
+    def poisoned(self, heads, head_dim, dtype):
+        buffer = real(self, heads, head_dim, dtype)
+        allocated.append((self.num_slots, bool((buffer == 0).all())))
+        return buffer.fill_(float("nan")) if self.num_slots == 1 else buffer
+
+    monkeypatch.setattr(layers.StageStreamState, "_allocate", poisoned)
+    return allocated
+
+
+def test_single_slot_stream_never_reads_unwritten_buffer_entries(model, monkeypatch):
+    """One slot allocates its key/value buffers uninitialised: poisoning them with NaN changes nothing.
+
+    The windows cross the buffer compaction and growth (contexts are 10-40 tokens, a frame is 4-32 of them)."""
+    codes = random_codes(14, seed=7)
+    windows = [1, 3, 2, 8]
+    reference = stream_decode(model, codes, windows)
+    allocated = _poison_single_slot_buffers(model, monkeypatch)
+    streamed = stream_decode(model, codes, windows)
+    assert allocated and all(slots == 1 for slots, _ in allocated)
+    assert torch.isfinite(streamed).all() and torch.equal(streamed, reference)
+
+
+def test_several_slots_keep_zero_filled_buffers(model, monkeypatch):
+    """With two slots, a shorter history reads masked entries of the window, so those buffers start at zero."""
+    allocated = _poison_single_slot_buffers(model, monkeypatch)
+    a, b = random_codes(6, seed=8), random_codes(6, seed=9)
+    try:
+        model.batch_decode([a[:, :4]], streaming=True, reset_stream=True, max_batch_size=2)
+        out = model.batch_decode([a[:, 4:], b[:, :2]], streaming=True)  # b joins with a shorter history
+    finally:
+        model._reset_batch_decode_streaming_state()
+    assert torch.isfinite(out.audio).all()
+    assert allocated and all(slots == 2 and zero for slots, zero in allocated)
