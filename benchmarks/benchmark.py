@@ -9,8 +9,9 @@ Measures (median over repetitions):
   process CPU time per frame, a load-robust secondary figure); `--weight-precision int8` measures the opt-in mode;
 - codec decode real-time factor: 8 s of codes one-shot, and streamed in 4-frame windows (and the process CPU
   time per frame);
-- end-to-end streaming (voice clone, text -> first audio -> last audio): real-time factor and first-audio latency
-  measured from the moment the prompt audio is encoded;
+- end-to-end streaming (voice clone from an 8 s reference, about a 150-row prompt; text -> first audio -> last
+  audio): real-time factor of the whole call, and first-audio latency measured from the moment the prompt audio
+  is encoded;
 - peak memory: process peak RSS (CPU) or peak device memory (accelerators).
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
-from demo import build_demo_assets  # noqa: E402
+from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from gpt2_decoder import WEIGHT_PRECISIONS  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 
@@ -41,6 +42,7 @@ PROMPT_ROWS = 150
 CODEC_SECONDS = 8.0
 FRAMES_PER_SECOND = 12.5
 E2E_TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
+E2E_PROMPT_SECONDS = 8.0  # reference audio: 100 frames, which with the text makes a prompt of about 150 rows
 
 
 def _median_of(repeats: int, run: Callable[[], float]) -> dict[str, Any]:
@@ -117,14 +119,16 @@ def bench_codec(assets: Any, device: torch.device, repeats: int) -> dict[str, An
     return report
 
 
-def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: int) -> dict[str, Any]:
+def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: int,
+                     prompt_seconds: float = E2E_PROMPT_SECONDS) -> dict[str, Any]:
     kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames, voice_clone_max_text_tokens=75)
     resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec}
+    prompt_audio = demo_prompt_audio(seconds=prompt_seconds)
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         audio_samples, result = 0, {}
-        for event in assets.model.inference_stream(E2E_TEXT, prompt_audio=assets.prompt_audio, **resources, **kwargs):
+        for event in assets.model.inference_stream(E2E_TEXT, prompt_audio=prompt_audio, **resources, **kwargs):
             if event["type"] in ("audio", "pause"):
                 audio_samples += event["waveform"].shape[-1]
             else:
@@ -140,6 +144,7 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
     return {
         "rtf": statistics.median(r["rtf"] for r in runs),
         "first_audio_s": statistics.median(r["first_audio_s"] for r in runs),
+        "prompt_seconds": prompt_seconds,
         "runs": runs,
     }
 
@@ -197,7 +202,8 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     if "codec" not in skip:
         report["codec"] = bench_codec(assets, device, args.repeats)
     if "e2e" not in skip:
-        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats)
+        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats,
+                                                          args.e2e_prompt_seconds)
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
@@ -210,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=100, help="frames generated per generation run")
     parser.add_argument("--e2e-frames", type=int, default=100, help="max frames per chunk in the end-to-end run")
+    parser.add_argument("--e2e-prompt-seconds", type=float, default=E2E_PROMPT_SECONDS,
+                        help="length of the end-to-end run's reference recording (0 < s <= 30)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--weight-precision", default="float32", choices=WEIGHT_PRECISIONS,
                         help="decoder Linear weights: float32, or the opt-in int8 mode (CPU only)")
@@ -220,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if not 0 < args.e2e_prompt_seconds <= 30:
+        parser.error(f"--e2e-prompt-seconds must be in (0, 30] (got {args.e2e_prompt_seconds})")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - SECTIONS:
         parser.error(f"--skip: unknown section(s) {sorted(skip - SECTIONS)}; valid: {sorted(SECTIONS)}")

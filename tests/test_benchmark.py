@@ -44,7 +44,7 @@ def _run(module, tmp_path, *extra):
 
 
 def test_every_section_is_measured_and_written(tiny_benchmark, tmp_path, capsys):
-    report = _run(tiny_benchmark, tmp_path)
+    report = _run(tiny_benchmark, tmp_path, "--e2e-prompt-seconds", "0.5")
     assert json.loads(capsys.readouterr().out) == report  # printed and written alike
     env = report["environment"]
     assert env["device_type"] == "cpu" and env["dtype"] == "float32" and env["weight_precision"] == "float32"
@@ -57,6 +57,7 @@ def test_every_section_is_measured_and_written(tiny_benchmark, tmp_path, capsys)
         assert len(report["codec"][key]["runs"]) == 2 and report["codec"][key]["median"] > 0
     e2e = report["end_to_end_streaming"]
     assert len(e2e["runs"]) == 2 and e2e["rtf"] > 0 and e2e["first_audio_s"] > 0
+    assert e2e["prompt_seconds"] == 0.5
     assert all(0 < run["frames"] <= 3 and run["audio_s"] > 0 for run in e2e["runs"])
     assert report["peak_memory_bytes"] > 0 and report["peak_memory_kind"] == "process peak RSS"
 
@@ -71,6 +72,8 @@ def test_int8_mode_and_skipped_sections(tiny_benchmark, tmp_path):
     (["--skip", "codecs"], "unknown section"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--frames", "-2"], "--frames must be at least 1"),
+    (["--e2e-prompt-seconds", "0"], "--e2e-prompt-seconds must be in (0, 30]"),
+    (["--e2e-prompt-seconds", "45"], "--e2e-prompt-seconds must be in (0, 30]"),
 ])
 def test_bad_arguments_are_usage_errors(benchmark, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
