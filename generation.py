@@ -174,7 +174,8 @@ def _sample_frame(model: Any, h: torch.Tensor, local: Any, params: SamplingParam
     embeds = consts.continue_embedding
     codes, all_logits = [], []
     for channel in range(nq):
-        logits = linear(local.step(x), model.audio_lm_heads[channel].weight)  # (B, audio_vocab_size)
+        head = model.audio_lm_heads[channel]
+        logits = linear(local.step(x), head.weight, head.bias)  # (B, audio_vocab_size)
         if consts.codebook_sizes[channel] < logits.shape[-1]:  # heads have audio_vocab_size rows; codes < size
             logits = logits[:, : consts.codebook_sizes[channel]]
         all_logits.append(logits)

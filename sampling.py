@@ -123,13 +123,14 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
         ranked = torch.topk(scores, k, dim=-1).values  # (B, k), descending
     else:
         ranked = torch.sort(scores, dim=-1, descending=True).values  # (B, V)
-    cutoff = ranked[..., -1:]  # (B, 1) the k-th largest
     if top_p < 1.0:
         # Only the k ranked values can survive top-k, so the nucleus is taken over them (softmax over the top-k
         # survivors, as after masking); its cutoff is >= the k-th largest, so one mask applies both filters.
         cumulative = torch.softmax(ranked.float(), dim=-1).cumsum(dim=-1)
         kept = (cumulative <= top_p).sum(dim=-1, keepdim=True).clamp_min(1)  # a prefix of the ranking, at least 1
         cutoff = ranked.gather(-1, kept - 1)  # (B, 1) smallest kept value
+    else:
+        cutoff = ranked[..., -1:]  # (B, 1) the k-th largest
     return scores.masked_fill(scores < cutoff, float("-inf"))
 
 

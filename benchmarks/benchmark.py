@@ -9,7 +9,7 @@ Measures (median over repetitions):
   process CPU time per frame, a load-robust secondary figure); `--weight-precision int8` measures the opt-in mode;
 - codec decode real-time factor: 8 s of codes one-shot, and streamed in 4-frame windows (and the process CPU
   time per frame);
-- end-to-end streaming (voice clone from an 8 s reference, about a 150-row prompt; text -> first audio -> last
+- end-to-end streaming (voice clone from an 8 s reference, a 175-row prompt; text -> first audio -> last
   audio): real-time factor of the whole call, and first-audio latency measured from the moment the prompt audio
   is encoded;
 - peak memory: process peak RSS (CPU) or peak device memory (accelerators).
@@ -42,7 +42,7 @@ PROMPT_ROWS = 150
 CODEC_SECONDS = 8.0
 FRAMES_PER_SECOND = 12.5
 E2E_TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
-E2E_PROMPT_SECONDS = 8.0  # reference audio: 100 frames, which with the text makes a prompt of about 150 rows
+E2E_PROMPT_SECONDS = 8.0  # reference audio: 100 frames; with the demo tokenizer's text rows, a 175-row prompt
 
 
 def _median_of(repeats: int, run: Callable[[], float]) -> dict[str, Any]:
