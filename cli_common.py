@@ -16,7 +16,9 @@ try:
     from . import devices
     from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
-except ImportError:  # run as a script from the repository root
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     import devices
     from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS

@@ -19,7 +19,9 @@ try:
     from .configuration_moss_tts_nano import MossTTSNanoConfig
     from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
     from .tokenization_moss_tts_nano import build_demo_tokenizer
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     from codec_loading import codec_code_module
     from configuration_moss_tts_nano import MossTTSNanoConfig
     from modeling_moss_tts_nano import MossTTSNanoForCausalLM

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 try:
     from .gpt2_decoder import AttentionFunction, AttentionMask, linear
     from .sampling import SamplingParams, apply_repetition_penalty, select_tokens
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     from gpt2_decoder import AttentionFunction, AttentionMask, linear
     from sampling import SamplingParams, apply_repetition_penalty, select_tokens
 

@@ -23,7 +23,9 @@ from torch import nn
 
 try:
     from .devices import is_flash_attn_usable, npu_fusion_attention_fn
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     from devices import is_flash_attn_usable, npu_fusion_attention_fn
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,9 @@ try:
     from .cli_common import load_model_for_cli, run_cli
     from .cli_common import resolve_model_path, sampling_kwargs
     from .demo import DEMO_TEXT
-except ImportError:  # run as a script from the repository root
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     import devices
     from cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
     from cli_common import load_model_for_cli, run_cli

@@ -42,7 +42,9 @@ try:
         validate_mode,
     )
     from .sampling import SamplingParams
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     from configuration_moss_tts_nano import MossTTSNanoConfig
     from devices import is_flash_attn_usable  # noqa: F401
     from generation import GenerationOutput, generate_frames
@@ -622,7 +624,9 @@ def _pipeline_module() -> Any:
         from .pipeline import run_inference  # noqa: F401
         from .text_chunking import split_text_into_chunks  # noqa: F401
         from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
-    except ImportError:  # imported from the repository root, not as a package
+    except ImportError:  # not part of a package: imported from the repository root or run as a script
+        if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+            raise
         import pipeline
     return pipeline
 

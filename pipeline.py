@@ -38,7 +38,9 @@ try:
     from .sampling import SamplingParams
     from .text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
     from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     import devices
     from audio_io import (
         TARGET_SAMPLE_RATE,

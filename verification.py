@@ -26,7 +26,9 @@ try:
     from . import devices
     from .gpt2_decoder import AttentionMask
     from .pipeline import decode_frames, encode_prompt_audio
-except ImportError:  # imported from the repository root, not as a package
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     import devices
     from gpt2_decoder import AttentionMask
     from pipeline import decode_frames, encode_prompt_audio

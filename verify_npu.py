@@ -38,7 +38,9 @@ try:
         DTYPE_NAMES, JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings,
         run_verification,
     )
-except ImportError:  # run as a script from the repository root
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
     import devices
     from audio_io import load_prompt_audio
     from cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
