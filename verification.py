@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 try:
     from . import devices
-    from .gpt2_decoder import AttentionMask
+    from .generation import LocalRunner, audio_logits, frame_constants, text_logits
     from .pipeline import decode_frames, encode_prompt_audio
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     import devices
-    from gpt2_decoder import AttentionMask
+    from generation import LocalRunner, audio_logits, frame_constants, text_logits
     from pipeline import decode_frames, encode_prompt_audio
 
 logger = logging.getLogger(__name__)
@@ -301,21 +300,18 @@ def teacher_forced_logits(
 
 def _local_logits(model: Any, h: torch.Tensor, codes: torch.Tensor, nq: int, attend: Any) -> TeacherForcedLogits:
     """Run the local decoder teacher-forced for every frame at once: (B, F, H) states, (B, F, n_vq) codes."""
-    config = model.config
     batch, frames, hidden = h.shape
-    slot = model.transformer.wte.weight[config.audio_assistant_slot_token_id].expand(batch, frames, hidden)
+    consts = frame_constants(model)
+    slot = consts.continue_embedding.expand(batch, frames, hidden)
     inputs = [h, slot] + [model.audio_embeddings[i](codes[..., i]) for i in range(nq - 1)]
     sequence = torch.stack(inputs, dim=2).reshape(batch * frames, nq + 1, hidden)  # (B * F, nq + 1, H)
-    local = model.local_transformer
-    positions = torch.arange(nq + 1, device=h.device)[None]
-    out, _ = local(sequence, local.rotary.angles(positions), AttentionMask(), attend, None)
-    candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id], device=h.device)
-    text = F.linear(out[:, 0], model.text_lm_head.weight.index_select(0, candidates))  # (B * F, 2)
-    audio = torch.stack([model.audio_lm_heads[i](out[:, i + 1]) for i in range(nq)], dim=1)  # (B * F, nq, V)
+    out = LocalRunner(model, batch * frames, nq, attend, use_kv_cache=False).run(sequence)
+    text = text_logits(out[:, 0], consts)  # (B * F, 2)
+    audio = torch.stack([audio_logits(model, out[:, i + 1], i) for i in range(nq)], dim=1)  # (B * F, nq, V)
     return TeacherForcedLogits(
         text=text.reshape(batch, frames, 2),
         audio=audio.reshape(batch, frames, nq, -1),
-        codebook_sizes=tuple(config.audio_codebook_sizes[:nq]),
+        codebook_sizes=tuple(model.config.audio_codebook_sizes[:nq]),
     )
 
 
