@@ -114,6 +114,7 @@ class SynthesisRequest:
     prompt_audio_path: str | None = None
     prompt_audio: torch.Tensor | None = None
     prompt_audio_sample_rate: int = TARGET_SAMPLE_RATE
+    prompt_audio_codes: torch.Tensor | None = None
     nq: int | None = None
     max_new_frames: int = 300
     generation: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +131,8 @@ class SynthesisRequest:
         normalize_text(self.text)  # validation only: raises on empty / whitespace / control-only text
         # voice_clone chunking normalises on its own; continuation keeps the caller's exact string (spec §5 builds
         # the effective text as a plain concatenation of prompt_text and text)
-        has_audio = self.prompt_audio_path is not None or self.prompt_audio is not None
+        has_audio = any(getattr(self, name) is not None
+                        for name in ("prompt_audio_path", "prompt_audio", "prompt_audio_codes"))
         validate_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
         # the generator's own validation, run before any audio is read or encoded
         sampling = {k: v for k, v in self.generation.items() if k != "use_kv_cache"}
@@ -320,7 +322,16 @@ def generate_chunks(
 
 
 def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Tensor | None:
-    """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio)."""
+    """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio).
+
+    ``prompt_audio_codes`` (codes the caller already encoded) are used as they are (the row builders check them).
+    """
+    if request.prompt_audio_codes is not None:
+        codes = torch.as_tensor(request.prompt_audio_codes)
+        if codes.dim() != 2 or codes.shape[1] != resources.ids.n_vq or codes.is_floating_point():
+            raise ValueError(f"prompt_audio_codes must be an integer tensor [T_ref, {resources.ids.n_vq}], "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+        return codes.long().cpu()
     if request.prompt_audio is not None:
         wav = torch.as_tensor(request.prompt_audio, dtype=torch.float32).detach().cpu()
         wav = wav.unsqueeze(0) if wav.dim() == 1 else wav
