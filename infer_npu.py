@@ -71,22 +71,23 @@ def resolve_text(args: argparse.Namespace) -> str:
     raise ValueError("no text given: pass --text or --text-file")
 
 
-def resolve_mode(args: argparse.Namespace, has_prompt_audio: bool) -> str:
-    if args.mode:
-        return args.mode
-    return "continuation" if args.prompt_text or not has_prompt_audio else "voice_clone"
+def demo_prompt_audio_wanted(args: argparse.Namespace) -> bool:
+    """Whether the demo's synthetic reference stands in for --prompt-audio-path: not for plain continuation."""
+    return not args.prompt_audio_path and (args.mode != "continuation" or bool(args.prompt_text))
 
 
 def synthesize(model: Any, resources: dict, args: argparse.Namespace, text: str) -> tuple[dict, float]:
-    """Run inference (streaming or not) and return the result dict and the wall time."""
+    """Run inference (streaming or not) and return the result dict and the wall time.
+
+    The mode is left to `inference` when --mode is not given (one decision: prompting.infer_mode).
+    """
     resources = {k: v for k, v in resources.items() if not k.startswith("_")}
     prompt_audio = resources.pop("prompt_audio", None)
-    has_prompt = bool(args.prompt_audio_path) or prompt_audio is not None
     kwargs: dict[str, Any] = dict(
-        mode=resolve_mode(args, has_prompt),
+        mode=args.mode,
         prompt_text=args.prompt_text,
         prompt_audio_path=args.prompt_audio_path,
-        prompt_audio=None if args.prompt_audio_path else prompt_audio,
+        prompt_audio=prompt_audio if prompt_audio is not None and demo_prompt_audio_wanted(args) else None,
         downmix=args.downmix,
         seed=args.seed,
         voice_clone_max_text_tokens=args.voice_clone_max_text_tokens,

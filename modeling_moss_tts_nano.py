@@ -565,8 +565,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         Args:
             text: what to say. voice_clone text is split into chunks of `voice_clone_max_text_tokens` (50).
             output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
-            mode: "voice_clone" (default: prompt audio, no prompt text) or "continuation" (no prompt at all, or
-                prompt_text + prompt audio).
+            mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt at all, or prompt_text +
+                prompt audio). Default: inferred from the prompt like infer_npu.py does (voice_clone for prompt
+                audio without prompt text, else continuation); an explicit mode wins.
             prompt_audio_path / prompt_audio (+ prompt_audio_sample_rate): the reference recording, a file or a
                 [channels, samples] tensor; resampled to 48 kHz, mono duplicated; `downmix=True` for > 2 channels.
             prompt_text: transcript of the prompt audio (continuation).

@@ -32,6 +32,7 @@ try:
         build_continuation_rows,
         build_prompt_template,
         build_voice_clone_rows,
+        infer_mode,
         left_pad_batch,
         validate_mode,
     )
@@ -54,6 +55,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         build_continuation_rows,
         build_prompt_template,
         build_voice_clone_rows,
+        infer_mode,
         left_pad_batch,
         validate_mode,
     )
@@ -109,7 +111,7 @@ class SynthesisRequest:
     """One call's inputs, validated once."""
 
     text: str
-    mode: str = "voice_clone"
+    mode: str | None = None  # None: inferred from the prompt (prompting.infer_mode)
     prompt_text: str | None = None
     prompt_audio_path: str | None = None
     prompt_audio: torch.Tensor | None = None
@@ -131,6 +133,7 @@ class SynthesisRequest:
         # voice_clone chunking normalises on its own; continuation keeps the caller's exact string (spec §5 builds
         # the effective text as a plain concatenation of prompt_text and text)
         has_audio = self.prompt_audio_path is not None or self.prompt_audio is not None
+        self.mode = infer_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
         validate_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
         # the generator's own validation, run before any audio is read or encoded
         sampling = {k: v for k, v in self.generation.items() if k != "use_kv_cache"}

@@ -72,16 +72,21 @@ class SamplingParams:
                 raise ValueError(f"nq={self.nq} must be >= 1 (or None for all codebooks)")
 
     def resolve_nq(self, n_vq: int) -> int:
-        """The number of codebooks to generate: `nq`, or all `n_vq` when None.
+        """The number of codebooks to generate: `nq`, or all `n_vq` when None (see `resolve_nq`)."""
+        return resolve_nq(self.nq, n_vq)
 
-        Raises:
-            ValueError: when nq > n_vq.
-        """
-        if self.nq is None:
-            return n_vq
-        if self.nq > n_vq:
-            raise ValueError(f"nq={self.nq} must be within 1..{n_vq} (n_vq), or None for all codebooks")
-        return self.nq
+
+def resolve_nq(nq: Optional[int], n_vq: int) -> int:
+    """The number of codebooks in use: `nq`, or all `n_vq` when None.
+
+    Raises:
+        ValueError: when nq is not an integer within 1..n_vq.
+    """
+    if nq is None:
+        return n_vq
+    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n_vq:
+        raise ValueError(f"nq={nq!r} must be an integer within 1..{n_vq} (n_vq), or None for all codebooks")
+    return nq
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

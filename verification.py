@@ -26,12 +26,14 @@ try:
     from . import devices
     from .gpt2_decoder import AttentionMask
     from .pipeline import decode_frames, encode_prompt_audio
+    from .prompting import infer_mode
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     import devices
     from gpt2_decoder import AttentionMask
     from pipeline import decode_frames, encode_prompt_audio
+    from prompting import infer_mode
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +422,7 @@ def compute_reference(model: Any, tokenizer: Any, codec: Any, prompt_audio: Opti
     """
     codec.to(REFERENCE_DEVICE)
     prompt_codes = None if prompt_audio is None else encode_prompt_audio(codec, prompt_audio)
-    mode = "continuation" if prompt_codes is None else "voice_clone"
+    mode = infer_mode(None, has_prompt_audio=prompt_codes is not None, has_prompt_text=False)
     input_ids, mask = model.build_inference_input_ids(tokenizer, settings.text, mode=mode,
                                                       prompt_audio_codes=prompt_codes, nq=settings.nq)
     input_ids, mask = input_ids.cpu(), mask.cpu()
@@ -502,9 +504,8 @@ def run_inference_smoke(model: Any, tokenizer: Any, codec: Any, prompt_audio: Op
                         settings: VerificationSettings, label: str) -> Outcome:
     """A short sampled `model.inference` run: it must finish with a finite waveform and without a float32 retry."""
     path = None if settings.sample_dir is None else settings.sample_dir / f"{label}.wav"
-    mode = "continuation" if prompt_audio is None else "voice_clone"
     result = model.inference(settings.text, path, text_tokenizer=tokenizer, audio_tokenizer=codec,
-                             prompt_audio=prompt_audio, mode=mode, max_new_frames=settings.max_new_frames,
+                             prompt_audio=prompt_audio, max_new_frames=settings.max_new_frames,
                              seed=settings.seed, nq=settings.nq, **settings.inference_kwargs)
     waveform = result["waveform"]
     finite = all_finite(waveform)

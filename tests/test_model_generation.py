@@ -268,7 +268,7 @@ def test_bad_inputs_are_value_errors(model, mutate, message):
         (dict(text_top_p=1.5), "text_top_p=1.5"),
         (dict(audio_repetition_penalty=0.0), "audio_repetition_penalty=0.0 must be > 0"),
         (dict(nq=0), "nq=0 must be >= 1"),
-        (dict(nq=5), r"nq=5 must be within 1\.\.4"),
+        (dict(nq=5), r"nq=5 must be an integer within 1\.\.4"),
         (dict(max_new_frames=0), "max_new_frames=0 must be >= 1"),
         (dict(max_new_frames=2.5), "max_new_frames=2.5 must be an integer"),
         (dict(do_sample="yes"), "do_sample='yes' must be True or False"),
