@@ -72,6 +72,9 @@ except ImportError:  # not part of a package: imported from the repository root 
 
 logger = logging.getLogger(__name__)
 
+# Upstream's method defaults, written once in SamplingParams; generate / generate_stream take theirs from here.
+_DEFAULTS = SamplingParams()
+
 # transformers 5.x declares tied parameters as {target: source}; 4.x as a list of target patterns.
 _TIES_AS_MAPPING = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
 
@@ -433,16 +436,16 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_frames: int = 300,
-        do_sample: bool = False,
-        text_temperature: float = 1.5,
-        text_top_p: float = 1.0,
-        text_top_k: int = 50,
-        audio_temperature: float = 1.7,
-        audio_top_p: float = 0.8,
-        audio_top_k: int = 25,
-        audio_repetition_penalty: float = 1.0,
-        nq: Optional[int] = None,
+        max_new_frames: int = _DEFAULTS.max_new_frames,
+        do_sample: bool = _DEFAULTS.do_sample,
+        text_temperature: float = _DEFAULTS.text_temperature,
+        text_top_p: float = _DEFAULTS.text_top_p,
+        text_top_k: int = _DEFAULTS.text_top_k,
+        audio_temperature: float = _DEFAULTS.audio_temperature,
+        audio_top_p: float = _DEFAULTS.audio_top_p,
+        audio_top_k: int = _DEFAULTS.audio_top_k,
+        audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
+        nq: Optional[int] = _DEFAULTS.nq,
         use_kv_cache: bool = True,
         **extra: Any,
     ) -> Iterator[dict[str, Any]]:
@@ -492,16 +495,16 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_frames: int = 300,
-        do_sample: bool = False,
-        text_temperature: float = 1.5,
-        text_top_p: float = 1.0,
-        text_top_k: int = 50,
-        audio_temperature: float = 1.7,
-        audio_top_p: float = 0.8,
-        audio_top_k: int = 25,
-        audio_repetition_penalty: float = 1.0,
-        nq: Optional[int] = None,
+        max_new_frames: int = _DEFAULTS.max_new_frames,
+        do_sample: bool = _DEFAULTS.do_sample,
+        text_temperature: float = _DEFAULTS.text_temperature,
+        text_top_p: float = _DEFAULTS.text_top_p,
+        text_top_k: int = _DEFAULTS.text_top_k,
+        audio_temperature: float = _DEFAULTS.audio_temperature,
+        audio_top_p: float = _DEFAULTS.audio_top_p,
+        audio_top_k: int = _DEFAULTS.audio_top_k,
+        audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
+        nq: Optional[int] = _DEFAULTS.nq,
         use_kv_cache: bool = True,
         **extra: Any,
     ) -> GenerationOutput:

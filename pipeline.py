@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -72,17 +72,10 @@ STREAM_MAX_WINDOW = 8
 # would not bring the audio in time, and costs the codec about twice as much per frame as 4-frame windows.
 STREAM_BEHIND_WINDOW = 4
 
-# Upstream's method defaults (drop-in compatibility); the scripts pass the official CLI values instead.
+# Upstream's method defaults (drop-in compatibility), taken from SamplingParams; the scripts pass the official CLI
+# values instead.
 METHOD_DEFAULTS: dict[str, Any] = {
-    "max_new_frames": 300,
-    "do_sample": False,
-    "text_temperature": 1.5,
-    "text_top_p": 1.0,
-    "text_top_k": 50,
-    "audio_temperature": 1.7,
-    "audio_top_p": 0.8,
-    "audio_top_k": 25,
-    "audio_repetition_penalty": 1.0,
+    **{f.name: f.default for f in fields(SamplingParams) if f.name != "nq"},
     "use_kv_cache": True,
 }
 SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
@@ -117,7 +110,7 @@ class SynthesisRequest:
     prompt_audio: torch.Tensor | None = None
     prompt_audio_sample_rate: int = TARGET_SAMPLE_RATE
     nq: int | None = None
-    max_new_frames: int = 300
+    max_new_frames: int = METHOD_DEFAULTS["max_new_frames"]
     generation: dict[str, Any] = field(default_factory=dict)
     voice_clone_max_text_tokens: int = 50
     voice_clone_max_memory_per_sample_gb: float = 1.0
