@@ -623,6 +623,7 @@ def _pipeline_module() -> Any:
     """
     try:
         from . import pipeline
+        from .atomic_files import write_atomic  # noqa: F401
         from .audio_io import write_audio_atomic  # noqa: F401
         from .codec_loading import load_codec  # noqa: F401
         from .pipeline import run_inference  # noqa: F401

@@ -42,3 +42,22 @@ def test_one_nq_rule_for_prompts_and_generation():
 ])
 def test_one_mode_decision(mode, audio, text, expected):
     assert prompting.infer_mode(mode, has_prompt_audio=audio, has_prompt_text=text) == expected
+
+
+def test_one_atomic_write_and_the_demo_tokenizer_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import os
+
+    import audio_io
+    import tokenization_moss_tts_nano
+    import verify_npu
+
+    assert audio_io.write_atomic is verify_npu.write_text_atomic.__globals__["write_atomic"]
+    assert tokenization_moss_tts_nano.write_bytes_atomic.__globals__["write_atomic"] is audio_io.write_atomic
+
+    def failing_replace(*args, **kwargs):
+        raise OSError("simulated: disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        tokenization_moss_tts_nano.build_demo_tokenizer(str(tmp_path / "tok"))
+    assert list((tmp_path / "tok").iterdir()) == []  # no tokenizer.model.tmp or partial file left behind

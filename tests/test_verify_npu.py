@@ -17,6 +17,7 @@ import torch
 import demo
 import verification
 import verify_npu
+from atomic_files import write_text_atomic
 from audio_io import write_audio_atomic
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from tokenization_moss_tts_nano import build_demo_tokenizer
@@ -366,6 +367,6 @@ def test_device_flag_is_an_alias_of_devices(tiny_demo, tmp_path: Path) -> None:
 def test_report_writing_is_strict_json_and_atomic(tmp_path: Path) -> None:
     report = {"value": math.inf, "nested": [{"x": -math.inf, "y": math.nan}], "ok": 1.5}
     assert verify_npu._json_safe(report) == {"value": "inf", "nested": [{"x": "-inf", "y": "nan"}], "ok": 1.5}
-    path = verify_npu.write_text_atomic(tmp_path / "sub" / "a.txt", "first")
-    verify_npu.write_text_atomic(path, "second")
+    path = write_text_atomic(tmp_path / "sub" / "a.txt", "first")
+    write_text_atomic(path, "second")
     assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["a.txt"]
