@@ -69,7 +69,7 @@ SAMPLES_PER_FRAME = 3840
 STREAM_WINDOWS = ((0.25, 1), (0.5, 2), (1.0, 4))  # (audio seconds ahead of wall clock below which, window frames)
 STREAM_MAX_WINDOW = 8
 # Behind the wall clock (generation slower than real time, playback already waiting): decoding frame by frame
-# would not bring the audio in time, and costs the codec about twice as much per frame as 4-frame windows.
+# would not bring the audio in time, and costs the codec more per frame than 4-frame windows.
 STREAM_BEHIND_WINDOW = 4
 
 # Upstream's method defaults (drop-in compatibility), taken from SamplingParams; the scripts pass the official CLI
@@ -459,7 +459,7 @@ class StreamDecoder:
     The first frame is decoded alone (first audio as early as possible). While little audio is ahead of the wall
     clock, frames are decoded one or two at a time (low latency); once audio is comfortably ahead, in windows of up
     to 8 frames (less per-call overhead). Behind the wall clock (generation slower than real time), in 4-frame
-    windows: on a 2-core CPU that cut the end-to-end real-time factor from 1.51 to 1.24.
+    windows: the codec's per-call overhead then matters more than latency (measured effect: README, Performance).
     """
 
     def __init__(self, codec: Any, nq: int) -> None:
