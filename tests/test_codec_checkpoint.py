@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
 
-import audio_tokenizer
 from audio_tokenizer.codec_checkpoint import rename_legacy_key
 from audio_tokenizer.configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
 from audio_tokenizer.modeling_moss_audio_tokenizer import MossAudioTokenizerModel
