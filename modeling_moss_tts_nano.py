@@ -566,7 +566,10 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         """Text (+ prompt audio) to a 48 kHz stereo waveform, optionally written to a file (atomically).
 
         Args:
-            text: what to say. voice_clone text is split into chunks of `voice_clone_max_text_tokens` (50).
+            text: what to say. A text over `voice_clone_max_text_tokens` (50) is normalised and split into chunks
+                within it (TTS_SPEC §8); a text that fits is used as given. voice_clone chunks are generated
+                independently (batched) and joined with short pauses; continuation chunks one after another, each
+                continuing the previous chunk's text and audio, into one continuous waveform.
             output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
             mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt at all, or prompt_text +
                 prompt audio). Default: inferred from the prompt like infer_npu.py does (voice_clone for prompt
@@ -581,15 +584,19 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             device: move the model there first ("auto", "npu:0", "cuda", "cpu", ...).
             max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
                 audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
-            voice_clone_max_text_tokens, voice_clone_max_memory_per_sample_gb (1.0),
-                voice_clone_chunk_batch_size (cap), voice_clone_codec_batch_size: long-text chunking and batching.
+            voice_clone_max_text_tokens (token budget of a text chunk, both modes),
+                voice_clone_max_memory_per_sample_gb (1.0), voice_clone_chunk_batch_size (cap),
+                voice_clone_codec_batch_size: long-text chunking and batching.
             seed: seeds torch (and the device) before generation.
             progress: callable receiving progress messages for long texts.
 
         Returns:
-            dict with audio_path, sample_rate (48000), audio_token_ids ([frames, 16], or a list per chunk),
-            waveform ([2, samples] float32), reference_audio_token_ids, voice_clone_text_chunks,
-            voice_clone_chunk_batch_size, voice_clone_codec_batch_size, frames, float32_fallback.
+            dict with audio_path, sample_rate (48000), audio_token_ids (a list with one [frames, 16] tensor per
+            text chunk), waveform ([2, samples] float32), reference_audio_token_ids, text_chunks,
+            voice_clone_text_chunks (None in continuation), truncated_chunks (indices of chunks that reached
+            max_new_frames before the model ended them: their audio is cut off), voice_clone_chunk_batch_size (the
+            batch size used, after any out-of-memory halving), voice_clone_codec_batch_size, frames,
+            float32_fallback (whether a numerical failure was retried in float32).
 
         Raises:
             ValueError: invalid text, prompt, mode combination, sampling value or file.
@@ -610,7 +617,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             Their concatenation equals the non-streaming waveform for the same codes.
 
         Raises:
-            As `inference`. Closing the generator early releases the codec's streaming state.
+            As `inference`. A chunk whose generation fails numerically before its first audio event is retried
+            once in float32 (as `inference` retries); after audio went out, the error is raised. Closing the
+            generator early releases the codec's streaming state.
         """
         return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
 

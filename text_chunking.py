@@ -164,6 +164,22 @@ def split_text_into_chunks(text: str, count_tokens: Callable[[str], int], max_to
     return chunks
 
 
+def chunk_separators(text: str, chunks: list[str]) -> list[str]:
+    """The separator before each chunk of `split_text_into_chunks(text, ...)`: " " where the normalised text has a
+    space at the cut, "" at the first chunk and where it has none (between CJK characters, inside a long word).
+
+    Joining `separators[i] + chunks[i]` rebuilds the normalised text (for one chunk: the chunk itself).
+    """
+    if len(chunks) <= 1:
+        return [""] * len(chunks)
+    normalized, position, separators = normalize_text(text), 0, []
+    for index, chunk in enumerate(chunks):
+        separator = " " if index and normalized.startswith(" ", position) else ""
+        separators.append(separator)
+        position += len(separator) + len(chunk)
+    return separators
+
+
 class _Chunker:
     """Greedy cutter over the normalised text (single spaces only, no leading/trailing space)."""
 

@@ -95,3 +95,132 @@ def test_single_chunk_rows_are_upstreams_rows_of_the_original_text(assets, token
         tokenizer, text, mode="voice_clone", prompt_audio_codes=result["reference_audio_token_ids"])
     assert len(fed) == 2 and all(torch.equal(rows, expected) for rows in fed)
     assert result["voice_clone_text_chunks"] == [text] and events[-1]["voice_clone_text_chunks"] == [text]
+
+
+# ------------------------------------------------------------------------------------------------ truncation
+
+LONG_TEXT = "One two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
+
+
+def test_chunks_that_reach_the_frame_limit_are_reported(assets):
+    # The tiny model prefers "continue", so every chunk runs into max_new_frames.
+    result = _run(assets, LONG_TEXT, prompt_audio=assets.prompt_audio, voice_clone_max_text_tokens=30)
+    count = len(result["voice_clone_text_chunks"])
+    assert count >= 2 and result["truncated_chunks"] == list(range(count))
+    assert isinstance(result["audio_token_ids"], list) and len(result["audio_token_ids"]) == count
+    streamed = _stream(assets, LONG_TEXT, prompt_audio=assets.prompt_audio, voice_clone_max_text_tokens=30)[-1]
+    assert streamed["truncated_chunks"] == list(range(count))
+
+
+def test_chunks_that_end_by_themselves_are_not_reported(tmp_path):
+    from pipeline_assets import tiny_tts
+
+    quiet = TinyAssets(tmp_path)
+    quiet.model = tiny_tts(push=-40.0)  # prefers audio_end: every chunk ends at once
+    result = _run(quiet, LONG_TEXT, prompt_audio=quiet.prompt_audio, voice_clone_max_text_tokens=30)
+    assert result["truncated_chunks"] == [] and result["frames"] == 0
+    assert _stream(quiet, LONG_TEXT, prompt_audio=quiet.prompt_audio)[-1]["truncated_chunks"] == []
+
+
+def test_audio_token_ids_is_a_list_per_chunk_for_one_chunk_too(assets):
+    for result in (_run(assets, prompt_audio=assets.prompt_audio), _stream(assets, prompt_audio=assets.prompt_audio)[-1],
+                   _run(assets, "Hi.")):
+        assert isinstance(result["audio_token_ids"], list) and [c.shape for c in result["audio_token_ids"]] == [(4, 16)]
+
+
+# ------------------------------------------------------------------------------------------------ long continuation
+
+
+def _recording_generate(model, monkeypatch):
+    fed = []
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        fed.append(kwargs["input_ids"].cpu())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return fed
+
+
+def _continuation_rows(assets, text, codes):
+    from prompting import PromptTokenIds, build_continuation_rows, build_prompt_template
+
+    ids = PromptTokenIds.from_config(assets.model.config)
+    enc = lambda s: list(assets.tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    return build_continuation_rows(build_prompt_template(enc, ids), ids, enc(text), codes)[None]
+
+
+def test_long_continuation_is_chunked_each_chunk_continuing_the_previous_audio(assets, monkeypatch):
+    fed = _recording_generate(assets.model, monkeypatch)
+    result = _run(assets, LONG_TEXT, mode="continuation", voice_clone_max_text_tokens=30, max_new_frames=3)
+    chunks, codes = result["text_chunks"], result["audio_token_ids"]
+    assert len(chunks) >= 2 and " ".join(chunks) == LONG_TEXT and len(fed) == len(chunks)
+    assert torch.equal(fed[0], _continuation_rows(assets, chunks[0], None))
+    for k in range(1, len(chunks)):
+        assert torch.equal(fed[k], _continuation_rows(assets, chunks[k - 1] + " " + chunks[k], codes[k - 1]))
+    assert result["waveform"].shape == (2, 3 * 3840 * len(chunks))  # one continuous waveform: no pauses
+    assert result["truncated_chunks"] == list(range(len(chunks)))
+    events = _stream(assets, LONG_TEXT, mode="continuation", voice_clone_max_text_tokens=30, max_new_frames=3)
+    assert {e["type"] for e in events[:-1]} == {"audio"}
+    streamed = torch.cat([e["waveform"] for e in events[:-1]], dim=-1)
+    assert torch.allclose(streamed, result["waveform"], atol=1e-5)
+
+
+def test_long_continuation_of_a_prompt_starts_from_the_prompt(assets, monkeypatch):
+    fed = _recording_generate(assets.model, monkeypatch)
+    result = _run(assets, " " + LONG_TEXT, mode="continuation", prompt_text="Hello", prompt_audio=assets.prompt_audio,
+                  voice_clone_max_text_tokens=30, max_new_frames=2)
+    chunks = result["text_chunks"]
+    assert len(chunks) >= 2
+    assert torch.equal(fed[0], _continuation_rows(assets, "Hello " + chunks[0], result["reference_audio_token_ids"]))
+    assert torch.equal(fed[1], _continuation_rows(assets, chunks[0] + " " + chunks[1], result["audio_token_ids"][0]))
+
+
+def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
+    fed = _recording_generate(assets.model, monkeypatch)
+    result = _run(assets, " world", mode="continuation", prompt_text="Hello", prompt_audio=assets.prompt_audio)
+    assert result["text_chunks"] == [" world"]
+    assert torch.equal(fed[0], _continuation_rows(assets, "Hello world", result["reference_audio_token_ids"]))
+
+
+# ------------------------------------------------------------------------------------------------ streaming retry
+
+
+def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
+    seen = []
+    real = assets.model.generate_stream
+
+    def unstable_once(*args, **kwargs):
+        seen.append(assets.model.get_attention_implementation())
+        if len(seen) == 1:
+            raise RuntimeError("Non-finite audio logits at generation step 0 (simulated)")
+        yield from real(*args, **kwargs)
+
+    before = assets.model.get_attention_implementation()
+    expected = _run(assets, prompt_audio=assets.prompt_audio)
+    monkeypatch.setattr(assets.model, "generate_stream", unstable_once)
+    events = _stream(assets, prompt_audio=assets.prompt_audio)
+    assert seen == [before, ("eager", "eager")]  # the CPU fallback backend, in float32
+    assert events[-1]["float32_fallback"] is True and assets.model.get_attention_implementation() == before
+    assert torch.allclose(events[-1]["waveform"], expected["waveform"], atol=1e-5)
+
+
+def test_stream_that_fails_after_audio_went_out_is_not_retried(assets, monkeypatch):
+    calls = []
+    real = assets.model.generate_stream
+
+    def unstable_later(*args, **kwargs):
+        calls.append(1)
+        for event in real(*args, **kwargs):
+            yield event
+            if event["type"] == "frame" and event["step_index"] == 2:
+                raise RuntimeError("Non-finite audio logits at generation step 3 (simulated)")
+
+    monkeypatch.setattr(assets.model, "generate_stream", unstable_later)
+    stream = assets.model.inference_stream("Hello world.", prompt_audio=assets.prompt_audio, max_new_frames=6,
+                                           **assets.resources(), **GREEDY)
+    assert next(stream)["type"] == "audio"
+    with pytest.raises(RuntimeError, match="Non-finite"):
+        list(stream)
+    assert calls == [1]

@@ -7,7 +7,7 @@ from conftest import shared_path
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
 
 
 def reassembles(chunks: list[str], normalized: str) -> bool:
@@ -33,6 +33,9 @@ def check_chunks(text: str, count_tokens, max_tokens: int) -> list[str]:
     for chunk in chunks:
         assert count_tokens(chunk) <= max_tokens or len(chunk) == 1, (chunk, count_tokens(chunk))
     assert split_text_into_chunks(text, count_tokens, max_tokens) == chunks  # deterministic
+    separators = chunk_separators(text, chunks)
+    if len(chunks) > 1:
+        assert "".join(s + c for s, c in zip(separators, chunks)) == normalize_text(text)
     return chunks
 
 
