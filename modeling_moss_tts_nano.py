@@ -447,6 +447,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
         nq: Optional[int] = _DEFAULTS.nq,
         use_kv_cache: bool = True,
+        min_new_frames: int = _DEFAULTS.min_new_frames,
         **extra: Any,
     ) -> Iterator[dict[str, Any]]:
         """Generate frame by frame, yielding each frame as it is produced.
@@ -461,6 +462,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_repetition_penalty: penalty on codes this row already generated in the same channel.
             nq: codebooks to generate (1..n_vq, default all); higher channels hold the pad code.
             use_kv_cache: cached decoding (fast); False recomputes everything each step (reference path).
+            min_new_frames: the first this many steps continue whatever the model decides (not upstream's; 0 by
+                default; verify_npu.py uses it so that a smoke run exercises sampling on the device).
             extra: accepted for drop-in compatibility; `generator` (torch.Generator) is used, others are ignored.
 
         Yields:
@@ -483,6 +486,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_top_k=audio_top_k,
             audio_repetition_penalty=audio_repetition_penalty,
             nq=nq,
+            min_new_frames=min_new_frames,
         )
         generator = extra.pop("generator", None)
         if extra:
@@ -506,6 +510,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
         nq: Optional[int] = _DEFAULTS.nq,
         use_kv_cache: bool = True,
+        min_new_frames: int = _DEFAULTS.min_new_frames,
         **extra: Any,
     ) -> GenerationOutput:
         """Generate audio codes for a batch of prompt rows (same arguments as `generate_stream`).
@@ -532,6 +537,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_repetition_penalty=audio_repetition_penalty,
             nq=nq,
             use_kv_cache=use_kv_cache,
+            min_new_frames=min_new_frames,
             **extra,
         )
         for event in events:

@@ -45,6 +45,7 @@ class SamplingParams:
     audio_top_k: int = 25
     audio_repetition_penalty: float = 1.0
     nq: Optional[int] = None
+    min_new_frames: int = 0  # not upstream's: frames during which "continue" is forced (0: the model decides)
 
     def __post_init__(self) -> None:
         _check_int("max_new_frames", self.max_new_frames)
@@ -66,6 +67,10 @@ class SamplingParams:
             raise ValueError(
                 f"audio_repetition_penalty={self.audio_repetition_penalty} must be > 0 (1.0 disables it)"
             )
+        _check_int("min_new_frames", self.min_new_frames)
+        if not 0 <= self.min_new_frames <= self.max_new_frames:
+            raise ValueError(f"min_new_frames={self.min_new_frames} must be within 0..max_new_frames "
+                             f"({self.max_new_frames})")
         if self.nq is not None:
             _check_int("nq", self.nq)
             if self.nq < 1:

@@ -224,3 +224,19 @@ def test_stream_that_fails_after_audio_went_out_is_not_retried(assets, monkeypat
     with pytest.raises(RuntimeError, match="Non-finite"):
         list(stream)
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ min_new_frames
+
+
+def test_min_new_frames_forces_continue_and_is_validated():
+    from pipeline_assets import tiny_tts
+
+    model = tiny_tts(push=-40.0)  # prefers audio_end at once
+    rows = torch.full((1, 3, 17), 1024, dtype=torch.long)
+    rows[0, :, 0] = torch.tensor([4, 20, 6])
+    assert model.generate(rows, max_new_frames=5).num_frames.tolist() == [0]
+    out = model.generate(rows, max_new_frames=5, min_new_frames=3)
+    assert out.num_frames.tolist() == [3] and out.finished_mask.tolist() == [True]
+    with pytest.raises(ValueError, match="min_new_frames=6 must be within 0..max_new_frames"):
+        model.generate(rows, max_new_frames=5, min_new_frames=6)
