@@ -240,3 +240,19 @@ def test_min_new_frames_forces_continue_and_is_validated():
     assert out.num_frames.tolist() == [3] and out.finished_mask.tolist() == [True]
     with pytest.raises(ValueError, match="min_new_frames=6 must be within 0..max_new_frames"):
         model.generate(rows, max_new_frames=5, min_new_frames=6)
+
+
+# ------------------------------------------------------------------------------------------------ seeded sampling
+
+
+def test_sampled_inference_with_a_seed_is_reproducible(assets):
+    sampled = dict(do_sample=True, prompt_audio=assets.prompt_audio, max_new_frames=5)
+    first = _run(assets, seed=7, **sampled)
+    torch.rand(100)  # the global generator moves on between the calls
+    second = _run(assets, seed=7, **sampled)
+    other = _run(assets, seed=8, **sampled)
+    assert torch.equal(first["audio_token_ids"][0], second["audio_token_ids"][0])
+    assert torch.equal(first["waveform"], second["waveform"])
+    assert not torch.equal(first["audio_token_ids"][0], other["audio_token_ids"][0])  # sampling is really on
+    streamed = _stream(assets, seed=7, **sampled)[-1]
+    assert torch.equal(streamed["audio_token_ids"][0], first["audio_token_ids"][0])
