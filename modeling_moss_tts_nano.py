@@ -7,6 +7,7 @@ into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). G
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -496,24 +497,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        max_new_frames: int = _DEFAULTS.max_new_frames,
-        do_sample: bool = _DEFAULTS.do_sample,
-        text_temperature: float = _DEFAULTS.text_temperature,
-        text_top_p: float = _DEFAULTS.text_top_p,
-        text_top_k: int = _DEFAULTS.text_top_k,
-        audio_temperature: float = _DEFAULTS.audio_temperature,
-        audio_top_p: float = _DEFAULTS.audio_top_p,
-        audio_top_k: int = _DEFAULTS.audio_top_k,
-        audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
-        nq: Optional[int] = _DEFAULTS.nq,
-        use_kv_cache: bool = True,
-        min_new_frames: int = _DEFAULTS.min_new_frames,
-        **extra: Any,
+        self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any
     ) -> GenerationOutput:
-        """Generate audio codes for a batch of prompt rows (same arguments as `generate_stream`).
+        """Generate audio codes for a batch of prompt rows (the arguments and defaults of `generate_stream`).
 
         Returns:
             `GenerationOutput` with `audio_token_ids` (B, frames, n_vq), `prompt_input_ids`,
@@ -523,27 +509,13 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             ValueError: for invalid rows, mask or sampling settings.
             RuntimeError: "Non-finite ..." when text or audio logits are NaN/inf.
         """
-        events = self.generate_stream(
-            input_ids,
-            attention_mask,
-            max_new_frames=max_new_frames,
-            do_sample=do_sample,
-            text_temperature=text_temperature,
-            text_top_p=text_top_p,
-            text_top_k=text_top_k,
-            audio_temperature=audio_temperature,
-            audio_top_p=audio_top_p,
-            audio_top_k=audio_top_k,
-            audio_repetition_penalty=audio_repetition_penalty,
-            nq=nq,
-            use_kv_cache=use_kv_cache,
-            min_new_frames=min_new_frames,
-            **extra,
-        )
-        for event in events:
+        for event in self.generate_stream(input_ids, attention_mask, *args, **kwargs):
             if event["type"] == "final":
                 return event["generation"]
         raise AssertionError("generate_stream ended without a final event")
+
+    # One parameter list for both entry points: introspection shows generate_stream's (upstream's) signature.
+    generate.__signature__ = inspect.signature(generate_stream).replace(return_annotation="GenerationOutput")
 
     def _check_generation_inputs(
         self, input_ids: Any, attention_mask: Any, params: SamplingParams
