@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pipeline
 from pipeline_assets import TinyAssets
 
 GREEDY = {"do_sample": False}
