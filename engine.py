@@ -43,13 +43,17 @@ try:
         STREAM_MAX_WINDOW,
         STREAM_WINDOWS,
         TARGET_SAMPLE_RATE,
+        Generated,
         Plan,
         build_request,
+        continuation_rows,
         finish_result,
         load_resources,
         pause_waveform,
-        plan_rows,
+        plan_chunks,
+        next_context,
         prepare_prompt,
+        voice_clone_rows,
     )
     from .sampling import RowSampler, SamplingParams
 except ImportError:  # not part of a package: imported from the repository root or run as a script
@@ -63,13 +67,17 @@ except ImportError:  # not part of a package: imported from the repository root 
         STREAM_MAX_WINDOW,
         STREAM_WINDOWS,
         TARGET_SAMPLE_RATE,
+        Generated,
         Plan,
         build_request,
+        continuation_rows,
         finish_result,
         load_resources,
         pause_waveform,
-        plan_rows,
+        plan_chunks,
+        next_context,
         prepare_prompt,
+        voice_clone_rows,
     )
     from sampling import RowSampler, SamplingParams
 
@@ -138,14 +146,33 @@ class _Job:
     pending: list = field(default_factory=list)  # frames not yet decoded
     window: _Window = field(default_factory=_Window)
     stream: Any = None  # the codec stream id of this chunk
-    codes: list = field(default_factory=list)  # codes per finished chunk
+    generated: Generated = field(default_factory=Generated)  # codes per finished chunk
     parts: list = field(default_factory=list)  # waveform pieces (audio and pauses)
-    truncated: list = field(default_factory=list)  # chunks that reached max_new_frames
+    truncated: set = field(default_factory=set)  # chunks that reached max_new_frames
     first_audio_s: Optional[float] = None
+    rows: Optional[list] = None  # voice clone: every chunk's prompt rows
+    prompt: Optional[torch.Tensor] = None  # the current chunk's prompt rows, on the model's device
+    context: Any = None  # continuation: what the next chunk continues (pipeline.Context)
 
     @property
     def nq(self) -> int:
         return self.plan.nq
+
+    @property
+    def voice_clone(self) -> bool:
+        return self.plan.request.mode == "voice_clone"
+
+    def chunk_rows(self) -> torch.Tensor:
+        """The prompt rows of the current chunk: as inference_stream builds them."""
+        if self.voice_clone:
+            return self.rows[self.chunk]
+        return continuation_rows(self.plan, self.chunk, self.context)
+
+    def end_chunk(self, codes: torch.Tensor) -> None:
+        """Record the finished chunk's codes (and what the next continuation chunk continues)."""
+        self.generated.add(codes, finished=self.chunk not in self.truncated)
+        if not self.voice_clone:
+            self.context = next_context(self.plan, self.chunk, codes, self.context)
 
     def put_audio(self, wave: torch.Tensor, kind: str = "audio") -> None:
         self.parts.append(wave)
@@ -212,15 +239,8 @@ class RequestHandle:
     def _build_result(self) -> dict:
         job = self._job
         waveform = torch.cat(job.parts, dim=-1) if job.parts else torch.zeros(2, 0)
-        return finish_result(
-            job.plan, job.codes, waveform, job.output_audio_path,
-            type="result",
-            voice_clone_chunk_batch_size=1,
-            voice_clone_codec_batch_size=1,
-            float32_fallback=False,
-            first_audio_latency_s=job.first_audio_s,
-            truncated_chunks=list(job.truncated),
-        )
+        return finish_result(job.plan, job.generated, waveform, job.output_audio_path, type="result",
+                             voice_clone_codec_batch_size=1, first_audio_latency_s=job.first_audio_s)
 
 
 # ---------------------------------------------------------------------------------------------------- the engine
@@ -274,7 +294,8 @@ class SynthesisEngine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self._active), "queued": len(self._queue), "max_batch_size": self.max_batch_size,
+            active = sum(not job.done for job in self._active)  # a finished job leaves the list after its frame
+            return {"active": active, "queued": len(self._queue), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue}
 
     def submit(self, text: str, **kwargs: Any) -> RequestHandle:
@@ -340,12 +361,13 @@ class SynthesisEngine:
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         request = build_request(text, **kwargs)
         prompt_codes = prepare_prompt(request, self.resources)
-        chunks, rows = plan_rows(request, self.resources, prompt_codes)
-        plan = Plan(request, self.resources, prompt_codes, chunks, rows, None)
+        plan = Plan(request, self.resources, prompt_codes, *plan_chunks(request, self.resources), None)
         params = SamplingParams(max_new_frames=request.max_new_frames, nq=request.nq,
                                 **{k: v for k, v in request.generation.items() if k != "use_kv_cache"})
+        rows = voice_clone_rows(plan) if request.mode == "voice_clone" else None
+        first = rows[0] if rows else continuation_rows(plan, 0, plan.first_context)
         limit = self.model.config.max_position_embeddings
-        if max(r.shape[0] for r in rows) + request.max_new_frames > limit:
+        if first.shape[0] + request.max_new_frames > limit:
             raise ValueError(f"max_new_frames={request.max_new_frames} plus the prompt length exceeds "
                              f"max_position_embeddings={limit}")
         if generator is None and (request.seed is not None or params.do_sample):
@@ -355,7 +377,8 @@ class SynthesisEngine:
             else:
                 generator.manual_seed(request.seed)
         job_id = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
-        return _Job(job_id, plan, params, generator, output_audio_path, time.perf_counter())
+        return _Job(job_id, plan, params, generator, output_audio_path, time.perf_counter(), rows=rows,
+                    context=plan.first_context)
 
     def _cancel(self, job: _Job) -> None:
         with self._cond:
@@ -469,7 +492,7 @@ class _FrameRunner:
                 job.pending.append(codes)
             if not continues or job.steps >= job.params.max_new_frames:
                 if continues:
-                    job.truncated.append(job.chunk)
+                    job.truncated.add(job.chunk)
                 ending.append(job)
         live = [job for job in jobs if not job.done]
         self._decode([job for job in live if job.pending and (
@@ -483,8 +506,7 @@ class _FrameRunner:
         items = []
         for job in jobs:
             if job.steps == 0:
-                rows = job.plan.rows[job.chunk].to(self.device)
-                items.append((job.slot, model.embed_rows(rows[None])[0]))
+                items.append((job.slot, model.embed_rows(job.prompt[None])[0]))
             else:
                 items.append((job.slot, job.next_embeds))
         h = self.global_runner.run(items)  # (B, H)
@@ -493,7 +515,9 @@ class _FrameRunner:
         index = torch.tensor(slots, device=self.device)
         seen = self.seen[: sampler.nq, index] if sampler.tracks_repetition else None  # (nq, B, V) copy
         active = torch.ones(len(jobs), dtype=torch.bool, device=self.device)
-        frame = sample_frame(model, h, local, sampler, seen, active, self.consts)
+        forced = [job.steps < job.params.min_new_frames for job in jobs]
+        force = torch.tensor(forced, device=self.device) if any(forced) else False
+        frame = sample_frame(model, h, local, sampler, seen, active, self.consts, force_continue=force)
         if seen is not None:
             self.seen[: sampler.nq, index] = seen
         for i, job in enumerate(jobs):
@@ -507,27 +531,36 @@ class _FrameRunner:
         return flags, list(codes)
 
     def _start_chunk(self, job: _Job) -> None:
-        rows = job.plan.rows[job.chunk]
+        rows = job.prompt = job.chunk_rows().to(self.device)
         cache = self.global_runner.cache
         cache.release(job.slot)
         cache.reserve(_round_up(rows.shape[0] + job.params.max_new_frames, 64))
         self.seen[:, job.slot] = False
-        job.steps, job.frames, job.pending, job.window = 0, [], [], _Window()
+        job.steps, job.frames, job.pending = 0, [], []
         job.next_embeds = torch.empty(0)  # placeholder: steps == 0 feeds the prompt
-        self._open_stream(job)
+        if job.stream is None:
+            job.window = _Window()
+            self._open_stream(job)
 
     def _end_chunk(self, job: _Job) -> None:
-        """Hand out the chunk's codes; start the next chunk (after its pause) or finish the request."""
-        job.codes.append(torch.stack(job.frames) if job.frames else torch.zeros(0, self.model.config.n_vq,
-                                                                                  dtype=torch.long))
-        self._close_stream(job)
-        if job.chunk + 1 < len(job.plan.chunks):
-            job.put_audio(pause_waveform(job.plan.chunks[job.chunk]), kind="pause")
-            job.chunk += 1
-            job.next_embeds = None
+        """Hand out the chunk's codes; start the next chunk or finish the request.
+
+        As inference_stream: voice-clone chunks each have their own codec stream and a pause after them;
+        continuation chunks continue one stream (one continuous waveform).
+        """
+        empty = torch.zeros(0, self.model.config.n_vq, dtype=torch.long)
+        job.end_chunk(torch.stack(job.frames) if job.frames else empty)
+        last = job.chunk + 1 == len(job.plan.chunks)
+        if job.voice_clone or last:
+            self._close_stream(job)
+        if last:
+            self.leave(job)
+            _finish(job, _FINISHED)
             return
-        self.leave(job)
-        _finish(job, _FINISHED)
+        if job.voice_clone:
+            job.put_audio(pause_waveform(job.plan.chunks[job.chunk]), kind="pause")
+        job.chunk += 1
+        job.next_embeds = None
 
     def leave(self, job: _Job) -> None:
         """Free the job's slot and codec stream (at once: the next frame can give the slot to another request)."""
@@ -543,7 +576,7 @@ class _FrameRunner:
         job.stream = (job.id, job.chunk, next(self.stream_ids))
         self.session.append(job.stream)
         prompt = job.plan.prompt_codes
-        if job.plan.request.mode == "continuation" and prompt is not None:
+        if not job.voice_clone and prompt is not None:
             self._step_codec({job.stream: prompt[:, : job.nq]}, job.nq)  # decoded and dropped, as StreamDecoder
 
     def _close_stream(self, job: _Job) -> None:

@@ -10,7 +10,7 @@ engine (engine.py), which shares the local runner and the frame sampler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -214,14 +214,21 @@ def frame_constants(model: Any) -> FrameConstants:
 
 
 def sample_frame(model: Any, h: torch.Tensor, local: LocalRunner, sampler: RowSampler, seen: Optional[torch.Tensor],
-                 active: torch.Tensor, consts: FrameConstants) -> Frame:
+                 active: torch.Tensor, consts: FrameConstants, force_continue: Union[bool, torch.Tensor] = False
+                 ) -> Frame:
     """Local position 0 decides continue / audio_end from two text logits; positions 1..nq give the codes.
 
     `seen` (nq, B, V) bool holds the codes each row generated so far per channel (repetition penalty), updated here.
+    `force_continue` (every row, or a (B,) bool mask of rows; within min_new_frames): the decision is still drawn
+    (the random stream stays the same) but replaced by "continue", and the codes follow it.
     """
     local.reset()
     text = text_logits(local.step(h), consts)  # (B, 2): only the two candidates
     choice = sampler.text(text)
+    if isinstance(force_continue, torch.Tensor):
+        choice = choice.masked_fill(force_continue, 0)
+    elif force_continue:
+        choice = torch.zeros_like(choice)
     x = model.transformer.wte(consts.candidate_ids[choice])  # (B, H)
     embeds = consts.continue_embedding
     codes, finite = [], []
@@ -292,7 +299,8 @@ def generate_frames(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, par
     rows = next_embeds = None
     for step in range(params.max_new_frames):
         h = runner.prefill() if step == 0 else runner.step(rows, next_embeds, active[:, None])
-        frame_state = sample_frame(model, h, local, sampler, seen, active, consts)
+        frame_state = sample_frame(model, h, local, sampler, seen, active, consts,
+                                   force_continue=step < params.min_new_frames)
         active = frame_state.continues
         if not _check_finite(frame_state, step, h.dtype):
             break

@@ -100,7 +100,7 @@ def test_mixed_settings_modes_and_codebooks_share_frames(engine, assets):
     handles = [engine.submit(text, **kwargs) for text, kwargs in requests]
     for handle, solo in zip(handles, solos):
         _assert_same_output(handle.result(timeout=120), solo)
-    assert solos[2]["audio_token_ids"][:, 8:].eq(assets.model.config.audio_pad_token_id).all()
+    assert solos[2]["audio_token_ids"][0][:, 8:].eq(assets.model.config.audio_pad_token_id).all()
 
 
 @needs_row_invariance
@@ -138,6 +138,39 @@ def test_long_text_chunks_run_in_order_with_pauses_like_inference_stream(engine,
     assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
     assert result["waveform"].shape == expected["waveform"].shape
     assert torch.allclose(result["waveform"], expected["waveform"], atol=1e-5)
+
+
+def test_long_continuation_continues_one_stream_like_inference_stream(engine, assets):
+    text = " one two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
+    kwargs = {"prompt_text": "Zero", "prompt_audio": assets.prompt_audio, "max_new_frames": 4,
+              "voice_clone_max_text_tokens": 30}
+    events = list(engine.submit(text, **kwargs).events(timeout=120))
+    reference = list(assets.model.inference_stream(text, **assets.resources(), **kwargs))
+    result, expected = events[-1], reference[-1]
+    assert len(result["text_chunks"]) >= 2 and result["text_chunks"] == expected["text_chunks"]
+    assert not any(e["type"] == "pause" for e in events)  # one continuous waveform
+    assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
+    assert torch.allclose(result["waveform"], expected["waveform"], atol=1e-5)
+
+
+def test_min_new_frames_and_truncation_are_per_request(engine, assets):
+    stop_early = {"prompt_audio": assets.prompt_audio, "max_new_frames": 6}
+    with torch.no_grad():  # make the tiny model choose audio_end at once, unless forced to continue
+        bias = assets.model.local_transformer.ln_f.bias
+        saved = bias.clone()
+        wte = assets.model.transformer.wte.weight
+        bias -= 200 * (wte[9] - wte[7]) / (wte[9] - wte[7]).pow(2).sum()
+    try:
+        forced = engine.submit("Forced.", min_new_frames=3, **stop_early)
+        free = engine.submit("Free.", **stop_early)
+        forced, free = forced.result(timeout=120), free.result(timeout=120)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert forced["frames"] == 3 and free["frames"] == 0
+    assert forced["truncated_chunks"] == [] and free["truncated_chunks"] == []
+    longer = engine.submit("Hello.", **stop_early).result(timeout=120)
+    assert longer["frames"] == 6 and longer["truncated_chunks"] == [0]
 
 
 # ------------------------------------------------------------------------------------------- events
@@ -238,8 +271,8 @@ def test_cancel_running_request_frees_its_slot_for_the_next(assets):
 def test_failing_request_raises_its_error_and_the_others_finish(assets, monkeypatch):
     real = engine_module.sample_frame
 
-    def poisoned(model, h, local, sampler, seen, active, consts):
-        frame = real(model, h, local, sampler, seen, active, consts)
+    def poisoned(model, h, local, sampler, *args, **kwargs):
+        frame = real(model, h, local, sampler, *args, **kwargs)
         frame.audio_finite = frame.audio_finite & (torch.tensor(sampler.row_nq) != 7)  # the nq=7 request fails
         return frame
 
@@ -329,10 +362,10 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
     sampled from is the same bits batched as alone (requests are told apart by their nq)."""
     real, seen = engine_module.sample_frame, {}
 
-    def recording(model, h, local, sampler, *args):
+    def recording(model, h, local, sampler, *args, **kwargs):
         for row, nq in enumerate(sampler.row_nq):
             seen.setdefault(nq, []).append(h[row].clone())
-        return real(model, h, local, sampler, *args)
+        return real(model, h, local, sampler, *args, **kwargs)
 
     monkeypatch.setattr(engine_module, "sample_frame", recording)
     requests = [(TEXTS[i % 3], _request(assets, i, nq=16 - i, **dict(SAMPLED, seed=i))) for i in range(6)]
