@@ -5,7 +5,7 @@ One worker thread runs frames. At every frame boundary it admits waiting request
 forward covers every running request (a newcomer's prompt rows, one row per continuing request: `SlotGlobal`), one
 local codebook loop covers them all (`sample_frame`, each row with its own sampling settings, repetition-penalty
 state and random generator: `RowSampler`), and one streaming codec call decodes every stream whose decode window is
-full (one multi-slot decode session). A request's text chunks (long voice-clone text) run one after another in its
+full (a multi-slot decode session; on a CPU, a session per stream: see `_CodecStreams`). A request's text chunks (long voice-clone text) run one after another in its
 slot, with the pause between them, exactly as `inference_stream` runs them.
 
 Each request gets its solo output whatever runs beside it: the steps run inside `row_invariant_products()` and
@@ -24,6 +24,7 @@ engine always caches and schedules slots itself); resource keywords belong to th
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import queue
 import threading
@@ -255,6 +256,10 @@ class SynthesisEngine:
             `inference()`.
         max_batch_size: requests generating at once (KV-cache slots), >= 1.
         max_queue: requests waiting for a slot; `submit` beyond it raises `EngineFull`.
+        batch_invariant: run the steps inside `row_invariant_products()` (default), so that a request's output
+            does not depend on what runs beside it. False runs the fastest products for each row count instead:
+            a lone request is then faster on a CPU (see README, Performance), but its last bits, and after a near
+            tie its sampled codes, can change with the batch around it.
 
     Raises:
         ValueError: for a bad size or resource location.
@@ -262,14 +267,14 @@ class SynthesisEngine:
 
     def __init__(self, model: Any, *, text_tokenizer: Any = None, text_tokenizer_path: Any = None,
                  audio_tokenizer: Any = None, audio_tokenizer_path: Any = None, local_files_only: bool = False,
-                 max_batch_size: int = 8, max_queue: int = 64) -> None:
+                 max_batch_size: int = 8, max_queue: int = 64, batch_invariant: bool = True) -> None:
         for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_queue", max_queue, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         self.model = model
         self.resources = load_resources(model, text_tokenizer, text_tokenizer_path, audio_tokenizer,
                                         audio_tokenizer_path, local_files_only)
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, bool(batch_invariant)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
@@ -432,7 +437,7 @@ class SynthesisEngine:
 
     def _frame_runner(self) -> "_FrameRunner":
         if self._runner is None:
-            self._runner = _FrameRunner(self.model, self.resources.codec, self.max_batch_size)
+            self._runner = _FrameRunner(self.model, self.resources.codec, self.max_batch_size, self.batch_invariant)
         return self._runner
 
 
@@ -452,8 +457,8 @@ def _finish_cancelled(job: _Job) -> None:
 class _FrameRunner:
     """The worker's model and codec state: the slot KV cache, repetition-penalty state and the decode session."""
 
-    def __init__(self, model: Any, codec: Any, slots: int) -> None:
-        self.model, self.codec, self.slots = model, codec, slots
+    def __init__(self, model: Any, codec: Any, slots: int, batch_invariant: bool) -> None:
+        self.model, self.codec, self.slots, self.batch_invariant = model, codec, slots, batch_invariant
         config = model.config
         weight = model.transformer.wte.weight
         self.device = weight.device
@@ -462,18 +467,16 @@ class _FrameRunner:
         self.global_runner = SlotGlobal(model, slots, 0, attend_global)
         vocab = max(config.audio_codebook_sizes)
         self.seen = torch.zeros(config.n_vq, slots, vocab, dtype=torch.bool, device=self.device)
-        self.session: Any = None
+        self.codec_streams = _CodecStreams(codec, slots, shared=not _separate_codec_sessions(codec))
         self.stream_ids = itertools.count()
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        self.codec_streams.close_all()
 
     @torch.inference_mode()
     def frame(self, jobs: list[_Job]) -> None:
         """One frame for every job: generate, hand out finished chunks, decode ready windows, emit events."""
-        with row_invariant_products():
+        with row_invariant_products() if self.batch_invariant else contextlib.nullcontext():
             for job in jobs:
                 if job.next_embeds is None:
                     self._start_chunk(job)
@@ -571,31 +574,22 @@ class _FrameRunner:
     # ------------------------------------------------------------------------------------------------ codec
 
     def _open_stream(self, job: _Job) -> None:
-        if self.session is None:
-            self.session = self.codec.create_decode_session(self.slots)
         job.stream = (job.id, job.chunk, next(self.stream_ids))
-        self.session.append(job.stream)
+        self.codec_streams.open(job.stream)
         prompt = job.plan.prompt_codes
-        if not job.voice_clone and prompt is not None:
-            self._step_codec({job.stream: prompt[:, : job.nq]}, job.nq)  # decoded and dropped, as StreamDecoder
+        if not job.voice_clone and prompt is not None:  # decoded and dropped, as StreamDecoder.prime
+            self.codec_streams.decode({job.stream: prompt[:, : job.nq]}, job.nq)
 
     def _close_stream(self, job: _Job) -> None:
         stream, job.stream = job.stream, None
-        if stream is None or self.session is None:
-            return
-        if self.session.closed:  # a failed decode closes its session
-            self.session = None
-            return
-        self.session.remove(stream)
-        if not self.session.active_request_ids:  # no stream open: release the codec's session
-            self.session.close()
-            self.session = None
+        if stream is not None:
+            self.codec_streams.close(stream)
 
     def _decode(self, jobs: list[_Job]) -> None:
-        """Decode the pending frames of `jobs`: one batched streaming call per codebook count (usually one)."""
+        """Decode the pending frames of `jobs` (see `_CodecStreams.decode`), one group per codebook count."""
         for nq in sorted({job.nq for job in jobs}):
             group = [job for job in jobs if job.nq == nq]
-            audio = self._step_codec({job.stream: torch.stack(job.pending)[:, :nq] for job in group}, nq)
+            audio = self.codec_streams.decode({job.stream: torch.stack(job.pending)[:, :nq] for job in group}, nq)
             now = time.perf_counter()
             for job in group:
                 wave = audio[job.stream]
@@ -603,9 +597,53 @@ class _FrameRunner:
                 job.window.emitted(wave.shape[-1], now)
                 job.put_audio(wave)
 
-    def _step_codec(self, codes: dict, nq: int) -> dict:
-        """One session step: `codes` maps stream id -> (n, nq) new frames; other open streams get none."""
-        ids = list(self.session.active_request_ids)
+
+class _CodecStreams:
+    """The engine's codec decode streams, in one of two layouts chosen once (`shared`):
+
+    - shared: one multi-slot decode session for every stream, and one batched step per call. Best where a step's
+      cost hardly depends on its rows (accelerators, launch-bound), or where the codec allows one session only.
+    - one session per stream, a step per stream with frames. Best on a CPU: there the codec's cost grows with the
+      rows it computes, and a multi-slot session computes every slot at every step, advancing or not.
+    """
+
+    def __init__(self, codec: Any, slots: int, shared: bool) -> None:
+        self.codec, self.slots, self.shared = codec, slots, shared
+        self.sessions: dict[Any, Any] = {}  # stream id -> its session (the shared one, or its own)
+        self._shared: Any = None
+        self.device = next(codec.parameters()).device
+
+    def open(self, stream: Any) -> None:
+        if not self.shared:
+            self.sessions[stream] = self.codec.create_decode_session(1)
+        else:
+            if self._shared is None or self._shared.closed:
+                self._shared = self.codec.create_decode_session(self.slots)
+            self.sessions[stream] = self._shared
+        self.sessions[stream].append(stream)
+
+    def close(self, stream: Any) -> None:
+        session = self.sessions.pop(stream, None)
+        if session is None or session.closed:  # a failed decode closes its session
+            return
+        session.remove(stream)
+        if not session.active_request_ids:  # release the state (the shared session reopens on demand)
+            session.close()
+
+    def close_all(self) -> None:
+        for stream in list(self.sessions):
+            self.close(stream)
+
+    def decode(self, codes: dict, nq: int) -> dict:
+        """`codes` maps stream id -> (n, nq) new frames; returns stream id -> (2, 3840 n) CPU float32 audio."""
+        if not self.shared:
+            return {stream: self._step(self.sessions[stream], {stream: new}, nq)[stream]
+                    for stream, new in codes.items()}
+        return self._step(self._shared, codes, nq)
+
+    def _step(self, session: Any, codes: dict, nq: int) -> dict:
+        """One session step for `codes`; the session's other streams get no frames."""
+        ids = list(session.active_request_ids)
         length = max(c.shape[0] for c in codes.values())
         batch = torch.zeros(nq, len(ids), length, dtype=torch.long)
         lengths = []
@@ -614,9 +652,14 @@ class _FrameRunner:
             lengths.append(0 if new is None else new.shape[0])
             if new is not None:
                 batch[:, row, : new.shape[0]] = new.transpose(0, 1)
-        _, audio, audio_lengths = self.session.step(ids, batch.to(self.device), lengths)
+        _, audio, audio_lengths = session.step(ids, batch.to(self.device), lengths)
         return {stream: audio[row, :, : int(audio_lengths[row])].float().cpu()
                 for row, stream in enumerate(ids) if stream in codes}
+
+
+def _separate_codec_sessions(codec: Any) -> bool:
+    """One decode session per stream: on a CPU, when the codec can hold several sessions open at once."""
+    return next(codec.parameters()).device.type == "cpu" and bool(getattr(codec, "independent_decode_sessions", False))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -152,36 +152,61 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
     }
 
 
-def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int,
-                      prompt_seconds: float = E2E_PROMPT_SECONDS) -> dict[str, Any]:
-    """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine, in one run.
+def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int, repeats: int,
+                      prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = True) -> dict[str, Any]:
+    """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine.
 
     Every stream clones the same reference (encoded once, passed as codes as a server does), speaks E2E_TEXT with the
-    CLI sampling settings and its own seed, and generates `frames` frames (the demo weights never stop early).
+    CLI sampling settings and its own seed, and generates `frames` frames (the demo weights never stop early). The
+    levels run in turn, `repeats` rounds of them, so that a change of load on the machine touches every level alike;
+    ratios are taken within a round.
     """
     prompt_codes = encode_prompt_audio(assets.codec, demo_prompt_audio(seconds=prompt_seconds).to(device))
     kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames, prompt_audio_codes=prompt_codes)
     resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec}
-    report: dict[str, Any] = {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "levels": {}}
-    with SynthesisEngine(assets.model, **resources, max_batch_size=max(levels), max_queue=max(levels)) as engine:
+    rounds: list[dict[int, dict[str, Any]]] = []
+    with SynthesisEngine(assets.model, **resources, max_batch_size=max(levels), max_queue=max(levels),
+                         batch_invariant=batch_invariant) as engine:
         engine.submit(E2E_TEXT, **dict(kwargs, max_new_frames=2, seed=0)).result()  # warm-up
-        for level in levels:
-            window = _reset_rss_peak() if device.type == "cpu" else devices.reset_peak_memory(device) or True
-            entry = report["levels"][str(level)] = _measure_level(engine, level, kwargs)
-            # on CPU: the peak RSS of this level alone where Linux lets it be reset, else of the process so far
-            entry["peak_memory_bytes"] = _rss_peak_bytes() if device.type == "cpu" and window else \
-                devices.peak_memory_bytes(device)
-            entry["peak_memory_window"] = "this level" if window else "process so far"
-    base = report["levels"][str(levels[0])]["aggregate_frames_per_s"]
-    for entry in report["levels"].values():
-        entry["aggregate_vs_first_level"] = entry["aggregate_frames_per_s"] / base
-    return report
+        for _ in range(repeats):
+            rounds.append({})
+            for level in levels:
+                window = _reset_rss_peak() if device.type == "cpu" else devices.reset_peak_memory(device) or True
+                entry = rounds[-1][level] = _measure_level(engine, level, kwargs)
+                # on CPU: the peak RSS of this level alone where Linux lets it be reset, else the process's so far
+                entry["peak_memory_bytes"] = _rss_peak_bytes() if device.type == "cpu" and window else \
+                    devices.peak_memory_bytes(device)
+                entry["peak_memory_window"] = "this level" if window else "process so far"
+    return {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "batch_invariant": batch_invariant,
+            "rounds": repeats, "levels": {str(level): _summarize_level(level, levels[0], rounds) for level in levels}}
+
+
+def _summarize_level(level: int, first: int, rounds: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    runs = [r[level] for r in rounds]
+    streams = [s for run in runs for s in run["streams_detail"]]
+    latencies = sorted(s["first_audio_s"] for s in streams)
+    rtf = [s["rtf_after_first_audio"] for s in streams]
+    return {
+        "streams": level,
+        "aggregate_frames_per_s": statistics.median(run["aggregate_frames_per_s"] for run in runs),
+        "aggregate_vs_first_level": statistics.median(
+            r[level]["aggregate_frames_per_s"] / r[first]["aggregate_frames_per_s"] for r in rounds),
+        "cpu_ms_per_frame": statistics.median(run["cpu_ms_per_frame"] for run in runs),
+        "first_audio_p50_s": _percentile(latencies, 50),
+        "first_audio_p95_s": _percentile(latencies, 95),
+        "rtf_after_first_audio": {"median": statistics.median(rtf), "max": max(rtf)},
+        "every_stream_ahead_of_real_time": all(s["ahead_of_real_time"] for s in streams),
+        "peak_memory_bytes": max(run["peak_memory_bytes"] or 0 for run in runs),
+        "peak_memory_window": runs[0]["peak_memory_window"],
+        "runs": [{k: v for k, v in run.items() if k != "streams_detail"} for run in runs],
+        "streams_detail": streams,
+    }
 
 
 def _measure_level(engine: Any, level: int, kwargs: dict) -> dict[str, Any]:
     timelines: list[list[tuple[float, float]]] = [[] for _ in range(level)]
     results: list[dict] = [{} for _ in range(level)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     handles = [engine.submit(E2E_TEXT, **dict(kwargs, seed=index)) for index in range(level)]
 
     def consume(index: int) -> None:
@@ -196,20 +221,15 @@ def _measure_level(engine: Any, level: int, kwargs: dict) -> dict[str, Any]:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
-    streams = [_stream_timing(timeline, start) for timeline in timelines]
-    latencies = sorted(s["first_audio_s"] for s in streams)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    frames = sum(int(r["frames"]) for r in results)
     return {
-        "streams": level,
         "wall_s": wall,
-        "frames": sum(int(r["frames"]) for r in results),
-        "aggregate_frames_per_s": sum(int(r["frames"]) for r in results) / wall,
-        "first_audio_p50_s": _percentile(latencies, 50),
-        "first_audio_p95_s": _percentile(latencies, 95),
-        "rtf_after_first_audio": {"median": statistics.median(s["rtf_after_first_audio"] for s in streams),
-                                  "max": max(s["rtf_after_first_audio"] for s in streams)},
-        "every_stream_ahead_of_real_time": all(s["ahead_of_real_time"] for s in streams),
-        "streams_detail": streams,
+        "frames": frames,
+        "aggregate_frames_per_s": frames / wall,
+        # process CPU time per generated frame (all threads, codec included): less sensitive to other load
+        "cpu_ms_per_frame": 1000 * cpu / frames,
+        "streams_detail": [_stream_timing(timeline, start) for timeline in timelines],
     }
 
 
@@ -313,7 +333,7 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
                                                           args.e2e_prompt_seconds)
     if "concurrency" not in skip and args.concurrency:
         report["concurrency"] = bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
-                                                  args.e2e_prompt_seconds)
+                                                  args.repeats, args.e2e_prompt_seconds, not args.no_batch_invariant)
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
@@ -344,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=_levels, default=[],
                         help="comma list of stream counts for the continuous-batching section, e.g. 1,2,4,8")
     parser.add_argument("--concurrency-frames", type=int, default=50, help="frames per stream in that section")
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="run that section's engine with the fastest products instead of batch-invariant ones")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)

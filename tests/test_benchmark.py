@@ -68,7 +68,35 @@ def test_int8_mode_and_skipped_sections(tiny_benchmark, tmp_path):
     assert "generation_frames_per_s" in report and "codec" not in report and "end_to_end_streaming" not in report
 
 
+def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path):
+    report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "1,2",
+                  "--concurrency-frames", "3", "--e2e-prompt-seconds", "0.5")
+    section = report["concurrency"]
+    assert section["batch_invariant"] is True and section["rounds"] == 2 and set(section["levels"]) == {"1", "2"}
+    for level, entry in section["levels"].items():
+        streams = int(level)
+        assert entry["streams"] == streams and entry["aggregate_frames_per_s"] > 0 and entry["cpu_ms_per_frame"] > 0
+        assert len(entry["runs"]) == 2 and all(run["frames"] == 3 * streams for run in entry["runs"])
+        assert 0 < entry["first_audio_p50_s"] <= entry["first_audio_p95_s"]
+        assert len(entry["streams_detail"]) == 2 * streams
+        assert all(s["audio_s"] == pytest.approx(3 * 0.08) for s in entry["streams_detail"])
+        assert entry["rtf_after_first_audio"]["median"] <= entry["rtf_after_first_audio"]["max"]
+        assert isinstance(entry["every_stream_ahead_of_real_time"], bool) and entry["peak_memory_bytes"] > 0
+    assert section["levels"]["1"]["aggregate_vs_first_level"] == 1.0
+    assert "generation_frames_per_s" not in report
+
+
+def test_concurrency_section_with_fast_products(tiny_benchmark, tmp_path):
+    report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "2",
+                  "--concurrency-frames", "2", "--no-batch-invariant", "--weight-precision", "int8")
+    assert report["concurrency"]["batch_invariant"] is False and report["environment"]["weight_precision"] == "int8"
+    assert report["concurrency"]["levels"]["2"]["runs"][0]["frames"] == 4
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "1,0"], "stream counts must be integers >= 1"),
+    (["--concurrency", "1,x"], "is not a comma list of integers"),
+    (["--concurrency-frames", "0"], "--concurrency-frames must be at least 1"),
     (["--skip", "codecs"], "unknown section"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--frames", "-2"], "--frames must be at least 1"),

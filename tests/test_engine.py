@@ -378,3 +378,14 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
     assert seen.keys() == solo.keys()
     for nq, states in seen.items():
         assert len(states) == len(solo[nq]) and all(torch.equal(a, b) for a, b in zip(states, solo[nq]))
+
+
+def test_fast_products_mode_serves_the_same_requests(assets):
+    """batch_invariant=False: the fastest products per row count; greedy output still matches a solo run here."""
+    requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=3, batch_invariant=False) as eng:
+        solos = [_solo(eng, text, **kwargs) for text, kwargs in requests]
+        handles = [eng.submit(text, **kwargs) for text, kwargs in requests]
+        for handle, solo in zip(handles, solos):
+            result = handle.result(timeout=120)
+            assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], solo["audio_token_ids"]))
