@@ -153,13 +153,14 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
 
 
 def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int, repeats: int,
-                      prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = True) -> dict[str, Any]:
+                      prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = True,
+                      agree: bool = False) -> dict[str, Any]:
     """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine.
 
     Every stream clones the same reference (encoded once, passed as codes as a server does), speaks E2E_TEXT with the
     CLI sampling settings and its own seed, and generates `frames` frames (the demo weights never stop early). The
     levels run in turn, `repeats` rounds of them, so that a change of load on the machine touches every level alike;
-    ratios are taken within a round.
+    ratios are taken within a round. `agree`: then run each stream of the top level alone and compare the codes.
     """
     prompt_codes = encode_prompt_audio(assets.codec, demo_prompt_audio(seconds=prompt_seconds).to(device))
     kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames, prompt_audio_codes=prompt_codes)
@@ -177,8 +178,31 @@ def bench_concurrency(assets: Any, device: torch.device, levels: list[int], fram
                 entry["peak_memory_bytes"] = _rss_peak_bytes() if device.type == "cpu" and window else \
                     devices.peak_memory_bytes(device)
                 entry["peak_memory_window"] = "this level" if window else "process so far"
-    return {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "batch_invariant": batch_invariant,
-            "rounds": repeats, "levels": {str(level): _summarize_level(level, levels[0], rounds) for level in levels}}
+        agreement = _solo_agreement(engine, rounds[0][max(levels)].pop("codes"), kwargs) if agree else None
+    report = {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "batch_invariant": batch_invariant,
+              "rounds": repeats, "levels": {str(level): _summarize_level(level, levels[0], rounds) for level in levels}}
+    if agreement is not None:
+        report["codes_vs_solo_at_top_level"] = agreement
+    return report
+
+
+def _solo_agreement(engine: Any, batched: list[torch.Tensor], kwargs: dict) -> dict[str, Any]:
+    """Each stream of the top level run again alone (same seed): how many of its codes the batched run reproduced."""
+    equal = total = 0
+    identical, first_divergence = 0, []
+    for seed, codes in enumerate(batched):
+        solo = torch.cat(engine.submit(E2E_TEXT, **dict(kwargs, seed=seed)).result()["audio_token_ids"])
+        frames = min(solo.shape[0], codes.shape[0])
+        same = (solo[:frames] == codes[:frames]).all(dim=-1)
+        equal += int((solo[:frames] == codes[:frames]).sum())
+        total += max(solo.shape[0], codes.shape[0]) * solo.shape[1]
+        identical += int(torch.equal(solo, codes))
+        if not bool(same.all()):
+            first_divergence.append(int((~same).nonzero()[0]))
+        else:  # equal as far as both go: None when both also stopped together
+            first_divergence.append(None if solo.shape == codes.shape else frames)
+    return {"streams": len(batched), "streams_identical": identical, "code_agreement": equal / total,
+            "first_divergent_frame": first_divergence}
 
 
 def _summarize_level(level: int, first: int, rounds: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -198,7 +222,7 @@ def _summarize_level(level: int, first: int, rounds: list[dict[int, dict[str, An
         "every_stream_ahead_of_real_time": all(s["ahead_of_real_time"] for s in streams),
         "peak_memory_bytes": max(run["peak_memory_bytes"] or 0 for run in runs),
         "peak_memory_window": runs[0]["peak_memory_window"],
-        "runs": [{k: v for k, v in run.items() if k != "streams_detail"} for run in runs],
+        "runs": [{k: v for k, v in run.items() if k not in ("streams_detail", "codes")} for run in runs],
         "streams_detail": streams,
     }
 
@@ -230,6 +254,7 @@ def _measure_level(engine: Any, level: int, kwargs: dict) -> dict[str, Any]:
         # process CPU time per generated frame (all threads, codec included): less sensitive to other load
         "cpu_ms_per_frame": 1000 * cpu / frames,
         "streams_detail": [_stream_timing(timeline, start) for timeline in timelines],
+        "codes": [torch.cat(r["audio_token_ids"]) for r in results],
     }
 
 
@@ -284,20 +309,24 @@ def environment(device: torch.device, dtype: torch.dtype, weight_precision: str)
         threads=torch.get_num_threads(),
         machine=platform.machine(),
         processor=platform.processor() or None,
-        cpu_model=_cpu_model(),
+        cpu_model=_cpu_info("model name"),
+        # the model name of a VM is often just the vendor's: family/model and the vector ISA torch uses tell more
+        cpu_family_model=f"{_cpu_info('cpu family')}/{_cpu_info('model')}",
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         logical_cpus=os.cpu_count(),
         load_average_at_start=_load_average(),
     )
     return env
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+def _cpu_info(key: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo (Linux: "model name", "cpu family", "model"), else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
     return None
@@ -333,7 +362,9 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
                                                           args.e2e_prompt_seconds)
     if "concurrency" not in skip and args.concurrency:
         report["concurrency"] = bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
-                                                  args.repeats, args.e2e_prompt_seconds, not args.no_batch_invariant)
+                                                  args.repeats, args.e2e_prompt_seconds, not args.no_batch_invariant,
+                                                  args.code_agreement)
+    report["environment"]["load_average_at_end"] = _load_average()
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
@@ -364,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=_levels, default=[],
                         help="comma list of stream counts for the continuous-batching section, e.g. 1,2,4,8")
     parser.add_argument("--concurrency-frames", type=int, default=50, help="frames per stream in that section")
+    parser.add_argument("--code-agreement", action="store_true",
+                        help="then run each stream of the top level alone and report how many codes agree")
     parser.add_argument("--no-batch-invariant", action="store_true",
                         help="run that section's engine with the fastest products instead of batch-invariant ones")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")

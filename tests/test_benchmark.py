@@ -49,6 +49,7 @@ def test_every_section_is_measured_and_written(tiny_benchmark, tmp_path, capsys)
     env = report["environment"]
     assert env["device_type"] == "cpu" and env["dtype"] == "float32" and env["weight_precision"] == "float32"
     assert env["threads"] == torch.get_num_threads() and "cpu_model" in env and "load_average_at_start" in env
+    assert "cpu_capability" in env and "cpu_family_model" in env and "load_average_at_end" in env
     generation = report["generation_frames_per_s"]
     assert len(generation["runs"]) == 2 and generation["median"] > 0 and generation["frames"] == 3
     assert generation["prompt_rows"] == tiny_benchmark.PROMPT_ROWS
@@ -83,14 +84,18 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
         assert entry["rtf_after_first_audio"]["median"] <= entry["rtf_after_first_audio"]["max"]
         assert isinstance(entry["every_stream_ahead_of_real_time"], bool) and entry["peak_memory_bytes"] > 0
     assert section["levels"]["1"]["aggregate_vs_first_level"] == 1.0
-    assert "generation_frames_per_s" not in report
+    assert "generation_frames_per_s" not in report and "codes_vs_solo_at_top_level" not in section
 
 
 def test_concurrency_section_with_fast_products(tiny_benchmark, tmp_path):
     report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "2",
-                  "--concurrency-frames", "2", "--no-batch-invariant", "--weight-precision", "int8")
+                  "--concurrency-frames", "2", "--no-batch-invariant", "--weight-precision", "int8",
+                  "--code-agreement")
     assert report["concurrency"]["batch_invariant"] is False and report["environment"]["weight_precision"] == "int8"
     assert report["concurrency"]["levels"]["2"]["runs"][0]["frames"] == 4
+    agreement = report["concurrency"]["codes_vs_solo_at_top_level"]
+    assert agreement["streams"] == 2 and 0 <= agreement["code_agreement"] <= 1
+    assert len(agreement["first_divergent_frame"]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
