@@ -191,7 +191,7 @@ class StreamingDecodeController:
             self.reset()
         if self.session is None:
             size = rows if max_batch_size is None else max_batch_size
-            self.session = MossAudioTokenizerDecodeSession(self.model, size, use_cuda_graph)
+            self.session = self.model.create_decode_session(size, use_cuda_graph)
             self.max_batch_size, self.next_request_id = size, 0
         elif max_batch_size is not None and max_batch_size != self.max_batch_size:
             raise ValueError(f"max_batch_size={max_batch_size!r} differs from this stream's {self.max_batch_size}; "

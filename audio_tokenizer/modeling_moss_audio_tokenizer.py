@@ -130,6 +130,11 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
     ``streaming``, ``create_decode_session``; attributes ``sampling_rate``/``sample_rate``, ``number_channels``,
     ``downsample_rate``, ``frame_rate``."""
 
+    # Decode sessions own their state (see `create_decode_session`). The TTS pipeline opens one session per request
+    # on a shared codec only where a codec class says so; it runs any other (upstream's, one stream per object)
+    # through this class over that object's weights (codec_loading.session_codec).
+    independent_decode_sessions = True
+
     def __init__(self, config: MossAudioTokenizerConfig) -> None:
         super().__init__(config)
         self.sampling_rate = config.sampling_rate
