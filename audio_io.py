@@ -11,7 +11,7 @@ import importlib
 import logging
 import math
 import os
-import tempfile
+import secrets
 from fractions import Fraction
 from pathlib import Path
 
@@ -169,10 +169,21 @@ def check_prompt_waveform(samples: np.ndarray | torch.Tensor, sample_rate: int, 
         raise ValueError(f"{source} is silent (peak amplitude {peak:.2e}); provide a recording of the voice to clone")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp_file(directory: Path, prefix: str, suffix: str) -> str:
+    """Create an empty, new file in ``directory`` with the usual permissions (0o666 less the umask); return its path.
+
+    Why not tempfile.mkstemp + chmod: mkstemp creates 0600, and reading the umask to widen that means setting it,
+    process-wide, which races with every other thread creating files. ``os.open`` with a mode lets the kernel apply
+    the umask itself; O_EXCL makes the name ours alone.
+    """
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+        except FileExistsError:  # another writer's name (48 random bits: practically never)
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary file name found in {directory}")
 
 
 def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
@@ -197,14 +208,12 @@ def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndar
     frames = data.T if data.ndim == 2 else data  # soundfile wants [frames, channels]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+        tmp_name = _create_temp_file(path.parent, f".{path.stem}.", f".partial{path.suffix}")
     except OSError as exc:
         raise RuntimeError(f"cannot write to '{path.parent}': {exc.strerror or exc}; choose a writable location") from exc
-    os.close(handle)
     subtype = "PCM_16" if fmt == "WAV" else None
     try:
         _soundfile().write(tmp_name, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_name, path)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
         Path(tmp_name).unlink(missing_ok=True)

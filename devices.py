@@ -396,14 +396,44 @@ def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
     return ops.peak(index)
 
 
+def check_seed(seed: Any) -> int:
+    """Return ``seed`` if it is an int in [0, 2**32) (numpy's range, kept for every seed here).
+
+    Raises:
+        ValueError: naming the value and the allowed range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
+    return seed
+
+
+def new_generator(device: DeviceLike, seed: Optional[int] = None) -> torch.Generator:
+    """A private ``torch.Generator`` on ``device``: seeded with ``seed``, or from the OS when it is None.
+
+    Calls draw from one of these instead of the process-wide generators, so concurrent or interleaved requests
+    neither disturb nor depend on each other (and a seeded request repeats whatever runs beside it). On the CPU a
+    seed gives the same draws as ``torch.manual_seed(seed)`` did.
+
+    Raises:
+        ValueError: ``seed`` outside [0, 2**32).
+    """
+    generator = torch.Generator(device=torch.device(device))
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(check_seed(seed))
+    return generator
+
+
 def seed_everything(seed: int, device: DeviceLike = None) -> None:
     """Seed ``random``, numpy, torch and the accelerator generators (all usable ones, or ``device``'s type).
+
+    For scripts that want a reproducible process; library calls never use it (they take ``new_generator``).
 
     Raises:
         ValueError: ``seed`` is not an int in [0, 2**32) (numpy's range), or ``device`` is unsupported.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
+    check_seed(seed)
     kinds = DEVICE_PREFERENCE if device is None else (_parse_device(device)[0],)
     random.seed(seed)
     np.random.seed(seed)

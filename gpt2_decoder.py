@@ -504,6 +504,9 @@ def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
     if not {"x86", "fbgemm"} & set(engines):
         raise RuntimeError(f"int8 weight precision needs torch's x86/fbgemm quantized engine; this build has {engines}")
     if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        # Why here only: prepacking reads the process-wide engine, but a packed weight keeps its own kernel (a later
+        # engine change does not affect `linear_dynamic` on it). So the switch happens when int8 is set up (or the
+        # model is moved), never during generation, where it would race with other threads.
         torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
     with torch.no_grad(), warnings.catch_warnings():
         # Why: torch flags its quantized-tensor constructors as deprecated; they are still the only CPU int8 path

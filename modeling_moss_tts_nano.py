@@ -574,12 +574,16 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_tokenizer / audio_tokenizer_path (alias audio_tokenizer_pretrained_name_or_path): the codec;
                 default: <checkpoint>/audio_tokenizer, else config.audio_tokenizer_pretrained_name_or_path.
             local_files_only: never download the codec.
-            device: move the model there first ("auto", "npu:0", "cuda", "cpu", ...).
+            device: where the model should be ("auto", "npu:0", "cuda", "cpu", ...): nothing happens when it is
+                there; otherwise the model is moved, with a warning (a call running on it meanwhile would fail).
             max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
                 audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
             voice_clone_max_text_tokens, voice_clone_max_memory_per_sample_gb (1.0),
                 voice_clone_chunk_batch_size (cap), voice_clone_codec_batch_size: long-text chunking and batching.
-            seed: seeds torch (and the device) before generation.
+            seed: seeds this call's own random generator (on the model's device); the process-wide generators
+                (random, numpy, torch) are neither read nor changed, so a seeded call repeats whatever runs beside it.
+            generator: a torch.Generator on the model's device to draw from instead (not with seed). Sampling without
+                either draws from a fresh generator seeded by the OS.
             progress: callable receiving progress messages for long texts.
 
         Returns:
@@ -590,6 +594,11 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         Raises:
             ValueError: invalid text, prompt, mode combination, sampling value or file.
             RuntimeError: missing codec offline, out of memory at batch 1, or non-finite logits after the float32 retry.
+
+        Every call owns its state (caches, codec decode session, random generator) and only reads the model, codec
+        and tokenizer: threads and interleaved `inference_stream` generators may share one model and one codec.
+        Resources are loaded once per set of resource arguments (see `pipeline.Synthesizer`). The float32 retry runs
+        a float32 copy kept beside the model, never this model cast in place.
         """
         return _pipeline_module().run_inference(self, text, output_audio_path, **kwargs)
 
@@ -606,7 +615,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             Their concatenation equals the non-streaming waveform for the same codes.
 
         Raises:
-            As `inference`. Closing the generator early releases the codec's streaming state.
+            As `inference`. The stream owns its codec decode session: leaving it early (`break`) affects no other call.
         """
         return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
 

@@ -4,14 +4,23 @@ text (+ reference audio) -> codec encode -> prompt rows -> generation -> codec d
 -> file. Voice-clone text is split into chunks within a token budget; chunks are generated in batches sized
 from free device memory and joined with short pauses. Generation that fails numerically is retried once in
 float32 with the device's fallback attention backend; a batch that runs out of memory is retried smaller.
+
+Every call owns its state: KV caches, its codec decode session, its random generator (``seed=`` / ``generator=``).
+The model, tokenizer and codec are only read, so one ``Synthesizer`` (or one model's ``inference`` /
+``inference_stream``) serves any number of threads and interleaved streams. The float32 retry runs a float32 copy
+kept beside the model (``float32_retry_model``), never the caller's model cast in place.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import itertools
 import logging
 import os
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,7 +35,7 @@ try:
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from .codec_loading import load_codec, resolve_codec_directory
+    from .codec_loading import load_codec, resolve_codec_directory, session_codec
     from .prompting import (
         PromptTokenIds,
         build_continuation_rows,
@@ -48,7 +57,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from codec_loading import load_codec, resolve_codec_directory
+    from codec_loading import load_codec, resolve_codec_directory, session_codec
     from prompting import (
         PromptTokenIds,
         build_continuation_rows,
@@ -88,7 +97,10 @@ SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
 
 @dataclass
 class Resources:
-    """What a synthesis needs besides the model, loaded once and cached on the model."""
+    """What a synthesis needs besides the model: read-only once loaded, shared by every call of a Synthesizer.
+
+    ``codec`` has independent decode sessions (``codec_loading.session_codec``): each streaming call opens its own.
+    """
 
     tokenizer: Any
     codec: Any
@@ -123,6 +135,7 @@ class SynthesisRequest:
     voice_clone_codec_batch_size: int | None = None
     downmix: bool = False
     seed: int | None = None
+    generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -148,6 +161,31 @@ class SynthesisRequest:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+        self._check_randomness()
+
+    def _check_randomness(self) -> None:
+        if self.seed is not None:
+            devices.check_seed(self.seed)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("pass seed= or generator=, not both (a seed makes the call's own generator)")
+
+    def call_generator(self, device: torch.device) -> torch.Generator | None:
+        """The call's own random generator on ``device``: the caller's, one seeded with ``seed``, or (sampling
+        without either) one seeded from the OS. None for greedy calls, which draw nothing.
+
+        Raises:
+            ValueError: a caller's generator on another device type than the model.
+        """
+        if self.generator is not None:
+            if self.generator.device.type != device.type:
+                raise ValueError(f"generator is on {self.generator.device}, the model on {device}; create it with "
+                                 f"torch.Generator(device='{device}')")
+            return self.generator
+        if self.seed is None and not self.generation.get("do_sample"):
+            return None
+        return devices.new_generator(device, self.seed)
 
 
 def build_request(text: str, **kwargs: Any) -> SynthesisRequest:
@@ -173,16 +211,15 @@ def load_resources(
     audio_tokenizer_path: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> Resources:
-    """Find the text tokenizer and codec for ``model`` (cached on the model after the first call).
+    """Load the text tokenizer and codec for ``model`` (every time: ``Synthesizer`` / ``synthesizer_for`` keep them).
+
+    A codec object that is not this repository's class is run through it over its own weights (``session_codec``).
+    The codec is moved to the model's device if it is elsewhere.
 
     Raises:
-        ValueError: a tokenizer or codec location that holds no files.
+        ValueError: a tokenizer or codec location that holds no files, or a codec of another layout.
         RuntimeError: a codec hub id that cannot be fetched.
     """
-    key = (id(text_tokenizer), str(text_tokenizer_path), id(audio_tokenizer), str(audio_tokenizer_path))
-    cached = getattr(model, "_moss_resources", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     model_dir = model_directory(model)
     tokenizer = text_tokenizer or _load_tokenizer(text_tokenizer_path or model_dir)
     codec = audio_tokenizer
@@ -190,11 +227,78 @@ def load_resources(
         configured = getattr(model.config, "audio_tokenizer_pretrained_name_or_path", None)
         codec_dir = resolve_codec_directory(audio_tokenizer_path, model_dir, configured, local_files_only)
         codec = load_codec(codec_dir, model_dir)
-    codec.to(next(model.parameters()).device)
+    codec = session_codec(codec, model_dir)
+    device = next(model.parameters()).device
+    if next(codec.parameters()).device != device:
+        codec.to(device)
     ids = PromptTokenIds.from_config(model.config)
-    resources = Resources(tokenizer, codec, ids, build_prompt_template(_encoder(tokenizer), ids))
-    model._moss_resources = (key, resources)
-    return resources
+    return Resources(tokenizer, codec, ids, build_prompt_template(_encoder(tokenizer), ids))
+
+
+class Synthesizer:
+    """Text to speech with one model and the resources it needs (tokenizer, codec, prompt template), loaded once.
+
+    Safe to share between threads and between interleaved streams: each call owns its state (KV caches, its codec
+    decode session, its random generator); the model, tokenizer and codec are only read. ``model.inference`` /
+    ``inference_stream`` go through one of these per set of resource arguments (``synthesizer_for``).
+
+    Args:
+        model: a loaded ``MossTTSNanoForCausalLM`` on its device.
+        text_tokenizer, text_tokenizer_path, audio_tokenizer, audio_tokenizer_path, local_files_only: as for
+            ``MossTTSNanoForCausalLM.inference``.
+        resources: already loaded resources for ``model`` (instead of the arguments above).
+    """
+
+    def __init__(self, model: Any, *, resources: Resources | None = None, **resource_kwargs: Any) -> None:
+        unknown = sorted(set(resource_kwargs) - set(_RESOURCE_KEYS))
+        if unknown:
+            raise TypeError(f"Synthesizer() got unexpected keyword arguments {unknown}; valid: {list(_RESOURCE_KEYS)}")
+        self.model = model
+        self.resources = resources if resources is not None else load_resources(model, **resource_kwargs)
+
+    @property
+    def codec(self) -> Any:
+        return self.resources.codec
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.resources.tokenizer
+
+    def inference(self, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+        """``MossTTSNanoForCausalLM.inference`` with this object's resources (no resource keywords)."""
+        return run_inference(self.model, text, output_audio_path, synthesizer=self, **kwargs)
+
+    def inference_stream(self, text: str, output_audio_path: str | os.PathLike | None = None,
+                         **kwargs: Any) -> Iterator[dict]:
+        """``MossTTSNanoForCausalLM.inference_stream`` with this object's resources (no resource keywords)."""
+        return run_inference_stream(self.model, text, output_audio_path, synthesizer=self, **kwargs)
+
+
+# Resources that model.inference() loaded, per model (weakly: they go with the model) and per resource arguments.
+# Each entry keeps the caller's tokenizer / codec objects alive, so their id() in the key cannot be reused.
+_SYNTHESIZER_RESOURCES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_SYNTHESIZER_LOCK = threading.Lock()
+_RESOURCE_SETS_PER_MODEL = 4
+
+
+def synthesizer_for(model: Any, **resource_kwargs: Any) -> Synthesizer:
+    """The ``Synthesizer`` behind ``model.inference(**resource_kwargs)``: resources loaded on first use, then reused.
+
+    Thread-safe: concurrent first calls load once (under a lock); the last few resource sets per model are kept.
+    """
+    key = tuple((k, id(v) if k in ("text_tokenizer", "audio_tokenizer") else str(v))
+                for k, v in sorted(resource_kwargs.items()))
+    with _SYNTHESIZER_LOCK:
+        cache = _SYNTHESIZER_RESOURCES.setdefault(model, OrderedDict())
+        entry = cache.get(key)
+        if entry is None:
+            resources = load_resources(model, **resource_kwargs)
+            entry = cache[key] = (resource_kwargs.get("text_tokenizer"), resource_kwargs.get("audio_tokenizer"),
+                                  resources)
+            while len(cache) > _RESOURCE_SETS_PER_MODEL:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+    return Synthesizer(model, resources=entry[2])
 
 
 def _load_tokenizer(directory: str | os.PathLike | None) -> Any:
@@ -234,29 +338,58 @@ def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: in
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-@contextlib.contextmanager
-def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
-    """Run the model in float32 with the device's fallback attention backend, then restore it."""
-    dtype = next(model.parameters()).dtype
-    previous = model.get_attention_implementation()
-    model.to(torch.float32)
-    model.set_attention_implementation(devices.fallback_attention_implementation(device))
-    try:
-        yield
-    finally:
-        model.set_attention_implementation(*previous)
-        model.to(dtype)
+# The float32 retry's models, per model (weakly: they go with it), with the weights they were made from.
+_FLOAT32_MODELS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
+_FLOAT32_LOCK = threading.Lock()
+
+
+def float32_retry_model(model: Any, device: torch.device) -> Any:
+    """The model the float32 retry runs: ``model``'s weights in float32, with ``device``'s fallback attention backend.
+
+    Why not cast ``model`` in place (upstream does): calls running on it at the same time would fail. Made on the
+    first retry (under a lock; concurrent retries share it), kept beside ``model`` while it lives, and made again when
+    its weights were replaced, moved or edited. A float32 model shares its parameter tensors with it (only the
+    attention setting differs, and int8 weight precision is left out); other dtypes cost one float32 copy of the
+    weights, kept for later retries.
+    """
+    weights = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in model.parameters())
+    with _FLOAT32_LOCK:
+        cached = _FLOAT32_MODELS.get(model)
+        if cached is None or cached[0] != weights:
+            cached = _FLOAT32_MODELS[model] = (weights, _float32_copy(model, device))
+    return cached[1]
+
+
+def _float32_copy(model: Any, device: torch.device) -> Any:
+    memo: dict[int, Any] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                cast = tensor.detach().to(torch.float32)
+                memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(
+                    tensor, torch.nn.Parameter) else cast
+            else:
+                memo[id(tensor)] = tensor  # shared, not copied (ties stay tied: one entry per tensor object)
+        for module in model.modules():
+            if getattr(module, "_packed", None) is not None:
+                memo[id(module._packed)] = None  # derived int8 weights: the retry runs plain float32
+        retry = copy.deepcopy(model, memo)
+    retry.set_attention_implementation(devices.fallback_attention_implementation(device))
+    return retry.eval()
 
 
 def generate_robust(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest,
+    generator: torch.Generator | None = None,
 ) -> tuple[Any, bool]:
-    """``model.generate`` with one float32 / fallback-backend retry on numerical failure.
+    """``model.generate`` with one retry on numerical failure, in float32 with the device's fallback attention
+    backend (``float32_retry_model``; ``model`` itself is left as it is).
 
     Returns:
         ``(generation output, whether the float32 retry was needed)``.
     """
-    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq, generator=generator)
+    start = None if generator is None else generator.get_state()
     try:
         return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), False
     except RuntimeError as exc:
@@ -265,23 +398,28 @@ def generate_robust(
         first = exc
     device = input_ids.device
     logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
-    with float32_fallback(model, device):
-        try:
-            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
-        except RuntimeError as exc:
-            if not devices.is_stability_error(exc):
-                raise
-            raise RuntimeError(
-                f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
-                f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
-                f"({str(exc).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
-            ) from exc
+    if generator is not None:
+        generator.set_state(start)  # the retry draws what a float32 run would have drawn
+    retry_model = float32_retry_model(model, device)
+    try:
+        return retry_model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
+    except RuntimeError as exc:
+        if not devices.is_stability_error(exc):
+            raise
+        raise RuntimeError(
+            f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
+            f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
+            f"({str(exc).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
+        ) from exc
 
 
 def generate_chunks(
-    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None
+    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], int, bool]:
     """Generate every chunk's rows, batched from free memory, halving the batch on out-of-memory errors.
+
+    ``generator`` (the call's own) is rewound before a batch is retried, so a retry draws what a first try would.
 
     Returns:
         ``(codes per chunk [frames, n_vq], first batch size, whether any batch needed the float32 retry)``.
@@ -295,11 +433,14 @@ def generate_chunks(
     while len(results) < len(rows):
         part = rows[len(results) : len(results) + batch]
         input_ids, mask = left_pad_batch(part, resources.ids)
+        start = None if generator is None else generator.get_state()
         try:
-            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request)
+            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request, generator)
         except Exception as exc:
             if not devices.is_out_of_memory_error(exc):
                 raise
+            if generator is not None:
+                generator.set_state(start)
             if batch == 1:
                 raise RuntimeError(
                     "out of device memory while generating a single text chunk; lower --max-new-frames or "
@@ -373,7 +514,7 @@ def decode_generated(
 
 
 def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | None]:
-    """Take the resource and device keywords out of ``kwargs``; move the model when ``device`` is given.
+    """Take the resource and device keywords out of ``kwargs``; ``device`` goes to ``place_model``.
 
     ``audio_tokenizer_pretrained_name_or_path`` (upstream's name) is accepted for ``audio_tokenizer_path``.
     """
@@ -381,14 +522,32 @@ def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | Non
         kwargs.setdefault("audio_tokenizer_path", kwargs.pop("audio_tokenizer_pretrained_name_or_path"))
     device = kwargs.pop("device", None)
     if device is not None:
-        model.to(devices.resolve_device(device))
+        place_model(model, devices.resolve_device(device))
     resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
     return resource_kwargs, kwargs.pop("progress", None)
 
 
+_PLACE_LOCK = threading.Lock()
+
+
+def place_model(model: Any, device: torch.device) -> None:
+    """Upstream's ``device=`` keyword: nothing when the model is already on ``device`` (the serving case).
+
+    Otherwise the model is moved there, once, with a warning: a move changes the shared model, and a call running
+    on it at the same time (another thread, an open stream) would fail. Servers place the model before serving.
+    """
+    with _PLACE_LOCK:
+        current = next(model.parameters()).device
+        if current == device:
+            return
+        logger.warning("inference(device=%s) moves the model from %s to %s; move it once before serving: a call "
+                       "running on it meanwhile would fail", device, current, device)
+        model.to(device)
+
+
 @dataclass
 class Plan:
-    """A validated call: its request, resources, prompt codes, text chunks and their prompt rows."""
+    """A validated call: its request, resources, prompt codes, text chunks, their prompt rows, its generator."""
 
     request: SynthesisRequest
     resources: Resources
@@ -396,22 +555,31 @@ class Plan:
     chunks: list[str]
     rows: list[torch.Tensor]
     progress: Callable | None
+    generator: torch.Generator | None = None
 
     @property
     def nq(self) -> int:
         return self.request.nq or self.resources.ids.n_vq
 
 
-def prepare_call(model: Any, text: str, kwargs: dict) -> Plan:
-    """Everything before generation, shared by the streaming and non-streaming entry points."""
+def prepare_call(model: Any, text: str, kwargs: dict, synthesizer: Synthesizer | None = None) -> Plan:
+    """Everything before generation, shared by the streaming and non-streaming entry points.
+
+    Raises:
+        ValueError: resource keywords given to a ``Synthesizer`` call (it owns its resources), or bad arguments.
+    """
     resource_kwargs, progress = split_call_arguments(model, kwargs)
     request = build_request(text, **kwargs)
-    resources = load_resources(model, **resource_kwargs)
-    if request.seed is not None:
-        devices.seed_everything(request.seed, next(model.parameters()).device)
+    if synthesizer is None:
+        synthesizer = synthesizer_for(model, **resource_kwargs)
+    elif resource_kwargs:
+        raise ValueError(f"{sorted(resource_kwargs)} cannot be passed to a Synthesizer's calls: it owns its "
+                         "resources; create another Synthesizer for other ones")
+    resources = synthesizer.resources
+    generator = request.call_generator(next(model.parameters()).device)
     prompt_codes = prepare_prompt(request, resources)
     chunks, rows = plan_rows(request, resources, prompt_codes)
-    return Plan(request, resources, prompt_codes, chunks, rows, progress)
+    return Plan(request, resources, prompt_codes, chunks, rows, progress, generator)
 
 
 def finish_result(plan: Plan, codes: list[torch.Tensor], waveform: torch.Tensor, output_audio_path: Any,
@@ -432,10 +600,12 @@ def finish_result(plan: Plan, codes: list[torch.Tensor], waveform: torch.Tensor,
     return result
 
 
-def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
+                  synthesizer: Synthesizer | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
-    plan = prepare_call(model, text, kwargs)
-    codes, chunk_batch, float32_retry = generate_chunks(model, plan.rows, plan.request, plan.resources, plan.progress)
+    plan = prepare_call(model, text, kwargs, synthesizer)
+    codes, chunk_batch, float32_retry = generate_chunks(model, plan.rows, plan.request, plan.resources, plan.progress,
+                                                        plan.generator)
     waves = decode_generated(plan.resources.codec, codes, plan.request, plan.prompt_codes, plan.nq)
     return finish_result(
         plan, codes, join_with_pauses(waves, plan.chunks), output_audio_path,
@@ -458,7 +628,10 @@ _RESOURCE_KEYS = (
 
 
 class StreamDecoder:
-    """Decode frames as they arrive with the codec's streaming session, in windows sized by the lead over real time.
+    """Decode frames as they arrive through its own codec decode session, in windows sized by the lead over real time.
+
+    The session (opened on the first decode, freed by ``close``) holds this stream's codec history alone, so any
+    number of StreamDecoders run on one codec, interleaved or in threads.
 
     The first frame is decoded alone (first audio as early as possible). While little audio is ahead of the wall
     clock, frames are decoded one or two at a time (low latency); once audio is comfortably ahead, in windows of up
@@ -468,19 +641,19 @@ class StreamDecoder:
 
     def __init__(self, codec: Any, nq: int) -> None:
         self.codec, self.nq = codec, nq
+        self.session: Any = None
         self.pending: list[torch.Tensor] = []
-        self.started = False
         self.emitted_seconds = 0.0
         self.first_audio_at: float | None = None
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.session is None:
+            self.session = self.codec.create_decode_session(1)
+            self.session.append(0)
         device = next(self.codec.parameters()).device
-        first = {} if self.started else {"max_batch_size": 1, "reset_stream": True}
-        self.started = True
-        out = self.codec.batch_decode(
-            [codes[:, : self.nq].transpose(0, 1).to(device)], num_quantizers=self.nq, streaming=True, **first
-        )
-        return out.audio[0, :, : int(out.audio_lengths[0])].float().cpu()
+        frames = codes[:, : self.nq].transpose(0, 1).to(device)  # (nq, L)
+        _, audio, lengths = self.session.step([0], frames, [frames.shape[-1]])
+        return audio[0, :, : int(lengths[0])].float().cpu()
 
     def prime(self, codes: torch.Tensor) -> None:
         """Feed prompt codes whose audio is not wanted (continuation with prompt audio)."""
@@ -513,7 +686,10 @@ class StreamDecoder:
         return wave
 
     def close(self) -> None:
-        self.codec._reset_batch_decode_streaming_state()
+        """Free this stream's decode session (idempotent)."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
 
 
 def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> dict:
@@ -521,13 +697,14 @@ def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> d
 
 
 def _stream_chunk(
-    model: Any, rows: torch.Tensor, request: SynthesisRequest, resources: Resources, decoder: StreamDecoder, sink: list
+    model: Any, rows: torch.Tensor, request: SynthesisRequest, resources: Resources, decoder: StreamDecoder, sink: list,
+    generator: torch.Generator | None = None,
 ) -> Iterator[dict]:
     """Generate one chunk and yield its audio as it is decoded; the chunk's codes are appended to ``sink``."""
     device = next(model.parameters()).device
     nq = request.nq or resources.ids.n_vq
     input_ids, mask = left_pad_batch([rows], resources.ids)
-    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq, generator=generator)
     frames: list[torch.Tensor] = []
     for event in model.generate_stream(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs):
         if event["type"] != "frame":
@@ -547,10 +724,11 @@ def _stream_chunk(
 
 
 def run_inference_stream(
-    model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any
+    model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
+    synthesizer: Synthesizer | None = None, **kwargs: Any
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
-    plan = prepare_call(model, text, kwargs)
+    plan = prepare_call(model, text, kwargs, synthesizer)
     request, resources = plan.request, plan.resources
     started = time.perf_counter()
     first_audio: float | None = None
@@ -561,7 +739,7 @@ def run_inference_stream(
         try:
             if request.mode == "continuation" and plan.prompt_codes is not None:
                 decoder.prime(plan.prompt_codes)
-            for wave in _stream_chunk(model, chunk_rows, request, resources, decoder, codes):
+            for wave in _stream_chunk(model, chunk_rows, request, resources, decoder, codes, plan.generator):
                 first_audio = first_audio if first_audio is not None else time.perf_counter() - started
                 parts.append(wave)
                 yield _audio_event(wave, index)
