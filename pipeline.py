@@ -352,7 +352,8 @@ def float32_retry_model(model: Any, device: torch.device) -> Any:
     attention setting differs, and int8 weight precision is left out); other dtypes cost one float32 copy of the
     weights, kept for later retries.
     """
-    weights = tuple((p.device, p.dtype, p.data_ptr(), p._version) for p in model.parameters())
+    weights = tuple((p.device, p.dtype, p.data_ptr(), None if p.is_inference() else p._version)
+                    for p in model.parameters())
     with _FLOAT32_LOCK:
         cached = _FLOAT32_MODELS.get(model)
         if cached is None or cached[0] != weights:
