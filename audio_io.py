@@ -11,12 +11,18 @@ import importlib
 import logging
 import math
 import os
-import secrets
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    from .atomic_files import write_atomic
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -169,23 +175,6 @@ def check_prompt_waveform(samples: np.ndarray | torch.Tensor, sample_rate: int, 
         raise ValueError(f"{source} is silent (peak amplitude {peak:.2e}); provide a recording of the voice to clone")
 
 
-def _create_temp_file(directory: Path, prefix: str, suffix: str) -> str:
-    """Create an empty, new file in ``directory`` with the usual permissions (0o666 less the umask); return its path.
-
-    Why not tempfile.mkstemp + chmod: mkstemp creates 0600, and reading the umask to widen that means setting it,
-    process-wide, which races with every other thread creating files. ``os.open`` with a mode lets the kernel apply
-    the umask itself; O_EXCL makes the name ours alone.
-    """
-    for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
-        except FileExistsError:  # another writer's name (48 random bits: practically never)
-            continue
-        return path
-    raise FileExistsError(f"no unused temporary file name found in {directory}")
-
-
 def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write ``[channels, frames]`` (or ``[frames]``) audio; the file appears only once complete.
 
@@ -206,16 +195,8 @@ def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndar
     if not np.isfinite(data).all():
         raise ValueError("refusing to write audio with NaN or Inf samples")
     frames = data.T if data.ndim == 2 else data  # soundfile wants [frames, channels]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_name = _create_temp_file(path.parent, f".{path.stem}.", f".partial{path.suffix}")
-    except OSError as exc:
-        raise RuntimeError(f"cannot write to '{path.parent}': {exc.strerror or exc}; choose a writable location") from exc
     subtype = "PCM_16" if fmt == "WAV" else None
-    try:
-        _soundfile().write(tmp_name, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
-        os.replace(tmp_name, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(
+        path, lambda temporary: _soundfile().write(temporary, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt,
+                                                   subtype=subtype)
+    )
