@@ -623,6 +623,7 @@ def _pipeline_module() -> Any:
         from .audio_io import write_audio_atomic  # noqa: F401
         from .codec_loading import load_codec  # noqa: F401
         from .pipeline import run_inference  # noqa: F401
+        from .shared_resources import load_resources  # noqa: F401
         from .text_chunking import split_text_into_chunks  # noqa: F401
         from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
     except ImportError:  # not part of a package: imported from the repository root or run as a script

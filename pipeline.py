@@ -8,22 +8,16 @@ float32 with the device's fallback attention backend; a batch that runs out of m
 Every call owns its state: KV caches, its codec decode session, its random generator (``seed=`` / ``generator=``).
 The model, tokenizer and codec are only read, so one ``Synthesizer`` (or one model's ``inference`` /
 ``inference_stream``) serves any number of threads and interleaved streams. The float32 retry runs a float32 copy
-kept beside the model (``float32_retry_model``), never the caller's model cast in place.
+kept beside the model (``shared_resources.float32_retry_model``), never the caller's model cast in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import logging
 import os
-import threading
 import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -36,19 +30,23 @@ try:
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from .codec_loading import load_codec, resolve_codec_directory, session_codec
     from .prompting import (
-        PromptTokenIds,
         build_continuation_rows,
-        build_prompt_template,
         build_voice_clone_rows,
         infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from .sampling import SamplingParams
+    from .shared_resources import (
+        RESOURCE_KEYS,
+        Resources,
+        cached_resources,
+        float32_retry_model,
+        load_resources,
+        place_model,
+    )
     from .text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
-    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -59,19 +57,23 @@ except ImportError:  # not part of a package: imported from the repository root 
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from codec_loading import load_codec, resolve_codec_directory, session_codec
     from prompting import (
-        PromptTokenIds,
         build_continuation_rows,
-        build_prompt_template,
         build_voice_clone_rows,
         infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from sampling import SamplingParams
+    from shared_resources import (
+        RESOURCE_KEYS,
+        Resources,
+        cached_resources,
+        float32_retry_model,
+        load_resources,
+        place_model,
+    )
     from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
-    from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,27 +91,6 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "use_kv_cache": True,
 }
 SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
-
-
-@dataclass
-class Resources:
-    """What a synthesis needs besides the model: read-only once loaded, shared by every call of a Synthesizer.
-
-    ``codec`` has independent decode sessions (``codec_loading.session_codec``): each streaming call opens its own.
-    """
-
-    tokenizer: Any
-    codec: Any
-    ids: PromptTokenIds
-    template: Any
-
-    def encode_text(self, text: str) -> list[int]:
-        return _encoder(self.tokenizer)(text)
-
-
-def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """Tokenise without special tokens, as every prompt piece is (spec §5)."""
-    return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 
 @dataclass
@@ -193,43 +174,6 @@ def build_request(text: str, **kwargs: Any) -> SynthesisRequest:
 # ---------------------------------------------------------------------------------------------------- resources
 
 
-def model_directory(model: Any) -> Path | None:
-    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    return Path(name) if name and Path(name).is_dir() else None
-
-
-def load_resources(
-    model: Any,
-    text_tokenizer: Any = None,
-    text_tokenizer_path: str | os.PathLike | None = None,
-    audio_tokenizer: Any = None,
-    audio_tokenizer_path: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Resources:
-    """Load the text tokenizer and codec for ``model`` (every time: ``Synthesizer`` / ``synthesizer_for`` keep them).
-
-    A codec object that is not this repository's class is run through it over its own weights (``session_codec``).
-    The codec is moved to the model's device if it is elsewhere.
-
-    Raises:
-        ValueError: a tokenizer or codec location that holds no files, or a codec of another layout.
-        RuntimeError: a codec hub id that cannot be fetched.
-    """
-    model_dir = model_directory(model)
-    tokenizer = text_tokenizer or _load_tokenizer(text_tokenizer_path or model_dir)
-    codec = audio_tokenizer
-    if codec is None:
-        configured = getattr(model.config, "audio_tokenizer_pretrained_name_or_path", None)
-        codec_dir = resolve_codec_directory(audio_tokenizer_path, model_dir, configured, local_files_only)
-        codec = load_codec(codec_dir, model_dir)
-    codec = session_codec(codec, model_dir)
-    device = next(model.parameters()).device
-    if next(codec.parameters()).device != device:
-        codec.to(device)
-    ids = PromptTokenIds.from_config(model.config)
-    return Resources(tokenizer, codec, ids, build_prompt_template(_encoder(tokenizer), ids))
-
-
 class Synthesizer:
     """Text to speech with one model and the resources it needs (tokenizer, codec, prompt template), loaded once.
 
@@ -245,9 +189,9 @@ class Synthesizer:
     """
 
     def __init__(self, model: Any, *, resources: Resources | None = None, **resource_kwargs: Any) -> None:
-        unknown = sorted(set(resource_kwargs) - set(_RESOURCE_KEYS))
+        unknown = sorted(set(resource_kwargs) - set(RESOURCE_KEYS))
         if unknown:
-            raise TypeError(f"Synthesizer() got unexpected keyword arguments {unknown}; valid: {list(_RESOURCE_KEYS)}")
+            raise TypeError(f"Synthesizer() got unexpected keyword arguments {unknown}; valid: {list(RESOURCE_KEYS)}")
         self.model = model
         self.resources = resources if resources is not None else load_resources(model, **resource_kwargs)
 
@@ -269,40 +213,12 @@ class Synthesizer:
         return run_inference_stream(self.model, text, output_audio_path, synthesizer=self, **kwargs)
 
 
-# Resources that model.inference() loaded, per model (weakly: they go with the model) and per resource arguments.
-# Each entry keeps the caller's tokenizer / codec objects alive, so their id() in the key cannot be reused.
-_SYNTHESIZER_RESOURCES: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
-_SYNTHESIZER_LOCK = threading.Lock()
-_RESOURCE_SETS_PER_MODEL = 4
-
-
 def synthesizer_for(model: Any, **resource_kwargs: Any) -> Synthesizer:
     """The ``Synthesizer`` behind ``model.inference(**resource_kwargs)``: resources loaded on first use, then reused.
 
     Thread-safe: concurrent first calls load once (under a lock); the last few resource sets per model are kept.
     """
-    key = tuple((k, id(v) if k in ("text_tokenizer", "audio_tokenizer") else str(v))
-                for k, v in sorted(resource_kwargs.items()))
-    with _SYNTHESIZER_LOCK:
-        cache = _SYNTHESIZER_RESOURCES.setdefault(model, OrderedDict())
-        entry = cache.get(key)
-        if entry is None:
-            resources = load_resources(model, **resource_kwargs)
-            entry = cache[key] = (resource_kwargs.get("text_tokenizer"), resource_kwargs.get("audio_tokenizer"),
-                                  resources)
-            while len(cache) > _RESOURCE_SETS_PER_MODEL:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-    return Synthesizer(model, resources=entry[2])
-
-
-def _load_tokenizer(directory: str | os.PathLike | None) -> Any:
-    if directory is None or not (Path(directory) / "tokenizer.model").is_file():
-        raise ValueError(
-            f"no text tokenizer found (looked for tokenizer.model in {directory or 'the model directory'}); "
-            "pass text_tokenizer_path / the checkpoint directory that holds tokenizer.model"
-        )
-    return MossTTSNanoSentencePieceTokenizer.from_pretrained(str(directory))
+    return Synthesizer(model, resources=cached_resources(model, **resource_kwargs))
 
 
 def encode_prompt_audio(codec: Any, waveform: torch.Tensor) -> torch.LongTensor:
@@ -331,47 +247,6 @@ def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: in
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-
-
-# The float32 retry's models, per model (weakly: they go with it), with the weights they were made from.
-_FLOAT32_MODELS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
-_FLOAT32_LOCK = threading.Lock()
-
-
-def float32_retry_model(model: Any, device: torch.device) -> Any:
-    """The model the float32 retry runs: ``model``'s weights in float32, with ``device``'s fallback attention backend.
-
-    Why not cast ``model`` in place (upstream does): calls running on it at the same time would fail. Made on the
-    first retry (under a lock; concurrent retries share it), kept beside ``model`` while it lives, and made again when
-    its weights were replaced, moved or edited. A float32 model shares its parameter tensors with it (only the
-    attention setting differs, and int8 weight precision is left out); other dtypes cost one float32 copy of the
-    weights, kept for later retries.
-    """
-    weights = tuple((p.device, p.dtype, p.data_ptr(), None if p.is_inference() else p._version)
-                    for p in model.parameters())
-    with _FLOAT32_LOCK:
-        cached = _FLOAT32_MODELS.get(model)
-        if cached is None or cached[0] != weights:
-            cached = _FLOAT32_MODELS[model] = (weights, _float32_copy(model, device))
-    return cached[1]
-
-
-def _float32_copy(model: Any, device: torch.device) -> Any:
-    memo: dict[int, Any] = {}
-    with torch.inference_mode(False), torch.no_grad():
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                cast = tensor.detach().to(torch.float32)
-                memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(
-                    tensor, torch.nn.Parameter) else cast
-            else:
-                memo[id(tensor)] = tensor  # shared, not copied (ties stay tied: one entry per tensor object)
-        for module in model.modules():
-            if getattr(module, "_packed", None) is not None:
-                memo[id(module._packed)] = None  # derived int8 weights: the retry runs plain float32
-        retry = copy.deepcopy(model, memo)
-    retry.set_attention_implementation(devices.fallback_attention_implementation(device))
-    return retry.eval()
 
 
 def _generation_kwargs(request: SynthesisRequest, generator: torch.Generator | None) -> dict[str, Any]:
@@ -625,26 +500,8 @@ def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | Non
     device = kwargs.pop("device", None)
     if device is not None:
         place_model(model, devices.resolve_device(device))
-    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
+    resource_kwargs = {k: kwargs.pop(k) for k in RESOURCE_KEYS if k in kwargs}
     return resource_kwargs, kwargs.pop("progress", None)
-
-
-_PLACE_LOCK = threading.Lock()
-
-
-def place_model(model: Any, device: torch.device) -> None:
-    """Upstream's ``device=`` keyword: nothing when the model is already on ``device`` (the serving case).
-
-    Otherwise the model is moved there, once, with a warning: a move changes the shared model, and a call running
-    on it at the same time (another thread, an open stream) would fail. Servers place the model before serving.
-    """
-    with _PLACE_LOCK:
-        current = next(model.parameters()).device
-        if current == device:
-            return
-        logger.warning("inference(device=%s) moves the model from %s to %s; move it once before serving: a call "
-                       "running on it meanwhile would fail", device, current, device)
-        model.to(device)
 
 
 @dataclass
@@ -726,15 +583,6 @@ def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | 
         generated = generate_continuation(model, plan)
     waves = decode_generated(plan.resources.codec, generated.codes, plan.request, plan.prompt_codes, plan.nq)
     return finish_result(plan, generated, join_with_pauses(waves, plan.chunks), output_audio_path)
-
-
-_RESOURCE_KEYS = (
-    "text_tokenizer",
-    "text_tokenizer_path",
-    "audio_tokenizer",
-    "audio_tokenizer_path",
-    "local_files_only",
-)
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
