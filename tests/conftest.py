@@ -29,6 +29,11 @@ needs_safe_torch_load = pytest.mark.skipif(
 torch.set_num_threads(int(os.environ.get("MOSS_TTS_TEST_THREADS", "1")))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device: runs on an NPU or GPU against CPU float32 (tests/test_device.py); skipped without one")
+
+
 def shared_path(*parts: str) -> pathlib.Path:
     """Return a path under ../shared, or skip the calling test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)
