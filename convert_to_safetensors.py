@@ -13,9 +13,7 @@ The .bin stays; loaders prefer model.safetensors when both exist. Exit codes: 0 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,11 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 try:
+    from .atomic_files import write_atomic
     from .cli_common import Parser, run_cli
     from .torch_compat import load_pickled_weights
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
+    from atomic_files import write_atomic
     from cli_common import Parser, run_cli
     from torch_compat import load_pickled_weights
 
@@ -47,15 +47,7 @@ def convert_directory(directory: Path) -> Path:
     state = load_pickled_weights(str(source), map_location="cpu")
     # Why clone: tied weights share storage in a .bin, which safetensors refuses; each key gets its own copy.
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".safetensors.tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return target
+    return write_atomic(target, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

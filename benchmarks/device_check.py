@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import devices  # noqa: E402
+from atomic_files import write_text_atomic  # noqa: E402
 from cli_common import Parser, run_cli  # noqa: E402
 from torch_compat import cuda_bf16_supported  # noqa: E402
 from verification import JSON_NAME as VERIFY_JSON, TABLE_NAME as VERIFY_TABLE, dtype_name  # noqa: E402
-from verify_npu import write_text_atomic  # noqa: E402
 
 REPORT_FORMAT = "moss-tts-nano-device-check/1"
 JSON_NAME = "device_check_report.json"
