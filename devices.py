@@ -505,7 +505,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 
 
 def is_out_of_memory_error(exc: BaseException) -> bool:
-    """True for out-of-memory failures on any device (torch.OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
+    """True for out-of-memory failures on any device (OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
     return any(isinstance(e, _OOM_TYPES) or _OOM_PATTERN.search(str(e)) for e in _exception_chain(exc))
 
 

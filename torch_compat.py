@@ -32,7 +32,7 @@ def torch_version() -> tuple[int, int]:
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
-def register_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
+def add_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
     """``module.register_load_state_dict_pre_hook(hook)``: ``hook(module, state_dict, prefix, ...)`` runs first.
 
     The public method is torch >= 2.5. Before that, the private ``_register_load_state_dict_pre_hook`` (in torch

@@ -43,7 +43,7 @@ from .configuration_moss_audio_tokenizer import (
     normalize_attention_implementation,
     normalize_compute_dtype,
 )
-from .torch_compat import autocast_available, register_load_state_dict_pre_hook
+from .torch_compat import add_load_state_dict_pre_hook, autocast_available
 
 logger = logging.get_logger(__name__)
 
@@ -148,7 +148,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         self._stream_decode = StreamingDecodeController(self)
         self.set_attention_implementation(config.attention_implementation)
         self.set_compute_dtype(config.compute_dtype)
-        register_load_state_dict_pre_hook(self, self._remap_legacy_keys_hook)
+        add_load_state_dict_pre_hook(self, self._remap_legacy_keys_hook)
         self.register_load_state_dict_post_hook(self._refresh_after_load_hook)
         self.post_init()
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
-def register_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
+def add_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
     """``module.register_load_state_dict_pre_hook(hook)``: ``hook(module, state_dict, prefix, ...)`` runs first.
 
     The public method is torch >= 2.5. Before that, the private ``_register_load_state_dict_pre_hook`` (in torch

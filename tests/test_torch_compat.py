@@ -55,7 +55,7 @@ def _sdpa_has_enable_gqa() -> bool:
 NEWER_APIS = (
     NewerApi("nn.Module.register_load_state_dict_pre_hook", r"\.register_load_state_dict_pre_hook\(", (2, 5),
              lambda: hasattr(nn.Module, "register_load_state_dict_pre_hook"),
-             "torch_compat.register_load_state_dict_pre_hook(module, hook)"),
+             "torch_compat.add_load_state_dict_pre_hook(module, hook)"),
     NewerApi("torch.amp.is_autocast_available", r"\bis_autocast_available\(", (2, 4),
              lambda: hasattr(torch.amp, "is_autocast_available"), "audio_tokenizer.torch_compat.autocast_available"),
     NewerApi("torch.OutOfMemoryError", r"\btorch\.OutOfMemoryError\b", (2, 5),
@@ -139,7 +139,7 @@ def test_pre_hook_without_the_public_method_gets_the_module_first(monkeypatch, c
     monkeypatch.delattr(nn.Module, "register_load_state_dict_pre_hook", raising=False)  # as in torch < 2.5
     seen = []
     module = nn.Linear(2, 2)
-    compat.register_load_state_dict_pre_hook(module, lambda m, state, prefix, *rest: seen.append((m, prefix)))
+    compat.add_load_state_dict_pre_hook(module, lambda m, state, prefix, *rest: seen.append((m, prefix)))
     module.load_state_dict(nn.Linear(2, 2).state_dict())
     assert seen == [(module, "")]
 
@@ -331,7 +331,7 @@ def test_converter_needs_a_bin_file(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ the two copies
 
 
-@pytest.mark.parametrize("name", ["register_load_state_dict_pre_hook", "sdpa_mask", "_cpu_sdpa_nan_after_masked_key_block",
+@pytest.mark.parametrize("name", ["add_load_state_dict_pre_hook", "sdpa_mask", "_cpu_sdpa_nan_after_masked_key_block",
                                   "torch_version", "pickled_weights_refusal", "load_pickled_weights"])
 def test_the_codec_copy_of_a_shared_helper_is_the_same_code(name):
     assert inspect.getsource(getattr(torch_compat, name)) == inspect.getsource(getattr(codec_compat, name))
