@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -32,14 +32,18 @@ except ImportError:  # not part of a package: imported from the repository root 
     from torch_compat import load_pickled_weights
 
 
-def convert_directory(directory: Path) -> Path:
+def convert_directory(directory: Path) -> Optional[Path]:
     """Convert ``directory/pytorch_model.bin`` to ``directory/model.safetensors`` (atomically); return its path.
 
+    Returns None for a folder that holds model.safetensors and no .bin (nothing to convert).
+
     Raises:
-        ValueError: when the folder has no single-file pytorch_model.bin.
+        ValueError: when the folder has neither a single-file pytorch_model.bin nor model.safetensors.
         RuntimeError: on torch < 2.6 (the .bin cannot be read safely there).
     """
     source, target = directory / "pytorch_model.bin", directory / "model.safetensors"
+    if not source.is_file() and target.is_file():
+        return None
     if not source.is_file():
         sharded = (directory / "pytorch_model.bin.index.json").is_file()
         raise ValueError(f"'{directory}' has no pytorch_model.bin"
@@ -58,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("directories", nargs="+", type=Path, help="checkpoint folders holding pytorch_model.bin")
         parser.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
         for directory in parser.parse_args(argv).directories:
-            print(f"wrote {convert_directory(directory)}")
+            written = convert_directory(directory)
+            print(f"wrote {written}" if written else f"{directory} already holds model.safetensors only: nothing to do")
         return 0
 
     return run_cli(body, verbose="--verbose" in argv)

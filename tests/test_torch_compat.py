@@ -323,9 +323,13 @@ def test_converted_checkpoint_loads_identically_where_pickles_are_refused(monkey
     assert model.text_lm_head.weight is model.transformer.wte.weight
 
 
-def test_converter_needs_a_bin_file(tmp_path, capsys):
+def test_converter_needs_a_bin_file_and_leaves_safetensors_folders_alone(tmp_path, capsys):
     assert convert_to_safetensors.main([str(tmp_path)]) == 2
     assert "has no pytorch_model.bin" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"already converted")
+    assert convert_to_safetensors.main([str(tmp_path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").read_bytes() == b"already converted"
 
 
 # ------------------------------------------------------------------------------------------------ the two copies
