@@ -27,6 +27,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+try:
+    from .torch_compat import OutOfMemoryError, cuda_bf16_supported
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from torch_compat import OutOfMemoryError, cuda_bf16_supported
+
 logger = logging.getLogger(__name__)
 
 DEVICE_PREFERENCE = ("npu", "cuda", "cpu")
@@ -171,12 +178,7 @@ def _module(kind: str) -> Any:
 
 
 def _cuda_default_dtype() -> torch.dtype:
-    cuda = _module("cuda")
-    try:
-        supported = cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.3 has no including_emulation (and no emulation to exclude)
-        supported = cuda.is_bf16_supported()
-    return torch.bfloat16 if supported else torch.float16
+    return torch.bfloat16 if cuda_bf16_supported(_module("cuda")) else torch.float16
 
 
 def _npu_free_memory(index: int) -> int:
@@ -500,8 +502,7 @@ def npu_fusion_attention_fn() -> Optional[Callable[..., Any]]:
     return getattr(module, "npu_fusion_attention", None) if module is not None else None
 
 
-_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                               getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t is not None)
+_OOM_TYPES = (OutOfMemoryError, MemoryError)
 _OOM_PATTERN = re.compile(
     r"out of memory"  # "CUDA out of memory", "NPU out of memory", "CUDA error: out of memory"
     r"|EL0004"  # CANN: "EL0004: Failed to allocate memory"
@@ -534,7 +535,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 
 
 def is_out_of_memory_error(exc: BaseException) -> bool:
-    """True for out-of-memory failures on any device (torch.OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
+    """True for out-of-memory failures on any device (OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
     return any(isinstance(e, _OOM_TYPES) or _OOM_PATTERN.search(str(e)) for e in _exception_chain(exc))
 
 

@@ -23,10 +23,12 @@ from torch import nn
 
 try:
     from .devices import is_flash_attn_usable, npu_fusion_attention_fn
+    from .torch_compat import sdpa_mask
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     from devices import is_flash_attn_usable, npu_fusion_attention_fn
+    from torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         allowed = _dense_or_causal(mask, num_queries, num_keys, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(allowed, q.dtype), scale=scale)
     return _merge_heads(out)
 
 

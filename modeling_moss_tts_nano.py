@@ -43,6 +43,7 @@ try:
         validate_mode,
     )
     from .sampling import SamplingParams
+    from .torch_compat import add_load_state_dict_pre_hook
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -70,6 +71,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         validate_mode,
     )
     from sampling import SamplingParams
+    from torch_compat import add_load_state_dict_pre_hook
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         ties.update({f"audio_lm_heads.{i}.weight": f"audio_embeddings.{i}.weight" for i in range(config.n_vq)})
         self._tied_weights_keys = ties if _TIES_AS_MAPPING else [rf"^{k}$".replace(".", r"\.") for k in ties]
         self._resolved_attention: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
-        self.register_load_state_dict_pre_hook(_drop_local_token_embedding)
+        add_load_state_dict_pre_hook(self, _drop_local_token_embedding)
         self.post_init()  # ties the heads (transformers 5.x from `_tied_weights_keys`, 4.x through `_tie_weights`)
 
     # ------------------------------------------------------------------------------------------------ weights

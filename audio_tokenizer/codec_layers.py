@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torch_compat import sdpa_mask
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention, ``(B,H,Lq,Dh)`` x ``(B,H,Lk,Dh)`` with a boolean ``(B|1,1,Lq,Lk)`` mask."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(mask, q.dtype))
 
 
 # Why "flash_attention_2" maps to SDPA: flash-attn's sliding window admits one key more than the released

@@ -43,6 +43,7 @@ from .configuration_moss_audio_tokenizer import (
     normalize_attention_implementation,
     normalize_compute_dtype,
 )
+from .torch_compat import add_load_state_dict_pre_hook, autocast_available
 
 logger = logging.get_logger(__name__)
 
@@ -151,7 +152,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         self._stream_decode = StreamingDecodeController(self)
         self.set_attention_implementation(config.attention_implementation)
         self.set_compute_dtype(config.compute_dtype)
-        self.register_load_state_dict_pre_hook(self._remap_legacy_keys_hook)
+        add_load_state_dict_pre_hook(self, self._remap_legacy_keys_hook)
         self.register_load_state_dict_post_hook(self._refresh_after_load_hook)
         self.post_init()
 
@@ -261,7 +262,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         if dtype is None:
             return contextlib.nullcontext()
         allowed = AUTOCAST_DTYPES_BY_DEVICE.get(device.type)
-        if not torch.amp.is_autocast_available(device.type) or (allowed is not None and dtype not in allowed):
+        if not autocast_available(device.type) or (allowed is not None and dtype not in allowed):
             logger.warning_once(f"compute_dtype={self.compute_dtype_name} is not available on {device.type}; "
                                 "the codec runs in float32 there")
             return contextlib.nullcontext()

@@ -9,6 +9,7 @@ import torch
 
 import pipeline
 from pipeline_assets import TinyAssets
+from torch_compat import OutOfMemoryError
 
 GREEDY = {"do_sample": False}
 
@@ -103,7 +104,7 @@ def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, 
     def flaky(*args, **kwargs):
         calls.append(kwargs["input_ids"].shape[0])
         if kwargs["input_ids"].shape[0] > fits:
-            raise torch.OutOfMemoryError("simulated: NPU out of memory")
+            raise OutOfMemoryError("simulated: NPU out of memory")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(assets.model, "generate", flaky)
@@ -117,7 +118,7 @@ def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
     def always_oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        raise OutOfMemoryError("simulated: CUDA out of memory")
 
     monkeypatch.setattr(assets.model, "generate", always_oom)
     with pytest.raises(RuntimeError, match="out of device memory while generating a single text chunk"):
