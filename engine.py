@@ -49,7 +49,6 @@ try:
         build_request,
         continuation_rows,
         finish_result,
-        load_resources,
         pause_waveform,
         plan_chunks,
         next_context,
@@ -57,6 +56,7 @@ try:
         voice_clone_rows,
     )
     from .sampling import RowSampler, SamplingParams
+    from .shared_resources import RESOURCE_KEYS, cached_resources
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -73,7 +73,6 @@ except ImportError:  # not part of a package: imported from the repository root 
         build_request,
         continuation_rows,
         finish_result,
-        load_resources,
         pause_waveform,
         plan_chunks,
         next_context,
@@ -81,6 +80,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         voice_clone_rows,
     )
     from sampling import RowSampler, SamplingParams
+    from shared_resources import RESOURCE_KEYS, cached_resources
 
 
 class EngineFull(RuntimeError):
@@ -95,8 +95,7 @@ class RequestCancelled(RuntimeError):
     """The request was cancelled before it finished."""
 
 
-_RESOURCE_KEYS = ("text_tokenizer", "text_tokenizer_path", "audio_tokenizer", "audio_tokenizer_path",
-                  "audio_tokenizer_pretrained_name_or_path", "local_files_only")
+_RESOURCE_KEYS = (*RESOURCE_KEYS, "audio_tokenizer_pretrained_name_or_path")
 _NO_EFFECT_KEYS = ("use_kv_cache", "voice_clone_chunk_batch_size", "voice_clone_max_memory_per_sample_gb",
                    "voice_clone_codec_batch_size", "progress")
 _FINISHED = object()
@@ -272,8 +271,11 @@ class SynthesisEngine:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         self.model = model
-        self.resources = load_resources(model, text_tokenizer, text_tokenizer_path, audio_tokenizer,
-                                        audio_tokenizer_path, local_files_only)
+        self.resources = cached_resources(  # shared with model.inference() calls with the same arguments
+            model, **{key: value for key, value in (
+                ("text_tokenizer", text_tokenizer), ("text_tokenizer_path", text_tokenizer_path),
+                ("audio_tokenizer", audio_tokenizer), ("audio_tokenizer_path", audio_tokenizer_path),
+                ("local_files_only", local_files_only or None)) if value is not None})
         self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, bool(batch_invariant)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
@@ -361,12 +363,10 @@ class SynthesisEngine:
         for key in _NO_EFFECT_KEYS:
             kwargs.pop(key, None)
         output_audio_path = kwargs.pop("output_audio_path", None)
-        generator = kwargs.pop("generator", None)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         request = build_request(text, **kwargs)
+        generator = request.call_generator(device)
         prompt_codes = prepare_prompt(request, self.resources)
-        plan = Plan(request, self.resources, prompt_codes, *plan_chunks(request, self.resources), None)
+        plan = Plan(request, self.resources, prompt_codes, *plan_chunks(request, self.resources), None, generator)
         params = SamplingParams(max_new_frames=request.max_new_frames, nq=request.nq,
                                 **{k: v for k, v in request.generation.items() if k != "use_kv_cache"})
         rows = voice_clone_rows(plan) if request.mode == "voice_clone" else None
@@ -375,12 +375,6 @@ class SynthesisEngine:
         if first.shape[0] + request.max_new_frames > limit:
             raise ValueError(f"max_new_frames={request.max_new_frames} plus the prompt length exceeds "
                              f"max_position_embeddings={limit}")
-        if generator is None and (request.seed is not None or params.do_sample):
-            generator = torch.Generator(device=device)
-            if request.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(request.seed)
         job_id = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
         return _Job(job_id, plan, params, generator, output_audio_path, time.perf_counter(), rows=rows,
                     context=plan.first_context)

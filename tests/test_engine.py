@@ -389,3 +389,17 @@ def test_fast_products_mode_serves_the_same_requests(assets):
         for handle, solo in zip(handles, solos):
             result = handle.result(timeout=120)
             assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], solo["audio_token_ids"]))
+
+
+@needs_row_invariance
+def test_codec_layouts_give_the_same_audio(assets, monkeypatch):
+    """A session per stream (the CPU layout) and one multi-slot session for all (accelerators) decode alike."""
+    requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
+    outputs = {}
+    for separate in (True, False):
+        monkeypatch.setattr(engine_module, "_separate_codec_sessions", lambda codec, separate=separate: separate)
+        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=3) as eng:
+            outputs[separate] = [h.result(timeout=120) for h in [eng.submit(t, **k) for t, k in requests]]
+            assert eng._runner.codec_streams.shared is not separate
+    for per_stream, shared in zip(outputs[True], outputs[False]):
+        _assert_same_output(shared, per_stream)
