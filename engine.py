@@ -8,12 +8,13 @@ state and random generator: `RowSampler`), and one streaming codec call decodes 
 full (a multi-slot decode session; on a CPU, a session per stream: see `_CodecStreams`). A request's text chunks (long voice-clone text) run one after another in its
 slot, with the pause between them, exactly as `inference_stream` runs them.
 
-Each request gets its solo output whatever runs beside it: the steps run inside `row_invariant_products()` and
-attention runs per request with the shapes of a solo run, so on a CPU where oneDNN passes its probe
-(`gpt2_decoder.onednn_rows_invariant`) a request's codes are bit-identical to running it alone on an engine (greedy,
-or sampled with the same seed), whatever joins or leaves. On CUDA/NPU, and in int8 weight precision (whose
-activations are quantized per product, over all its rows), a row's last bits can depend on its neighbours, so
-sampled codes can diverge after a near tie; the README gives the measured agreement.
+Each request gets its solo output whatever runs beside it: the steps run inside `row_invariant_products()`, in
+products of at most `row_invariant_limit()` rows, a newcomer's prompt in a forward of its own, and attention runs
+per request with the shapes of a solo run. So on a CPU where oneDNN passes its probe a request's codes are
+bit-identical to running it alone on an engine (greedy, or sampled with the same seed), whatever joins or leaves.
+On CUDA/NPU, and in int8 weight precision (whose activations are quantized per product, over all its rows), a row's
+last bits can depend on its neighbours, so sampled codes can diverge after a near tie; the README gives the measured
+agreement.
 
 Deviations from the contract (ENGINE_CONTRACT.md), all additive: `submit` also takes `output_audio_path` (written by
 the consuming thread when the result arrives); `use_kv_cache`, `voice_clone_chunk_batch_size`,
@@ -37,7 +38,7 @@ import torch
 
 try:
     from .generation import SlotGlobal, LocalRunner, frame_constants, non_finite_message, sample_frame
-    from .gpt2_decoder import row_invariant_products
+    from .gpt2_decoder import row_invariant_limit, row_invariant_products
     from .pipeline import (
         SAMPLES_PER_FRAME,
         STREAM_BEHIND_WINDOW,
@@ -61,7 +62,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     from generation import SlotGlobal, LocalRunner, frame_constants, non_finite_message, sample_frame
-    from gpt2_decoder import row_invariant_products
+    from gpt2_decoder import row_invariant_limit, row_invariant_products
     from pipeline import (
         SAMPLES_PER_FRAME,
         STREAM_BEHIND_WINDOW,
@@ -277,6 +278,8 @@ class SynthesisEngine:
                 ("audio_tokenizer", audio_tokenizer), ("audio_tokenizer_path", audio_tokenizer_path),
                 ("local_files_only", local_files_only or None)) if value is not None})
         self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, bool(batch_invariant)
+        if self.batch_invariant:
+            row_invariant_limit()  # probed once per process: here rather than in the first request's latency
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
@@ -470,14 +473,21 @@ class _FrameRunner:
     @torch.inference_mode()
     def frame(self, jobs: list[_Job]) -> None:
         """One frame for every job: generate, hand out finished chunks, decode ready windows, emit events."""
-        with row_invariant_products() if self.batch_invariant else contextlib.nullcontext():
+        with row_invariant_products() if self.batch_invariant else contextlib.nullcontext() as limit:
             for job in jobs:
                 if job.next_embeds is None:
                     self._start_chunk(job)
-            out = self._generate(jobs)
+            # Rows go through products of at most `limit` rows (oneDNN's row-invariant range, see
+            # row_invariant_products); usually all of them at once.
+            block = max(1, limit) if self.batch_invariant else len(jobs)
+            flags, codes = [], []
+            for first in range(0, len(jobs), block):
+                block_flags, block_codes = self._generate(jobs[first : first + block])
+                flags += block_flags
+                codes += block_codes
         now = time.perf_counter()
         ending = []
-        for job, (text_ok, audio_ok, continues), codes in zip(jobs, *out):
+        for job, (text_ok, audio_ok, continues), codes in zip(jobs, flags, codes):
             if not (text_ok and audio_ok):
                 self.leave(job)
                 _finish(job, RuntimeError(non_finite_message("text" if not text_ok else "audio", job.steps,
@@ -498,15 +508,27 @@ class _FrameRunner:
             if not job.done:
                 self._end_chunk(job)
 
+    def _global_step(self, jobs: list[_Job]) -> torch.Tensor:
+        """The global decoder's output (B, H) for every job: a newcomer's prompt rows, or its next row.
+
+        Batch-invariant: each prompt in a forward of its own (a product of the prompt's rows, exactly as alone,
+        whatever oneDNN's kernel for that row count), the continuing rows together. Otherwise all in one forward.
+        """
+        prompts = {job.slot: self.model.embed_rows(job.prompt[None])[0] for job in jobs if job.steps == 0}
+        items = [(job.slot, prompts[job.slot] if job.slot in prompts else job.next_embeds) for job in jobs]
+        if not self.batch_invariant or not prompts:
+            return self.global_runner.run(items)
+        out = {}
+        for slot, rows in prompts.items():
+            out[slot] = self.global_runner.run([(slot, rows)])[0]
+        steps = [item for item in items if item[0] not in prompts]
+        if steps:
+            out.update(zip((slot for slot, _ in steps), self.global_runner.run(steps)))
+        return torch.stack([out[job.slot] for job in jobs])
+
     def _generate(self, jobs: list[_Job]) -> tuple[list, list]:
         model, slots = self.model, [job.slot for job in jobs]
-        items = []
-        for job in jobs:
-            if job.steps == 0:
-                items.append((job.slot, model.embed_rows(job.prompt[None])[0]))
-            else:
-                items.append((job.slot, job.next_embeds))
-        h = self.global_runner.run(items)  # (B, H)
+        h = self._global_step(jobs)  # (B, H)
         sampler = RowSampler([job.params for job in jobs], [job.generator for job in jobs], model.config.n_vq)
         local = LocalRunner(model, len(jobs), sampler.nq, self.attend_local)
         index = torch.tensor(slots, device=self.device)

@@ -560,7 +560,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
-    if _ROW_INVARIANT.get() and not _needs_autograd(x, weight) and onednn_rows_invariant():
+    if _ROW_INVARIANT.get() and not _needs_autograd(x, weight) and row_invariant_limit():
         return _onednn_rows(x, weight, bias)
     if x.numel() <= SPLIT_MAX_ROWS * x.shape[-1]:
         if weight.shape[0] % SPLIT_PARTS == 0:
@@ -596,46 +596,67 @@ _ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("moss_tts_
 
 
 @contextlib.contextmanager
-def row_invariant_products() -> Iterator[bool]:
+def row_invariant_products() -> Iterator[int]:
     """Make `linear` give each row the same bits whatever the other rows of the product are (this thread only).
 
-    A row's result then depends only on that row, not on how many rows share the product or where it sits, so a
-    request batched with others computes exactly what it computes alone (the continuous-batching engine runs its
-    steps inside this). How: float32 CPU products go through oneDNN with at least two rows (one row is padded to
-    two): oneDNN's GEMM gives every row of two or more the same bits (`onednn_rows_invariant` probes it once), while
-    the split matvec and MKL's GEMM change a row's summation order with the row count. One-row products cost more
-    this way (the split matvec reads the weights with every thread). Other devices and dtypes run F.linear as
-    usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's low bits may depend on the batch.
+    A row's result then depends only on that row, not on how many rows share the product (from 2 up to
+    `row_invariant_limit()`) or where it sits, so a request batched with others computes exactly what it computes
+    alone (the continuous-batching engine runs its steps inside this). How: float32 CPU products go through oneDNN
+    with at least two rows (one row is padded to two): oneDNN's GEMM gives a row the same bits for every row count
+    within a range of them (one kernel; the range is probed once), while the split matvec and MKL's GEMM change a
+    row's summation order with the row count. One-row products cost more this way (the split matvec reads the
+    weights with every thread). Other devices and dtypes, and int8 weights (activations quantized per product),
+    run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's low bits may depend on the
+    batch.
 
     Yields:
-        whether products are row-invariant here (False where oneDNN is unusable or fails the probe).
+        `row_invariant_limit()`: products of 2 up to that many rows are row-invariant here (0: none).
     """
     token = _ROW_INVARIANT.set(True)
     try:
-        yield onednn_rows_invariant()
+        yield row_invariant_limit()
     finally:
         _ROW_INVARIANT.reset(token)
 
 
+ROW_PROBE_MAX = 64
+
+
 @functools.lru_cache(maxsize=None)
-def onednn_rows_invariant() -> bool:
-    """Whether oneDNN's float32 linear gives a row the same bits for every row count >= 2 and every position (probed
-    once on a released-size weight; x86-64 with oneDNN only, see `onednn_linear_usable`)."""
+def row_invariant_limit() -> int:
+    """The largest row count R such that oneDNN's float32 linear gives a row the same bits for every row count in
+    2..R and every position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 where oneDNN is
+    unusable (see `onednn_linear_usable`) or two rows already differ from three.
+
+    Why a limit: oneDNN switches kernels at a row count that depends on its version and the CPU (16 rows in
+    torch 2.3.1's build on AVX-512; none up to 300 rows in torch 2.13's).
+    """
     if not onednn_linear_usable():
-        return False
+        return 0
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(768, 768, generator=generator)
     bias = torch.randn(768, generator=generator)
-    rows = torch.randn(24, 768, generator=generator)
+    rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
     reference = _onednn_rows(rows[:2], weight, bias)[0]
-    for count, position in ((3, 2), (5, 4), (8, 3), (17, 16), (24, 9)):
-        probe = rows[1 : count + 1].clone()
-        probe[position] = rows[0]
-        if not torch.equal(_onednn_rows(probe, weight, bias)[position], reference):
-            logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
-                           "differ from solo runs in their last bits")
-            return False
-    return True
+    for count in range(3, ROW_PROBE_MAX + 1):
+        if not all(torch.equal(_onednn_rows(_placed(rows, count, position), weight, bias)[position], reference)
+                   for position in (0, count // 2, count - 1)):
+            if count == 3:
+                logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
+                               "differ from solo runs in their last bits")
+            return count - 1 if count > 3 else 0
+    return ROW_PROBE_MAX
+
+
+def _placed(rows: torch.Tensor, count: int, position: int) -> torch.Tensor:
+    probe = rows[1 : count + 1].clone()
+    probe[position] = rows[0]
+    return probe
+
+
+def onednn_rows_invariant() -> bool:
+    """Whether `row_invariant_products` makes products of at least 2..3 rows row-invariant here."""
+    return row_invariant_limit() >= 3
 
 
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
