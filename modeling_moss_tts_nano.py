@@ -573,6 +573,10 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             generator: a torch.Generator on the model's device to draw from instead (not with seed). Sampling without
                 either draws from a fresh generator seeded by the OS.
             progress: callable receiving progress messages for long texts.
+            engine: a started `engine.SynthesisEngine` built on this model: the call (all its text chunks) runs
+                there, sharing each generation step with the engine's other requests; resources are the engine's.
+                A numerical or out-of-memory failure runs the call again without the engine (which has neither the
+                float32 retry nor chunk-batch halving).
 
         Returns:
             dict with audio_path, sample_rate (48000), audio_token_ids (a list with one [frames, 16] tensor per

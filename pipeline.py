@@ -586,6 +586,16 @@ def finish_result(plan: Plan, generated: Generated, waveform: torch.Tensor, outp
 def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
                   synthesizer: Synthesizer | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
+    engine = kwargs.pop("engine", None)
+    if engine is not None:
+        handle = submit_to_engine(model, engine, text, output_audio_path, kwargs)
+        try:
+            return handle.result()
+        except RuntimeError as exc:
+            if not _engine_fallback(exc):
+                raise
+        synthesizer = synthesizer or Synthesizer(model, resources=engine.resources)
+        return run_inference(model, text, output_audio_path, synthesizer=synthesizer, **kwargs)
     plan = prepare_call(model, text, kwargs, synthesizer)
     if plan.request.mode == "voice_clone":
         generated = generate_chunks(model, voice_clone_rows(plan), plan.request, plan.resources, plan.progress,
@@ -732,6 +742,10 @@ def run_inference_stream(
     synthesizer: Synthesizer | None = None, **kwargs: Any
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
+    engine = kwargs.pop("engine", None)
+    if engine is not None:
+        yield from _stream_on_engine(model, engine, text, output_audio_path, kwargs, synthesizer)
+        return
     plan = prepare_call(model, text, kwargs, synthesizer)
     started = time.perf_counter()
     first_audio: float | None = None
@@ -747,3 +761,49 @@ def run_inference_stream(
     waveform = torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
     yield finish_result(plan, generated, waveform, output_audio_path, type="result",
                         voice_clone_codec_batch_size=1, first_audio_latency_s=first_audio)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+def submit_to_engine(model: Any, engine: Any, text: str, output_audio_path: Any, kwargs: dict) -> Any:
+    """Submit one ``inference`` call to a running ``engine.SynthesisEngine`` of ``model`` (``engine=``): its text
+    chunks run there in turn, each frame shared with the engine's other requests.
+
+    Raises:
+        ValueError: an engine of another model, or a call argument the engine refuses (resources belong to it).
+    """
+    if getattr(engine, "model", None) is not model:
+        raise ValueError(f"engine={engine!r} does not serve this model; pass the SynthesisEngine built on it")
+    return engine.submit(text, output_audio_path=output_audio_path, **kwargs)
+
+
+def _engine_fallback(exc: BaseException) -> bool:
+    """Whether an engine request that failed with ``exc`` is run again here, by the path that retries a numerical
+    failure in float32 and halves chunk batches on out-of-memory errors (the engine itself has neither)."""
+    if devices.is_stability_error(exc) or devices.is_out_of_memory_error(exc):
+        logger.warning("the engine's request failed (%s); running it again without the engine",
+                       str(exc).splitlines()[0])
+        return True
+    return False
+
+
+def _stream_on_engine(model: Any, engine: Any, text: str, output_audio_path: Any, kwargs: dict,
+                      synthesizer: Synthesizer | None) -> Iterator[dict]:
+    """``inference_stream(engine=...)``: the engine's events; closing the stream cancels the request. A numerical
+    or out-of-memory failure before any audio went out runs the call again without the engine."""
+    handle = submit_to_engine(model, engine, text, output_audio_path, kwargs)
+    emitted = False
+    try:
+        for event in handle.events():
+            emitted = emitted or event["type"] != "result"
+            yield event
+    except RuntimeError as exc:
+        if emitted or not _engine_fallback(exc):
+            raise
+    else:
+        return
+    finally:
+        handle.cancel()  # nothing when it finished; frees its slot at once when the caller left early
+    synthesizer = synthesizer or Synthesizer(model, resources=engine.resources)
+    yield from run_inference_stream(model, text, output_audio_path, synthesizer=synthesizer, **kwargs)

@@ -417,3 +417,55 @@ def test_codec_layouts_give_the_same_audio(assets, monkeypatch):
             assert eng._runner.codec_streams.shared is not separate
     for per_stream, shared in zip(outputs[True], outputs[False]):
         _assert_same_output(shared, per_stream)
+
+
+# ------------------------------------------------------------------------------------------- inference(engine=...)
+
+
+@needs_row_invariance
+def test_inference_and_inference_stream_run_on_an_engine(engine, assets):
+    kwargs = dict(SAMPLED, prompt_audio=assets.prompt_audio, max_new_frames=7, seed=11)
+    solo = _solo(engine, "Hello world.", **kwargs)
+    others = [engine.submit(text, **_request(assets, i)) for i, text in enumerate(TEXTS)]
+    result = assets.model.inference("Hello world.", engine=engine, **kwargs)
+    events = list(assets.model.inference_stream("Hello world.", engine=engine, **kwargs))
+    for other in others:
+        other.result(timeout=120)
+    _assert_same_output(result, solo)
+    _assert_same_output(events[-1], solo)
+    assert torch.equal(torch.cat([e["waveform"] for e in events[:-1]], dim=-1), events[-1]["waveform"])
+    with pytest.raises(ValueError, match="SynthesisEngine"):
+        assets.model.inference("Hello.", engine=engine, prompt_audio=assets.prompt_audio, **assets.resources())
+
+
+def test_engine_of_another_model_is_refused(engine, assets):
+    from pipeline_assets import tiny_tts
+
+    with pytest.raises(ValueError, match="does not serve this model"):
+        tiny_tts().inference("Hello.", engine=engine, prompt_audio=assets.prompt_audio)
+
+
+def test_leaving_an_engine_stream_early_frees_its_slot(assets):
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=1) as eng:
+        stream = assets.model.inference_stream("Long.", engine=eng, prompt_audio=assets.prompt_audio,
+                                               max_new_frames=500)
+        assert next(stream)["type"] == "audio"
+        stream.close()  # the request is cancelled: the only slot serves the next one
+        assert eng.submit("Next.", prompt_audio=assets.prompt_audio, max_new_frames=3).result(timeout=120)["frames"] == 3
+
+
+def test_numerical_failure_on_the_engine_runs_the_call_again_without_it(assets, monkeypatch):
+    def poisoned(model, h, local, sampler, *args, **kwargs):
+        frame = real(model, h, local, sampler, *args, **kwargs)
+        frame.text_finite = torch.zeros_like(frame.text_finite)
+        return frame
+
+    real = engine_module.sample_frame
+    monkeypatch.setattr(engine_module, "sample_frame", poisoned)
+    kwargs = {"prompt_audio": assets.prompt_audio, "max_new_frames": 4}
+    with SynthesisEngine(assets.model, **assets.resources()) as eng:
+        result = assets.model.inference("Hello.", engine=eng, **kwargs)
+        streamed = list(assets.model.inference_stream("Hello.", engine=eng, **kwargs))[-1]
+    expected = assets.model.inference("Hello.", **assets.resources(), **kwargs)
+    assert result["frames"] == streamed["frames"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
