@@ -1,14 +1,14 @@
 """Continuous batching: many synthesis requests, from any thread, share each generation step and each codec decode.
 
 One worker thread runs frames. At every frame boundary it admits waiting requests into free slots (at most
-`max_batch_size` run at once; at most `max_queue` wait) and drops cancelled ones. Then one packed global decoder
-forward covers every running request (a newcomer's prompt rows, one row per continuing request: `SlotGlobal`), one
+`max_batch_size` run at once; at most `max_queue` wait) and drops cancelled ones. Then the global decoder runs the
+new rows of every running request (a newcomer's prompt rows, one row per continuing request: `SlotGlobal`), one
 local codebook loop covers them all (`sample_frame`, each row with its own sampling settings, repetition-penalty
-state and random generator: `RowSampler`), and one streaming codec call decodes every stream whose decode window is
-full (a multi-slot decode session; on a CPU, a session per stream: see `_CodecStreams`). A request's text chunks (long voice-clone text) run one after another in its
-slot, with the pause between them, exactly as `inference_stream` runs them.
+state and random generator: `RowSampler`), and the codec decodes every stream whose decode window is full (one
+multi-slot decode session, or on a CPU a session per stream: `_CodecStreams`). A request's text chunks run one after
+another in its slot, as `inference_stream` runs them (voice clone: a pause between chunks; continuation: one stream).
 
-Each request gets its solo output whatever runs beside it: the steps run inside `row_invariant_products()`, in
+Each request gets its solo output whatever runs beside it: the steps run inside `batched_products()`, in
 products of at most `row_invariant_limit()` rows, a newcomer's prompt in a forward of its own, and attention runs
 per request with the shapes of a solo run. So on a CPU where oneDNN passes its probe a request's codes are
 bit-identical to running it alone on an engine (greedy, or sampled with the same seed), whatever joins or leaves.
@@ -25,7 +25,6 @@ engine always caches and schedules slots itself); resource keywords belong to th
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import queue
 import threading
@@ -37,10 +36,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 try:
-    from .generation import SlotGlobal, LocalRunner, frame_constants, non_finite_message, sample_frame
-    from .gpt2_decoder import row_invariant_limit, row_invariant_products
+    from .generation import LocalRunner, SlotGlobal, frame_constants, non_finite_message, sample_frame
+    from .gpt2_decoder import batched_products, row_invariant_limit
     from .pipeline import (
-        SAMPLES_PER_FRAME,
         STREAM_BEHIND_WINDOW,
         STREAM_MAX_WINDOW,
         STREAM_WINDOWS,
@@ -51,8 +49,8 @@ try:
         continuation_rows,
         finish_result,
         pause_waveform,
-        plan_chunks,
         next_context,
+        plan_chunks,
         prepare_prompt,
         voice_clone_rows,
     )
@@ -61,10 +59,9 @@ try:
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from generation import SlotGlobal, LocalRunner, frame_constants, non_finite_message, sample_frame
-    from gpt2_decoder import row_invariant_limit, row_invariant_products
+    from generation import LocalRunner, SlotGlobal, frame_constants, non_finite_message, sample_frame
+    from gpt2_decoder import batched_products, row_invariant_limit
     from pipeline import (
-        SAMPLES_PER_FRAME,
         STREAM_BEHIND_WINDOW,
         STREAM_MAX_WINDOW,
         STREAM_WINDOWS,
@@ -75,8 +72,8 @@ except ImportError:  # not part of a package: imported from the repository root 
         continuation_rows,
         finish_result,
         pause_waveform,
-        plan_chunks,
         next_context,
+        plan_chunks,
         prepare_prompt,
         voice_clone_rows,
     )
@@ -256,10 +253,10 @@ class SynthesisEngine:
             `inference()`.
         max_batch_size: requests generating at once (KV-cache slots), >= 1.
         max_queue: requests waiting for a slot; `submit` beyond it raises `EngineFull`.
-        batch_invariant: run the steps inside `row_invariant_products()` (default), so that a request's output
-            does not depend on what runs beside it. False runs the fastest products for each row count instead:
-            a lone request is then faster on a CPU (see README, Performance), but its last bits, and after a near
-            tie its sampled codes, can change with the batch around it.
+        batch_invariant: run the steps in `batched_products(row_invariant=True)` (default), so that a request's
+            output does not depend on what runs beside it. False: a lone request's products take the faster one-row
+            path (on a CPU, see README, Performance), so its last bits, and after a near tie its sampled codes, can
+            differ from the same request beside others.
 
     Raises:
         ValueError: for a bad size or resource location.
@@ -278,8 +275,7 @@ class SynthesisEngine:
                 ("audio_tokenizer", audio_tokenizer), ("audio_tokenizer_path", audio_tokenizer_path),
                 ("local_files_only", local_files_only or None)) if value is not None})
         self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, bool(batch_invariant)
-        if self.batch_invariant:
-            row_invariant_limit()  # probed once per process: here rather than in the first request's latency
+        row_invariant_limit()  # probed once per process: here rather than in the first request's latency
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._active: list[_Job] = []
@@ -473,13 +469,13 @@ class _FrameRunner:
     @torch.inference_mode()
     def frame(self, jobs: list[_Job]) -> None:
         """One frame for every job: generate, hand out finished chunks, decode ready windows, emit events."""
-        with row_invariant_products() if self.batch_invariant else contextlib.nullcontext() as limit:
+        with batched_products(row_invariant=self.batch_invariant) as limit:
             for job in jobs:
                 if job.next_embeds is None:
                     self._start_chunk(job)
-            # Rows go through products of at most `limit` rows (oneDNN's row-invariant range, see
-            # row_invariant_products); usually all of them at once.
-            block = max(1, limit) if self.batch_invariant else len(jobs)
+            # Rows go through products of at most `limit` rows (the range of one oneDNN kernel, see
+            # batched_products); usually all of them at once.
+            block = max(1, limit) if limit else len(jobs)
             flags, codes = [], []
             for first in range(0, len(jobs), block):
                 block_flags, block_codes = self._generate(jobs[first : first + block])

@@ -555,12 +555,14 @@ SPLIT_PARTS = 4
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
     step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
-    the summation order inside a dot product can differ (relative ~1e-7). Inside `row_invariant_products()`, every
-    float32 CPU product goes through oneDNN (see there)."""
+    the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
+    two or more rows (and with row_invariant, of one row too) go through oneDNN (see there)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
-    if _ROW_INVARIANT.get() and not _needs_autograd(x, weight) and row_invariant_limit():
+    batched = _BATCHED_PRODUCTS.get()
+    if batched and (batched == "row-invariant" or x.numel() > x.shape[-1]) and not _needs_autograd(x, weight) \
+            and row_invariant_limit():
         return _onednn_rows(x, weight, bias)
     if x.numel() <= SPLIT_MAX_ROWS * x.shape[-1]:
         if weight.shape[0] % SPLIT_PARTS == 0:
@@ -592,31 +594,37 @@ def onednn_linear_usable() -> bool:
         return False
 
 
-_ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("moss_tts_row_invariant", default=False)
+_BATCHED_PRODUCTS: contextvars.ContextVar[str] = contextvars.ContextVar("moss_tts_batched_products", default="")
 
 
 @contextlib.contextmanager
-def row_invariant_products() -> Iterator[int]:
-    """Make `linear` give each row the same bits whatever the other rows of the product are (this thread only).
+def batched_products(row_invariant: bool = True) -> Iterator[int]:
+    """Products for batched decoding, where a few rows share each product (this thread only; the engine's steps).
 
-    A row's result then depends only on that row, not on how many rows share the product (from 2 up to
-    `row_invariant_limit()`) or where it sits, so a request batched with others computes exactly what it computes
-    alone (the continuous-batching engine runs its steps inside this). How: float32 CPU products go through oneDNN
-    with at least two rows (one row is padded to two): oneDNN's GEMM gives a row the same bits for every row count
-    within a range of them (one kernel; the range is probed once), while the split matvec and MKL's GEMM change a
-    row's summation order with the row count. One-row products cost more this way (the split matvec reads the
-    weights with every thread). Other devices and dtypes, and int8 weights (activations quantized per product),
-    run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's low bits may depend on the
-    batch.
+    Float32 CPU products of two or more rows go through oneDNN: its GEMM reads the weights once for all rows and
+    gives a row the same bits for every row count within a range (one kernel; `row_invariant_limit()` probes it
+    once), while the split matvec and MKL's GEMM change a row's summation order with the row count. With
+    `row_invariant`, one row too is padded to two, so a row's result never depends on how many rows share the
+    product or where it sits: a request batched with others computes exactly what it computes alone. That costs a
+    lone row: the split matvec reads the weights with every thread and is faster for one row (up to about twice on
+    a CPU whose local-decoder weights stay in cache). Without it, one row takes the split matvec and only its
+    last bits can differ from the same row beside others. Other devices and dtypes, and int8 weights (activations
+    quantized per product), run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
+    low bits may depend on the batch.
 
     Yields:
-        `row_invariant_limit()`: products of 2 up to that many rows are row-invariant here (0: none).
+        `row_invariant_limit()`: products of 2 up to that many rows keep a row's bits here (0: none).
     """
-    token = _ROW_INVARIANT.set(True)
+    token = _BATCHED_PRODUCTS.set("row-invariant" if row_invariant else "batched")
     try:
         yield row_invariant_limit()
     finally:
-        _ROW_INVARIANT.reset(token)
+        _BATCHED_PRODUCTS.reset(token)
+
+
+def row_invariant_products() -> contextlib.AbstractContextManager:
+    """`batched_products(row_invariant=True)`: a row's result never depends on the other rows of its product."""
+    return batched_products(row_invariant=True)
 
 
 ROW_PROBE_MAX = 64

@@ -155,7 +155,8 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
 def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int, repeats: int,
                       prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = True,
                       agree: bool = False) -> dict[str, Any]:
-    """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine.
+    """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine, and the same
+    stream alone through plain `inference_stream` (no engine) as the baseline.
 
     Every stream clones the same reference (encoded once, passed as codes as a server does), speaks E2E_TEXT with the
     CLI sampling settings and its own seed, and generates `frames` frames (the demo weights never stop early). The
@@ -170,7 +171,7 @@ def bench_concurrency(assets: Any, device: torch.device, levels: list[int], fram
                          batch_invariant=batch_invariant) as engine:
         engine.submit(E2E_TEXT, **dict(kwargs, max_new_frames=2, seed=0)).result()  # warm-up
         for _ in range(repeats):
-            rounds.append({})
+            rounds.append({0: _measure_without_engine(assets, resources, kwargs)})
             for level in levels:
                 window = _reset_rss_peak() if device.type == "cpu" else devices.reset_peak_memory(device) or True
                 entry = rounds[-1][level] = _measure_level(engine, level, kwargs)
@@ -180,7 +181,8 @@ def bench_concurrency(assets: Any, device: torch.device, levels: list[int], fram
                 entry["peak_memory_window"] = "this level" if window else "process so far"
         agreement = _solo_agreement(engine, rounds[0][max(levels)].pop("codes"), kwargs) if agree else None
     report = {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "batch_invariant": batch_invariant,
-              "rounds": repeats, "levels": {str(level): _summarize_level(level, levels[0], rounds) for level in levels}}
+              "rounds": repeats, "levels": {str(level): _summarize_level(level, levels[0], rounds) for level in levels},
+              "without_engine": _summarize_level(0, 0, rounds)}
     if agreement is not None:
         report["codes_vs_solo_at_top_level"] = agreement
     return report
@@ -211,10 +213,12 @@ def _summarize_level(level: int, first: int, rounds: list[dict[int, dict[str, An
     latencies = sorted(s["first_audio_s"] for s in streams)
     rtf = [s["rtf_after_first_audio"] for s in streams]
     return {
-        "streams": level,
+        "streams": level or 1,
         "aggregate_frames_per_s": statistics.median(run["aggregate_frames_per_s"] for run in runs),
         "aggregate_vs_first_level": statistics.median(
             r[level]["aggregate_frames_per_s"] / r[first]["aggregate_frames_per_s"] for r in rounds),
+        "aggregate_vs_without_engine": statistics.median(
+            r[level]["aggregate_frames_per_s"] / r[0]["aggregate_frames_per_s"] for r in rounds),
         "cpu_ms_per_frame": statistics.median(run["cpu_ms_per_frame"] for run in runs),
         "first_audio_p50_s": _percentile(latencies, 50),
         "first_audio_p95_s": _percentile(latencies, 95),
@@ -225,6 +229,21 @@ def _summarize_level(level: int, first: int, rounds: list[dict[int, dict[str, An
         "runs": [{k: v for k, v in run.items() if k not in ("streams_detail", "codes")} for run in runs],
         "streams_detail": streams,
     }
+
+
+def _measure_without_engine(assets: Any, resources: dict, kwargs: dict) -> dict[str, Any]:
+    """The same stream alone through plain `inference_stream` (no engine): the baseline of one request."""
+    timeline: list[tuple[float, float]] = []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for event in assets.model.inference_stream(E2E_TEXT, **resources, **dict(kwargs, seed=0)):
+        if event["type"] == "result":
+            frames = int(event["frames"])
+        else:
+            timeline.append((time.perf_counter(), event["waveform"].shape[-1] / 48000))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"wall_s": wall, "frames": frames, "aggregate_frames_per_s": frames / wall,
+            "cpu_ms_per_frame": 1000 * cpu / frames, "streams_detail": [_stream_timing(timeline, start)],
+            "peak_memory_bytes": None, "peak_memory_window": None}
 
 
 def _measure_level(engine: Any, level: int, kwargs: dict) -> dict[str, Any]:

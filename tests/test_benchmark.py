@@ -85,6 +85,9 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
         assert isinstance(entry["every_stream_ahead_of_real_time"], bool) and entry["peak_memory_bytes"] > 0
     assert section["levels"]["1"]["aggregate_vs_first_level"] == 1.0
     assert "generation_frames_per_s" not in report and "codes_vs_solo_at_top_level" not in section
+    baseline = section["without_engine"]
+    assert baseline["streams"] == 1 and len(baseline["runs"]) == 2 and baseline["runs"][0]["frames"] == 3
+    assert all(entry["aggregate_vs_without_engine"] > 0 for entry in section["levels"].values())
 
 
 def test_concurrency_section_with_fast_products(tiny_benchmark, tmp_path):

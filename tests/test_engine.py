@@ -12,7 +12,7 @@ import torch
 import engine as engine_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
 from generation import SlotGlobal
-from gpt2_decoder import linear, onednn_rows_invariant, row_invariant_products
+from gpt2_decoder import batched_products, linear, onednn_rows_invariant, row_invariant_products
 from pipeline_assets import TinyAssets
 from sampling import RowSampler, SamplingParams, select_tokens
 
@@ -315,7 +315,11 @@ def test_row_invariant_products_do_not_depend_on_the_other_rows(shape):
             batch = rows[1 : count + 1].clone()
             batch[position] = rows[0]
             assert torch.equal(linear(batch, weight, bias)[position], alone[0])
-    assert torch.allclose(linear(rows[:1], weight, bias), alone, rtol=1e-5, atol=1e-4)  # the usual path
+    usual = linear(rows[:1], weight, bias)
+    assert torch.allclose(usual, alone, rtol=1e-5, atol=1e-4)
+    with batched_products(row_invariant=False):  # two rows and more as above, one row by the usual path
+        assert torch.equal(linear(rows[:3], weight, bias)[0], alone[0])
+        assert torch.equal(linear(rows[:1], weight, bias), usual)
 
 
 @needs_row_invariance
@@ -366,14 +370,14 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
     sampled from is the same bits batched as alone (requests are told apart by their nq). With a smaller
     row-invariant range (torch 2.3.1's oneDNN: 15 rows) the rows go through blocks of that many."""
     if block is not None:
-        real_products = engine_module.row_invariant_products
+        real_products = engine_module.batched_products
 
         @contextlib.contextmanager
-        def small_range():
-            with real_products():
+        def small_range(row_invariant):
+            with real_products(row_invariant):
                 yield block
 
-        monkeypatch.setattr(engine_module, "row_invariant_products", small_range)
+        monkeypatch.setattr(engine_module, "batched_products", small_range)
     real, seen = engine_module.sample_frame, {}
 
     def recording(model, h, local, sampler, *args, **kwargs):
@@ -395,7 +399,7 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
 
 
 def test_fast_products_mode_serves_the_same_requests(assets):
-    """batch_invariant=False: the fastest products per row count; greedy output still matches a solo run here."""
+    """batch_invariant=False: a lone row takes the one-row path; greedy output still matches a solo run here."""
     requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
     with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=3, batch_invariant=False) as eng:
         solos = [_solo(eng, text, **kwargs) for text, kwargs in requests]
