@@ -12,9 +12,9 @@ Each request gets its solo output whatever runs beside it: the steps run inside 
 products of at most `row_invariant_limit()` rows, a newcomer's prompt in a forward of its own, and attention runs
 per request with the shapes of a solo run. So on a CPU where oneDNN passes its probe a request's codes are
 bit-identical to running it alone on an engine (greedy, or sampled with the same seed), whatever joins or leaves.
-On CUDA/NPU, and in int8 weight precision (whose activations are quantized per product, over all its rows), a row's
-last bits can depend on its neighbours, so sampled codes can diverge after a near tie; the README gives the measured
-agreement.
+int8 weight precision quantizes each row's activations with the row's own range there, which keeps it exact too. On
+CUDA/NPU a row's last bits can depend on its neighbours (cuBLAS and the Ascend kernels pick kernels by shape), so
+sampled codes can diverge after a near tie.
 
 Deviations from the contract (ENGINE_CONTRACT.md), all additive: `submit` also takes `output_audio_path` (written by
 the consuming thread when the result arrives); `use_kv_cache`, `voice_clone_chunk_batch_size`,

@@ -510,6 +510,7 @@ class PrecisionLinear(nn.Linear):
     """
 
     _packed: Any = None
+    _packed_rows: Any = None  # (packed copy without bias, its rows' sums) for row-invariant int8 products
 
     @property
     def weight_precision(self) -> str:
@@ -525,14 +526,39 @@ class PrecisionLinear(nn.Linear):
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
         self._packed = None if precision == "float32" else _pack_int8(self.weight, self.bias)
+        self._packed_rows = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
+            if _BATCHED_PRODUCTS.get() == "row-invariant":
+                return self._int8_rows(x)
             return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
         return linear(x, self.weight, self.bias)
 
+    def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 products whose rows do not depend on each other (inside `batched_products(row_invariant=True)`).
+
+        Why: fbgemm quantizes the activations of a product with one range for all its rows, so a row's result would
+        depend on its neighbours. Here each row is mapped onto [0, 1] by its own range first, and two pinned rows (0
+        and 1) fix the product's range, so every row is quantized exactly as alone, with its own 7-bit range like
+        the one-row product; W x = span * (W x') + low * (W 1) restores it (W as quantized).
+        """
+        if self._packed_rows is None:  # derived once, like the packed copy itself
+            self._packed_rows = _pack_int8_rows(self.weight)
+        packed, weight_sums = self._packed_rows
+        flat = x.reshape(-1, x.shape[-1])
+        low = flat.amin(dim=1, keepdim=True)
+        span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(torch.float32).tiny)
+        pins = torch.stack((flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1])))
+        out = torch.ops.quantized.linear_dynamic(torch.cat(((flat - low) / span, pins)), packed, True)
+        out = out[: flat.shape[0]] * span + low * weight_sums
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
         result = super()._apply(fn, *args, **kwargs)
+        self._packed_rows = None
         if self._packed is not None:
             # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
             if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
@@ -608,8 +634,9 @@ def batched_products(row_invariant: bool = True) -> Iterator[int]:
     product or where it sits: a request batched with others computes exactly what it computes alone. That costs a
     lone row: the split matvec reads the weights with every thread and is faster for one row (up to about twice on
     a CPU whose local-decoder weights stay in cache). Without it, one row takes the split matvec and only its
-    last bits can differ from the same row beside others. Other devices and dtypes, and int8 weights (activations
-    quantized per product), run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
+    last bits can differ from the same row beside others. int8 weights: with `row_invariant`, each row's
+    activations are quantized with the row's own range (`PrecisionLinear._int8_rows`; integer sums, so exact).
+    Other devices and dtypes run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
     low bits may depend on the batch.
 
     Yields:
@@ -714,6 +741,15 @@ def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
         qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach())
+
+
+def _pack_int8_rows(weight: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The packed int8 copy without bias and the sums of its dequantized rows (W 1), for `_int8_rows`."""
+    packed = _pack_int8(weight, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qweight, _ = torch.ops.quantized.linear_unpack(packed)
+        return packed, qweight.dequantize().sum(dim=1)
 
 
 class Attention(nn.Module):

@@ -364,8 +364,9 @@ def test_row_sampler_draws_each_row_from_its_own_generator():
 
 
 @needs_row_invariance
-@pytest.mark.parametrize("block", [None, 2], ids=["one-block", "blocks-of-2"])
-def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monkeypatch, block):
+@pytest.mark.parametrize("block, precision", [(None, "float32"), (2, "float32"), (None, "int8")],
+                         ids=["one-block", "blocks-of-2", "int8"])
+def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monkeypatch, block, precision):
     """The strongest form of the guarantee: not only the codes, every global hidden state a request's frames are
     sampled from is the same bits batched as alone (requests are told apart by their nq). With a smaller
     row-invariant range (torch 2.3.1's oneDNN: 15 rows) the rows go through blocks of that many."""
@@ -387,12 +388,16 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
 
     monkeypatch.setattr(engine_module, "sample_frame", recording)
     requests = [(TEXTS[i % 3], _request(assets, i, nq=16 - i, **dict(SAMPLED, seed=i))) for i in range(6)]
-    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=6) as eng:
-        for text, kwargs in requests:
-            _solo(eng, text, **kwargs)
-        solo, seen = seen, {}
-        for handle in [eng.submit(text, **kwargs) for text, kwargs in requests]:
-            handle.result(timeout=120)
+    assets.model.set_weight_precision(precision)
+    try:
+        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=6) as eng:
+            for text, kwargs in requests:
+                _solo(eng, text, **kwargs)
+            solo, seen = seen, {}
+            for handle in [eng.submit(text, **kwargs) for text, kwargs in requests]:
+                handle.result(timeout=120)
+    finally:
+        assets.model.set_weight_precision("float32")
     assert seen.keys() == solo.keys()
     for nq, states in seen.items():
         assert len(states) == len(solo[nq]) and all(torch.equal(a, b) for a, b in zip(states, solo[nq]))
@@ -473,3 +478,24 @@ def test_numerical_failure_on_the_engine_runs_the_call_again_without_it(assets, 
     expected = assets.model.inference("Hello.", **assets.resources(), **kwargs)
     assert result["frames"] == streamed["frames"] == 4
     assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
+
+
+def test_int8_rows_are_quantized_each_with_its_own_range(assets):
+    """int8 inside batched_products(row_invariant=True): a row's result does not depend on the rows beside it,
+    and stays as close to float32 as the one-row int8 product."""
+    from gpt2_decoder import PrecisionLinear
+
+    torch.manual_seed(0)
+    layer = PrecisionLinear(64, 96)
+    rows = torch.randn(9, 64) * torch.linspace(0.1, 5, 9)[:, None]
+    exact = layer(rows).detach()
+    layer.set_weight_precision("int8")
+    with torch.inference_mode():
+        one_row = layer(rows[:1])
+        with row_invariant_products():
+            alone = layer(rows[:1])
+            for count in (2, 5, 9):
+                assert torch.equal(layer(rows[:count].flip(0))[count - 1], alone[0])
+    scale = exact[0].abs().max()
+    assert (alone - exact[:1]).abs().max() <= 2 * (one_row - exact[:1]).abs().max() + 1e-6 * scale
+    assert (alone - exact[:1]).abs().max() < 0.05 * scale
