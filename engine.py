@@ -337,11 +337,9 @@ class SynthesisEngine:
                     _finish_cancelled(self._queue.popleft())
                 for job in self._active:
                     job.cancelled = True
-            elif self._queue and self._thread is None:
-                pass  # nothing would run them otherwise: start the worker below to drain the queue
             self._cond.notify_all()
         if self._thread is None and not cancel_running:
-            self.start()
+            self.start()  # nothing else would run the waiting requests
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -409,10 +407,10 @@ class SynthesisEngine:
                 continue
             try:
                 runner.frame(jobs)
-            except Exception as exc:  # the frame's state is lost: fail the requests that were in it, serve others
+            except Exception as exc:  # the worker must live on: fail the requests of this frame, serve the next ones
                 for job in jobs:
-                    runner.leave(job)
                     _finish(job, exc)
+                self._runner = None  # its caches and codec sessions may be half-updated: the next frame starts afresh
             with self._cond:
                 self._active = [job for job in self._active if not job.done]
         if self._runner is not None:

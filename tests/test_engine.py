@@ -499,3 +499,21 @@ def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     scale = exact[0].abs().max()
     assert (alone - exact[:1]).abs().max() <= 2 * (one_row - exact[:1]).abs().max() + 1e-6 * scale
     assert (alone - exact[:1]).abs().max() < 0.05 * scale
+
+
+def test_an_error_inside_a_frame_fails_its_requests_and_the_engine_serves_on(assets, monkeypatch):
+    real, calls = engine_module.sample_frame, []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("simulated kernel failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_frame", broken_once)
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=2) as eng:
+        failed = eng.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=6)
+        with pytest.raises(ValueError, match="simulated"):
+            failed.result(timeout=120)
+        later = eng.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=6).result(timeout=120)
+        assert later["frames"] == 6 and eng.stats()["active"] == 0
