@@ -94,15 +94,15 @@ class _RecomputeGlobal:
 
 
 class _CachedLocal:
-    """Local decoder with a fixed (B, heads, nq + 1, head_dim) KV cache and precomputed RoPE angles."""
+    """Local decoder with a fixed (B, heads, nq + 1, head_dim) KV cache and RoPE prepared once per position."""
 
     def __init__(self, model: Any, batch: int, nq: int, attend: AttentionFunction) -> None:
         local = model.local_transformer
         weight = model.transformer.wte.weight
         self.local, self.attend = local, attend
         self.cache = local.new_cache(batch, nq + 1, dtype=weight.dtype, device=weight.device, track_padding=False)
-        cos, sin = local.rotary.angles(torch.arange(nq + 1, device=weight.device)[None])  # (1, 1, nq + 1, D/2)
-        self.rope = [(cos[..., p : p + 1, :], sin[..., p : p + 1, :]) for p in range(nq + 1)]
+        positions = torch.arange(nq + 1, device=weight.device).expand(batch, nq + 1)  # (B, nq + 1)
+        self.rope = [model.rotation(local, positions[:, p : p + 1]) for p in range(nq + 1)]  # one per position
         self.mask = AttentionMask()
 
     def reset(self) -> None:
@@ -117,7 +117,7 @@ class _RecomputeLocal:
     """Reference path: re-run the whole local sequence for every codebook."""
 
     def __init__(self, model: Any, batch: int, nq: int, attend: AttentionFunction) -> None:
-        self.local, self.attend = model.local_transformer, attend
+        self.model, self.local, self.attend = model, model.local_transformer, attend
         self.inputs: list[torch.Tensor] = []
 
     def reset(self) -> None:
@@ -126,8 +126,8 @@ class _RecomputeLocal:
     def step(self, x: torch.Tensor) -> torch.Tensor:
         self.inputs.append(x[:, None])
         sequence = torch.cat(self.inputs, dim=1)  # (B, L, H)
-        positions = torch.arange(sequence.shape[1], device=sequence.device)[None]
-        out, _ = self.local(sequence, self.local.rotary.angles(positions), AttentionMask(), self.attend, None)
+        positions = torch.arange(sequence.shape[1], device=sequence.device).expand(sequence.shape[:2])  # (B, L)
+        out, _ = self.local(sequence, self.model.rotation(self.local, positions), AttentionMask(), self.attend, None)
         return out[:, -1]
 
 

@@ -307,8 +307,8 @@ def _local_logits(model: Any, h: torch.Tensor, codes: torch.Tensor, nq: int, att
     inputs = [h, slot] + [model.audio_embeddings[i](codes[..., i]) for i in range(nq - 1)]
     sequence = torch.stack(inputs, dim=2).reshape(batch * frames, nq + 1, hidden)  # (B * F, nq + 1, H)
     local = model.local_transformer
-    positions = torch.arange(nq + 1, device=h.device)[None]
-    out, _ = local(sequence, local.rotary.angles(positions), AttentionMask(), attend, None)
+    positions = torch.arange(nq + 1, device=h.device).expand(sequence.shape[:2])  # (B * F, nq + 1)
+    out, _ = local(sequence, model.rotation(local, positions), AttentionMask(), attend, None)
     candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id], device=h.device)
     text = F.linear(out[:, 0], model.text_lm_head.weight.index_select(0, candidates))  # (B * F, 2)
     audio = torch.stack([model.audio_lm_heads[i](out[:, i + 1]) for i in range(nq)], dim=1)  # (B * F, nq, V)
