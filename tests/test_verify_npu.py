@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import demo
+import devices
 import verification
 import verify_npu
 from audio_io import write_audio_atomic
@@ -369,3 +370,16 @@ def test_report_writing_is_strict_json_and_atomic(tmp_path: Path) -> None:
     path = verify_npu.write_text_atomic(tmp_path / "sub" / "a.txt", "first")
     verify_npu.write_text_atomic(path, "second")
     assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["a.txt"]
+
+
+def test_report_names_the_kernel_path_each_device_ran(tiny_demo, tmp_path: Path, monkeypatch, capsys) -> None:
+    for fast in (True, False):
+        monkeypatch.setenv("MOSS_TTS_CPU_FAST_PATHS", "1" if fast else "0")
+        devices.clear_caches()
+        code, report = _run(tmp_path / str(fast), "--devices", "cpu", "--dtypes", "float32")
+        load = _result(report, "cpu", "float32")["checks"]["load"]
+        assert code == 0
+        assert load["rope"] == ("complex (cpu fast path)" if fast else "real")
+        assert load["linear"].endswith("(cpu fast path)") if fast else load["linear"] == "F.linear"
+        assert f"rope: {load['rope']}, linear: {load['linear']}" in capsys.readouterr().out
+    devices.clear_caches()
