@@ -166,12 +166,14 @@ def _frame_constants(model: Any) -> _FrameConstants:
 
 def _sample_frame(model: Any, h: torch.Tensor, local: Any, params: SamplingParams, nq: int,
                   seen: Optional[torch.Tensor], active: torch.Tensor, consts: _FrameConstants,
-                  generator: Optional[torch.Generator]) -> _Frame:
+                  generator: Optional[torch.Generator], force_continue: bool = False) -> _Frame:
     """Local position 0 decides continue / audio_end from two text logits; positions 1..nq give the codes."""
     local.reset()
     text_logits = F.linear(local.step(h), consts.candidate_weights)  # (B, 2): only the two candidates
     choice = select_tokens(text_logits, do_sample=params.do_sample, temperature=params.text_temperature,
                            top_k=params.text_top_k, top_p=params.text_top_p, generator=generator)
+    if force_continue:  # within min_new_frames: the codes below follow the "continue" token
+        choice = torch.zeros_like(choice)
     x = model.transformer.wte(consts.candidate_ids[choice])  # (B, H)
     embeds = consts.continue_embedding
     codes, all_logits = [], []
@@ -238,7 +240,8 @@ def generate_frames(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, par
     rows = next_embeds = None
     for step in range(params.max_new_frames):
         h = runner.prefill() if step == 0 else runner.step(rows, next_embeds, active[:, None])
-        frame_state = _sample_frame(model, h, local, params, nq, seen, active, consts, generator)
+        frame_state = _sample_frame(model, h, local, params, nq, seen, active, consts, generator,
+                                    force_continue=step < params.min_new_frames)
         active = frame_state.continues
         if not _check_finite(frame_state, step, h.dtype):
             break

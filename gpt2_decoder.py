@@ -481,9 +481,9 @@ class PrecisionLinear(nn.Linear):
 
 
 # A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
-# F.linear sends them to a single-threaded GEMV (about 11 GB/s on a 2-core EPYC) and to a poor small-GEMM path for
-# 2-16 rows; the same product as a batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all
-# threads (about 19 GB/s there; a released-size frame went from 113 to 97 ms). Same float32 math per output, only
+# F.linear sends them to a single-threaded GEMV and to a poor small-GEMM path for 2-16 rows; the same product as a
+# batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all threads, so a decoding step
+# uses the whole memory bandwidth (figures: benchmarks/measured/ and README). Same float32 math per output, only
 # the summation order inside a dot product can differ (relative ~1e-7). More rows (a prompt) are GEMMs: see `linear`.
 SPLIT_MAX_ROWS = 16
 SPLIT_PARTS = 4
@@ -491,8 +491,8 @@ SPLIT_PARTS = 4
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
-    step) and oneDNN for more (a prompt: 55-65 instead of 35-55 GFLOP/s on a 2-core EPYC, where that is the
-    peak). Same math; the summation order inside a dot product can differ (relative ~1e-7). Plain F.linear with
+    step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
+    the summation order inside a dot product can differ (relative ~1e-7). Plain F.linear with
     MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):

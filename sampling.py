@@ -45,6 +45,7 @@ class SamplingParams:
     audio_top_k: int = 25
     audio_repetition_penalty: float = 1.0
     nq: Optional[int] = None
+    min_new_frames: int = 0  # not upstream's: frames during which "continue" is forced (0: the model decides)
 
     def __post_init__(self) -> None:
         _check_int("max_new_frames", self.max_new_frames)
@@ -66,22 +67,31 @@ class SamplingParams:
             raise ValueError(
                 f"audio_repetition_penalty={self.audio_repetition_penalty} must be > 0 (1.0 disables it)"
             )
+        _check_int("min_new_frames", self.min_new_frames)
+        if not 0 <= self.min_new_frames <= self.max_new_frames:
+            raise ValueError(f"min_new_frames={self.min_new_frames} must be within 0..max_new_frames "
+                             f"({self.max_new_frames})")
         if self.nq is not None:
             _check_int("nq", self.nq)
             if self.nq < 1:
                 raise ValueError(f"nq={self.nq} must be >= 1 (or None for all codebooks)")
 
     def resolve_nq(self, n_vq: int) -> int:
-        """The number of codebooks to generate: `nq`, or all `n_vq` when None.
+        """The number of codebooks to generate: `nq`, or all `n_vq` when None (see `resolve_nq`)."""
+        return resolve_nq(self.nq, n_vq)
 
-        Raises:
-            ValueError: when nq > n_vq.
-        """
-        if self.nq is None:
-            return n_vq
-        if self.nq > n_vq:
-            raise ValueError(f"nq={self.nq} must be within 1..{n_vq} (n_vq), or None for all codebooks")
-        return self.nq
+
+def resolve_nq(nq: Optional[int], n_vq: int) -> int:
+    """The number of codebooks in use: `nq`, or all `n_vq` when None.
+
+    Raises:
+        ValueError: when nq is not an integer within 1..n_vq.
+    """
+    if nq is None:
+        return n_vq
+    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n_vq:
+        raise ValueError(f"nq={nq!r} must be an integer within 1..{n_vq} (n_vq), or None for all codebooks")
+    return nq
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
