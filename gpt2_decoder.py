@@ -1,9 +1,10 @@
 """The GPT-2 style decoder used twice by MOSS-TTS-Nano: attention backends, blocks, the stack, a KV cache.
 
 Checkpoint names are kept (`c_attn`, `c_proj`, `ln_1`, `ln_2`, `mlp.fc_in`, `mlp.fc_out`, `wte`, `h`, `ln_f`).
-Attention backends share one signature and live in one table (`ATTENTION_FUNCTIONS`); the model resolves a requested
-name once per (device, dtype) with `resolve_attention_implementation` and passes the chosen function down.
-Every backend takes queries/keys/values as (B, heads, T, head_dim) and returns (B, T_q, heads * head_dim).
+Attention backends share one signature and live in one table (`ATTENTION_FUNCTIONS`); the model resolves its kernels
+once per (device, dtype) with `resolve_kernel_plan` (attention backends, the RoPE kernel of rotary.py, the linear
+kernel) and passes the chosen ones down. Every backend takes queries/keys/values as (B, heads, T, head_dim) and
+returns (B, T_q, heads * head_dim). With MOSS_TTS_CPU_FAST_PATHS=0 the CPU runs what accelerators run.
 """
 
 from __future__ import annotations
