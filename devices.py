@@ -581,7 +581,7 @@ def cpu_fast_paths_enabled() -> bool:
     Raises:
         ValueError: the variable holds something other than 1/0 (true/false, yes/no, on/off).
     """
-    value = os.environ.get(CPU_FAST_PATHS_VARIABLE, "1").strip().lower()
+    value = os.environ.get(CPU_FAST_PATHS_VARIABLE, "").strip().lower() or "1"  # set but empty: the default
     if value not in _SWITCH_VALUES:
         raise ValueError(f"{CPU_FAST_PATHS_VARIABLE}={value!r} is not supported; use 1 (the CPU fast paths, the "
                          "default) or 0 (the operations an accelerator runs)")

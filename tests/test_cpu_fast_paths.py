@@ -108,9 +108,12 @@ def test_the_variable_is_read_once_per_process_and_validated(monkeypatch):
     assert devices.cpu_fast_paths_enabled() is False  # not re-read
     devices.clear_caches()
     assert devices.cpu_fast_paths_enabled() is True
+    monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "")
+    devices.clear_caches()
+    assert devices.cpu_fast_paths_enabled() is True  # set but empty: the default
     monkeypatch.delenv(devices.CPU_FAST_PATHS_VARIABLE)
     devices.clear_caches()
-    assert devices.cpu_fast_paths_enabled() is True  # the default
+    assert devices.cpu_fast_paths_enabled() is True  # unset: the default
     monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "fast")
     devices.clear_caches()
     with pytest.raises(ValueError, match="MOSS_TTS_CPU_FAST_PATHS='fast'.*use 1.*or 0"):
