@@ -458,7 +458,8 @@ class PrecisionLinear(nn.Linear):
 
         Raises:
             ValueError: for an unknown precision.
-            RuntimeError: for "int8" when the weight is not a float32 CPU tensor or no int8 engine is available.
+            RuntimeError: for "int8" when the weight is not a float32 CPU tensor, no int8 engine is available, or
+                MOSS_TTS_CPU_FAST_PATHS=0.
         """
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")

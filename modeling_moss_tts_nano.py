@@ -184,7 +184,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Raises:
             ValueError: for an unknown precision.
-            RuntimeError: for "int8" when the model is not float32 on CPU or torch lacks its x86 int8 engine.
+            RuntimeError: for "int8" when the model is not float32 on CPU, torch lacks its x86 int8 engine, or
+                MOSS_TTS_CPU_FAST_PATHS=0 (int8 is a CPU fast path).
         """
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
