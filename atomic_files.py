@@ -6,15 +6,26 @@ nothing behind. Standard library only, so every module that writes files can use
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp_file(directory: Path, prefix: str, suffix: str) -> str:
+    """Create an empty, new file in ``directory`` with the usual permissions (0o666 less the umask); return its path.
+
+    Why not tempfile.mkstemp + chmod: mkstemp creates 0600, and reading the umask to widen that means setting it,
+    process-wide, which races with every other thread creating files. ``os.open`` with a mode lets the kernel apply
+    the umask itself; O_EXCL makes the name ours alone.
+    """
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+        except FileExistsError:  # another writer's name (48 random bits: practically never)
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary file name found in {directory}")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -32,13 +43,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+        temporary = _create_temp_file(path.parent, f".{path.stem}.", f".partial{path.suffix}")
     except OSError as exc:
         raise RuntimeError(f"cannot write to '{path.parent}': {exc.strerror or exc}; choose a writable location") from exc
-    os.close(handle)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp creates 0600
         os.replace(temporary, path)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
         Path(temporary).unlink(missing_ok=True)

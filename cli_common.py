@@ -16,12 +16,14 @@ try:
     from . import devices
     from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
+    from .torch_compat import load_pickled_weights, pickled_weights_problem
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     import devices
     from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
+    from torch_compat import load_pickled_weights, pickled_weights_problem
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             with safe_open(str(file), framework="pt") as handle:
                 shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
         else:
-            state = torch.load(str(file), map_location="meta", weights_only=True, mmap=True)
+            state = load_pickled_weights(str(file), map_location="meta", mmap=True)
             shapes.update({k: tuple(v.shape) for k, v in state.items()})
     return shapes
 
@@ -188,8 +190,14 @@ def first_shape_mismatch(path: Path) -> str | None:
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype) -> Any:
-    """Load our model class from an official-format directory, rewording loading failures as one line."""
+    """Load our model class from an official-format directory, rewording loading failures as one line.
+
+    A folder with only pickled weights on torch < 2.6 is an environment problem (RuntimeError with the remedy).
+    """
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), path)
+    problem = pickled_weights_problem(path)
+    if problem is not None:
+        raise RuntimeError(problem)
     try:
         with quiet_transformers():
             model, info = _model_class().from_pretrained(str(path), dtype=dtype, output_loading_info=True)

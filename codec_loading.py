@@ -9,6 +9,13 @@ Resolution order for the codec directory:
 2. ``<model directory>/audio_tokenizer`` when it holds weights;
 3. ``config.audio_tokenizer_pretrained_name_or_path``: a hub id (downloaded with huggingface_hub unless offline),
    or a relative path that must stay inside the model directory (a config never points outside it).
+
+A codec object the caller passes in is used as is when it is this repository's class. Any other class with the
+released checkpoint layout (upstream's remote-code ``MossAudioTokenizerModel``, as ``AutoModel.from_pretrained(...,
+trust_remote_code=True)`` loads it from the hub) keeps one streaming state per object, so two requests streaming
+through it would mix their histories. ``session_codec`` therefore runs this repository's codec over that object's
+own parameter tensors (the same ``Parameter`` objects, not copies): every request gets its own decode session, and
+the caller's object is never put into streaming mode.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Iterator
+
+import torch
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -179,6 +188,60 @@ def load_codec(directory: str | os.PathLike, model_dir: str | os.PathLike | None
         codec, info = module.MossAudioTokenizerModel.from_pretrained(str(directory), output_loading_info=True)
     check_loading_info(info, Path(directory))
     return codec.eval()
+
+
+def session_codec(codec: Any, model_dir: str | os.PathLike | None = None) -> Any:
+    """A codec with independent decode sessions that runs on ``codec``'s weights (``codec`` itself when it has them).
+
+    Another class (upstream's) is replaced by this repository's ``MossAudioTokenizerModel``, built on the meta
+    device from ``codec.config`` and bound to ``codec``'s parameter and buffer objects: nothing is copied, and moving
+    or editing ``codec`` afterwards is seen by both. Only ``codec.config`` and ``codec.state_dict(keep_vars=True)``
+    are read.
+
+    Raises:
+        ValueError: ``codec`` has no config, or its tensors do not match the layout its config describes.
+    """
+    if getattr(type(codec), "independent_decode_sessions", False):
+        return codec
+    config = getattr(codec, "config", None)
+    if config is None or not hasattr(codec, "state_dict"):
+        raise ValueError(f"audio_tokenizer of type {type(codec).__name__} is not a MOSS-Audio-Tokenizer model "
+                         "(it has no config / state_dict); pass the codec loaded with AutoModel.from_pretrained "
+                         "or audio_tokenizer_path")
+    module = codec_code_module(Path(model_dir) if model_dir else None)
+    ours = module.MossAudioTokenizerConfig.from_dict(config.to_dict())
+    with torch.device("meta"), quiet_transformers():
+        bound = module.MossAudioTokenizerModel(ours)
+    tensors = dict(codec.state_dict(keep_vars=True))
+    module.remap_legacy_keys_in_place(tensors)
+    _bind_tensors(bound, tensors, type(codec).__name__)
+    bound.refresh_weight_norm()
+    return bound.train(codec.training)
+
+
+def _bind_tensors(target: Any, tensors: dict, source_name: str) -> None:
+    """Put ``tensors`` (name -> Parameter / buffer) into ``target``'s modules in place of its meta tensors."""
+    problems = []
+    for name, tensor in tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = target.get_submodule(owner_name)
+        except AttributeError:
+            owner = None
+        slots = None if owner is None else owner._parameters if leaf in owner._parameters else owner._buffers
+        if slots is None or leaf not in slots or slots[leaf] is None:
+            problems.append(f"unexpected {name}")
+        elif tuple(slots[leaf].shape) != tuple(tensor.shape):
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(slots[leaf].shape)}")
+        elif slots is owner._parameters and not isinstance(tensor, torch.nn.Parameter):
+            slots[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        else:
+            slots[leaf] = tensor
+    problems += [f"missing {name}" for name, t in (*target.named_parameters(), *target.named_buffers()) if t.is_meta]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"audio_tokenizer of type {source_name} does not have the MOSS-Audio-Tokenizer checkpoint "
+                         f"layout its config describes ({shown})")
 
 
 def check_loading_info(info: dict, directory: Path) -> None:

@@ -27,6 +27,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+try:
+    from .torch_compat import OutOfMemoryError, cuda_bf16_supported
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from torch_compat import OutOfMemoryError, cuda_bf16_supported
+
 logger = logging.getLogger(__name__)
 
 DEVICE_PREFERENCE = ("npu", "cuda", "cpu")
@@ -173,12 +180,7 @@ def _module(kind: str) -> Any:
 
 
 def _cuda_default_dtype() -> torch.dtype:
-    cuda = _module("cuda")
-    try:
-        supported = cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch < 2.3 has no including_emulation (and no emulation to exclude)
-        supported = cuda.is_bf16_supported()
-    return torch.bfloat16 if supported else torch.float16
+    return torch.bfloat16 if cuda_bf16_supported(_module("cuda")) else torch.float16
 
 
 def _npu_free_memory(index: int) -> int:
@@ -412,14 +414,44 @@ def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
     return ops.peak(index)
 
 
+def check_seed(seed: Any) -> int:
+    """Return ``seed`` if it is an int in [0, 2**32) (numpy's range, kept for every seed here).
+
+    Raises:
+        ValueError: naming the value and the allowed range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
+    return seed
+
+
+def new_generator(device: DeviceLike, seed: Optional[int] = None) -> torch.Generator:
+    """A private ``torch.Generator`` on ``device``: seeded with ``seed``, or from the OS when it is None.
+
+    Calls draw from one of these instead of the process-wide generators, so concurrent or interleaved requests
+    neither disturb nor depend on each other (and a seeded request repeats whatever runs beside it). On the CPU a
+    seed gives the same draws as ``torch.manual_seed(seed)`` did.
+
+    Raises:
+        ValueError: ``seed`` outside [0, 2**32).
+    """
+    generator = torch.Generator(device=torch.device(device))
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(check_seed(seed))
+    return generator
+
+
 def seed_everything(seed: int, device: DeviceLike = None) -> None:
     """Seed ``random``, numpy, torch and the accelerator generators (all usable ones, or ``device``'s type).
+
+    For scripts that want a reproducible process; library calls never use it (they take ``new_generator``).
 
     Raises:
         ValueError: ``seed`` is not an int in [0, 2**32) (numpy's range), or ``device`` is unsupported.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
+    check_seed(seed)
     kinds = DEVICE_PREFERENCE if device is None else (_parse_device(device)[0],)
     random.seed(seed)
     np.random.seed(seed)
@@ -594,8 +626,7 @@ def cpu_kernel(kind: str) -> Optional[str]:
     return fast if cpu_fast_paths_enabled() else portable
 
 
-_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                               getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t is not None)
+_OOM_TYPES = (OutOfMemoryError, MemoryError)
 # Ascend error text, from the torch_npu wheels (2.1.0.post12 to 2.14.0): a failed ACL call raises
 # "NPU function error: <call>, error code is <N>" (or "NPU error, error code is <N>", "OPS function error: ...") with
 # the code's description from include/torch_npu/csrc/core/npu/NPUErrorCodes.h; the symbolic names of
@@ -643,7 +674,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 
 
 def is_out_of_memory_error(exc: BaseException) -> bool:
-    """True for out-of-memory failures on any device (torch.OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
+    """True for out-of-memory failures on any device (OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
     return any(isinstance(e, _OOM_TYPES) or _OOM_PATTERN.search(str(e)) for e in _exception_chain(exc))
 
 

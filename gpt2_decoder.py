@@ -40,6 +40,7 @@ try:
         rotate_pairs,
         rotate_real,
     )
+    from .torch_compat import sdpa_mask
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -60,6 +61,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         rotate_pairs,
         rotate_real,
     )
+    from torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
         allowed = _dense_or_causal(mask, num_queries, num_keys, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(allowed, q.dtype), scale=scale)
     return _merge_heads(out)
 
 
@@ -565,6 +567,9 @@ def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
     if not {"x86", "fbgemm"} & set(engines):
         raise RuntimeError(f"int8 weight precision needs torch's x86/fbgemm quantized engine; this build has {engines}")
     if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        # Why here only: prepacking reads the process-wide engine, but a packed weight keeps its own kernel (a later
+        # engine change does not affect `linear_dynamic` on it). So the switch happens when int8 is set up (or the
+        # model is moved), never during generation, where it would race with other threads.
         torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
     with torch.no_grad(), warnings.catch_warnings():
         # Why: torch flags its quantized-tensor constructors as deprecated; they are still the only CPU int8 path

@@ -46,6 +46,7 @@ try:
     )
     from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
     from .sampling import SamplingParams
+    from .torch_compat import add_load_state_dict_pre_hook
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -76,6 +77,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     )
     from rotary import ROTARY_KERNELS  # noqa: F401
     from sampling import SamplingParams
+    from torch_compat import add_load_state_dict_pre_hook
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         ties.update({f"audio_lm_heads.{i}.weight": f"audio_embeddings.{i}.weight" for i in range(config.n_vq)})
         self._tied_weights_keys = ties if _TIES_AS_MAPPING else [rf"^{k}$".replace(".", r"\.") for k in ties]
         self._kernel_plans: dict[tuple[torch.device, torch.dtype, bool], KernelPlan] = {}
-        self.register_load_state_dict_pre_hook(_drop_local_token_embedding)
+        add_load_state_dict_pre_hook(self, _drop_local_token_embedding)
         self.post_init()  # ties the heads (transformers 5.x from `_tied_weights_keys`, 4.x through `_tie_weights`)
 
     # ------------------------------------------------------------------------------------------------ weights
@@ -580,13 +582,17 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_tokenizer / audio_tokenizer_path (alias audio_tokenizer_pretrained_name_or_path): the codec;
                 default: <checkpoint>/audio_tokenizer, else config.audio_tokenizer_pretrained_name_or_path.
             local_files_only: never download the codec.
-            device: move the model there first ("auto", "npu:0", "cuda", "cpu", ...).
+            device: where the model should be ("auto", "npu:0", "cuda", "cpu", ...): nothing happens when it is
+                there; otherwise the model is moved, with a warning (a call running on it meanwhile would fail).
             max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
                 audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
             voice_clone_max_text_tokens (token budget of a text chunk, both modes),
                 voice_clone_max_memory_per_sample_gb (1.0), voice_clone_chunk_batch_size (cap),
                 voice_clone_codec_batch_size: long-text chunking and batching.
-            seed: seeds torch (and the device) before generation.
+            seed: seeds this call's own random generator (on the model's device); the process-wide generators
+                (random, numpy, torch) are neither read nor changed, so a seeded call repeats whatever runs beside it.
+            generator: a torch.Generator on the model's device to draw from instead (not with seed). Sampling without
+                either draws from a fresh generator seeded by the OS.
             progress: callable receiving progress messages for long texts.
 
         Returns:
@@ -600,6 +606,11 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         Raises:
             ValueError: invalid text, prompt, mode combination, sampling value or file.
             RuntimeError: missing codec offline, out of memory at batch 1, or non-finite logits after the float32 retry.
+
+        Every call owns its state (caches, codec decode session, random generator) and only reads the model, codec
+        and tokenizer: threads and interleaved `inference_stream` generators may share one model and one codec.
+        Resources are loaded once per set of resource arguments (see `pipeline.Synthesizer`). The float32 retry runs
+        a float32 copy kept beside the model, never this model cast in place.
         """
         return _pipeline_module().run_inference(self, text, output_audio_path, **kwargs)
 
@@ -617,8 +628,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Raises:
             As `inference`. A chunk whose generation fails numerically before its first audio event is retried
-            once in float32 (as `inference` retries); after audio went out, the error is raised. Closing the
-            generator early releases the codec's streaming state.
+            once in float32 (as `inference` retries); after audio went out, the error is raised. The stream owns
+            its codec decode session: leaving it early (`break`) affects no other call.
         """
         return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
 
@@ -635,6 +646,7 @@ def _pipeline_module() -> Any:
         from .audio_io import write_audio_atomic  # noqa: F401
         from .codec_loading import load_codec  # noqa: F401
         from .pipeline import run_inference  # noqa: F401
+        from .shared_resources import load_resources  # noqa: F401
         from .text_chunking import split_text_into_chunks  # noqa: F401
         from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
     except ImportError:  # not part of a package: imported from the repository root or run as a script

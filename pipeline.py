@@ -4,6 +4,11 @@ text (+ reference audio) -> codec encode -> prompt rows -> generation -> codec d
 -> file. Voice-clone text is split into chunks within a token budget; chunks are generated in batches sized
 from free device memory and joined with short pauses. Generation that fails numerically is retried once in
 float32 with the device's fallback attention backend; a batch that runs out of memory is retried smaller.
+
+Every call owns its state: KV caches, its codec decode session, its random generator (``seed=`` / ``generator=``).
+The model, tokenizer and codec are only read, so one ``Synthesizer`` (or one model's ``inference`` /
+``inference_stream``) serves any number of threads and interleaved streams. The float32 retry runs a float32 copy
+kept beside the model (``shared_resources.float32_retry_model``), never the caller's model cast in place.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,19 +30,23 @@ try:
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from .codec_loading import load_codec, resolve_codec_directory
     from .prompting import (
-        PromptTokenIds,
         build_continuation_rows,
-        build_prompt_template,
         build_voice_clone_rows,
         infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from .sampling import SamplingParams
+    from .shared_resources import (
+        RESOURCE_KEYS,
+        Resources,
+        cached_resources,
+        float32_retry_model,
+        load_resources,
+        place_model,
+    )
     from .text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
-    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -49,19 +57,23 @@ except ImportError:  # not part of a package: imported from the repository root 
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from codec_loading import load_codec, resolve_codec_directory
     from prompting import (
-        PromptTokenIds,
         build_continuation_rows,
-        build_prompt_template,
         build_voice_clone_rows,
         infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from sampling import SamplingParams
+    from shared_resources import (
+        RESOURCE_KEYS,
+        Resources,
+        cached_resources,
+        float32_retry_model,
+        load_resources,
+        place_model,
+    )
     from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
-    from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,24 +91,6 @@ METHOD_DEFAULTS: dict[str, Any] = {
     "use_kv_cache": True,
 }
 SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
-
-
-@dataclass
-class Resources:
-    """What a synthesis needs besides the model, loaded once and cached on the model."""
-
-    tokenizer: Any
-    codec: Any
-    ids: PromptTokenIds
-    template: Any
-
-    def encode_text(self, text: str) -> list[int]:
-        return _encoder(self.tokenizer)(text)
-
-
-def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """Tokenise without special tokens, as every prompt piece is (spec §5)."""
-    return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 
 @dataclass
@@ -118,6 +112,7 @@ class SynthesisRequest:
     voice_clone_codec_batch_size: int | None = None
     downmix: bool = False
     seed: int | None = None
+    generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -142,6 +137,31 @@ class SynthesisRequest:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+        self._check_randomness()
+
+    def _check_randomness(self) -> None:
+        if self.seed is not None:
+            devices.check_seed(self.seed)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("pass seed= or generator=, not both (a seed makes the call's own generator)")
+
+    def call_generator(self, device: torch.device) -> torch.Generator | None:
+        """The call's own random generator on ``device``: the caller's, one seeded with ``seed``, or (sampling
+        without either) one seeded from the OS. None for greedy calls, which draw nothing.
+
+        Raises:
+            ValueError: a caller's generator on another device type than the model.
+        """
+        if self.generator is not None:
+            if self.generator.device.type != device.type:
+                raise ValueError(f"generator is on {self.generator.device}, the model on {device}; create it with "
+                                 f"torch.Generator(device='{device}')")
+            return self.generator
+        if self.seed is None and not self.generation.get("do_sample"):
+            return None
+        return devices.new_generator(device, self.seed)
 
 
 def build_request(text: str, **kwargs: Any) -> SynthesisRequest:
@@ -154,50 +174,51 @@ def build_request(text: str, **kwargs: Any) -> SynthesisRequest:
 # ---------------------------------------------------------------------------------------------------- resources
 
 
-def model_directory(model: Any) -> Path | None:
-    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    return Path(name) if name and Path(name).is_dir() else None
+class Synthesizer:
+    """Text to speech with one model and the resources it needs (tokenizer, codec, prompt template), loaded once.
 
+    Safe to share between threads and between interleaved streams: each call owns its state (KV caches, its codec
+    decode session, its random generator); the model, tokenizer and codec are only read. ``model.inference`` /
+    ``inference_stream`` go through one of these per set of resource arguments (``synthesizer_for``).
 
-def load_resources(
-    model: Any,
-    text_tokenizer: Any = None,
-    text_tokenizer_path: str | os.PathLike | None = None,
-    audio_tokenizer: Any = None,
-    audio_tokenizer_path: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Resources:
-    """Find the text tokenizer and codec for ``model`` (cached on the model after the first call).
-
-    Raises:
-        ValueError: a tokenizer or codec location that holds no files.
-        RuntimeError: a codec hub id that cannot be fetched.
+    Args:
+        model: a loaded ``MossTTSNanoForCausalLM`` on its device.
+        text_tokenizer, text_tokenizer_path, audio_tokenizer, audio_tokenizer_path, local_files_only: as for
+            ``MossTTSNanoForCausalLM.inference``.
+        resources: already loaded resources for ``model`` (instead of the arguments above).
     """
-    key = (id(text_tokenizer), str(text_tokenizer_path), id(audio_tokenizer), str(audio_tokenizer_path))
-    cached = getattr(model, "_moss_resources", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    model_dir = model_directory(model)
-    tokenizer = text_tokenizer or _load_tokenizer(text_tokenizer_path or model_dir)
-    codec = audio_tokenizer
-    if codec is None:
-        configured = getattr(model.config, "audio_tokenizer_pretrained_name_or_path", None)
-        codec_dir = resolve_codec_directory(audio_tokenizer_path, model_dir, configured, local_files_only)
-        codec = load_codec(codec_dir, model_dir)
-    codec.to(next(model.parameters()).device)
-    ids = PromptTokenIds.from_config(model.config)
-    resources = Resources(tokenizer, codec, ids, build_prompt_template(_encoder(tokenizer), ids))
-    model._moss_resources = (key, resources)
-    return resources
+
+    def __init__(self, model: Any, *, resources: Resources | None = None, **resource_kwargs: Any) -> None:
+        unknown = sorted(set(resource_kwargs) - set(RESOURCE_KEYS))
+        if unknown:
+            raise TypeError(f"Synthesizer() got unexpected keyword arguments {unknown}; valid: {list(RESOURCE_KEYS)}")
+        self.model = model
+        self.resources = resources if resources is not None else load_resources(model, **resource_kwargs)
+
+    @property
+    def codec(self) -> Any:
+        return self.resources.codec
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.resources.tokenizer
+
+    def inference(self, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+        """``MossTTSNanoForCausalLM.inference`` with this object's resources (no resource keywords)."""
+        return run_inference(self.model, text, output_audio_path, synthesizer=self, **kwargs)
+
+    def inference_stream(self, text: str, output_audio_path: str | os.PathLike | None = None,
+                         **kwargs: Any) -> Iterator[dict]:
+        """``MossTTSNanoForCausalLM.inference_stream`` with this object's resources (no resource keywords)."""
+        return run_inference_stream(self.model, text, output_audio_path, synthesizer=self, **kwargs)
 
 
-def _load_tokenizer(directory: str | os.PathLike | None) -> Any:
-    if directory is None or not (Path(directory) / "tokenizer.model").is_file():
-        raise ValueError(
-            f"no text tokenizer found (looked for tokenizer.model in {directory or 'the model directory'}); "
-            "pass text_tokenizer_path / the checkpoint directory that holds tokenizer.model"
-        )
-    return MossTTSNanoSentencePieceTokenizer.from_pretrained(str(directory))
+def synthesizer_for(model: Any, **resource_kwargs: Any) -> Synthesizer:
+    """The ``Synthesizer`` behind ``model.inference(**resource_kwargs)``: resources loaded on first use, then reused.
+
+    Thread-safe: concurrent first calls load once (under a lock); the last few resource sets per model are kept.
+    """
+    return Synthesizer(model, resources=cached_resources(model, **resource_kwargs))
 
 
 def encode_prompt_audio(codec: Any, waveform: torch.Tensor) -> torch.LongTensor:
@@ -228,22 +249,8 @@ def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: in
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-@contextlib.contextmanager
-def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
-    """Run the model in float32 with the device's fallback attention backend, then restore it."""
-    dtype = next(model.parameters()).dtype
-    previous = model.get_attention_implementation()
-    model.to(torch.float32)
-    model.set_attention_implementation(devices.fallback_attention_implementation(device))
-    try:
-        yield
-    finally:
-        model.set_attention_implementation(*previous)
-        model.to(dtype)
-
-
-def _generation_kwargs(request: SynthesisRequest) -> dict[str, Any]:
-    return dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+def _generation_kwargs(request: SynthesisRequest, generator: torch.Generator | None) -> dict[str, Any]:
+    return dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq, generator=generator)
 
 
 def _warn_retry(first: BaseException) -> None:
@@ -259,14 +266,17 @@ def _failed_twice(first: BaseException, second: BaseException, device: torch.dev
 
 
 def generate_robust(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest,
+    generator: torch.Generator | None = None,
 ) -> tuple[Any, bool]:
-    """``model.generate`` with one float32 / fallback-backend retry on numerical failure.
+    """``model.generate`` with one retry on numerical failure, in float32 with the device's fallback attention
+    backend (``float32_retry_model``; ``model`` itself is left as it is). ``generator`` is the call's own.
 
     Returns:
         ``(generation output, whether the float32 retry was needed)``.
     """
-    kwargs = _generation_kwargs(request)
+    kwargs = _generation_kwargs(request, generator)
+    start = None if generator is None else generator.get_state()
     try:
         return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), False
     except RuntimeError as exc:
@@ -274,23 +284,28 @@ def generate_robust(
             raise
         first = exc
     _warn_retry(first)
-    with float32_fallback(model, input_ids.device):
-        try:
-            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
-        except RuntimeError as exc:
-            if not devices.is_stability_error(exc):
-                raise
-            raise _failed_twice(first, exc, input_ids.device) from exc
+    if generator is not None:
+        generator.set_state(start)  # the retry draws what a float32 run would have drawn
+    try:
+        retry_model = float32_retry_model(model, input_ids.device)
+        return retry_model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
+    except RuntimeError as exc:
+        if not devices.is_stability_error(exc):
+            raise
+        raise _failed_twice(first, exc, input_ids.device) from exc
 
 
 def stream_robust(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest, emitted: Callable[[], bool]
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest, emitted: Callable[[], bool],
+    generator: torch.Generator | None = None,
 ) -> Iterator[dict]:
-    """``model.generate_stream`` with one float32 / fallback-backend retry on numerical failure, as long as
-    ``emitted()`` says no audio of this generation reached the caller yet (audio already yielded cannot be taken
-    back). A retry is announced by a ``{"type": "retry"}`` event: frames before it are to be discarded.
+    """``model.generate_stream`` with one retry on numerical failure (in float32 on ``float32_retry_model``, as
+    ``generate_robust``), as long as ``emitted()`` says no audio of this generation reached the caller yet (audio
+    already yielded cannot be taken back). A retry is announced by a ``{"type": "retry"}`` event: frames before it
+    are to be discarded.
     """
-    kwargs = _generation_kwargs(request)
+    kwargs = _generation_kwargs(request, generator)
+    start = None if generator is None else generator.get_state()
     try:
         yield from model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
         return
@@ -300,13 +315,15 @@ def stream_robust(
         first = exc
     _warn_retry(first)
     yield {"type": "retry"}
-    with float32_fallback(model, input_ids.device):
-        try:
-            yield from model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
-        except RuntimeError as exc:
-            if not devices.is_stability_error(exc):
-                raise
-            raise _failed_twice(first, exc, input_ids.device) from exc
+    if generator is not None:
+        generator.set_state(start)
+    try:
+        retry_model = float32_retry_model(model, input_ids.device)
+        yield from retry_model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
+    except RuntimeError as exc:
+        if not devices.is_stability_error(exc):
+            raise
+        raise _failed_twice(first, exc, input_ids.device) from exc
 
 
 @dataclass
@@ -325,9 +342,13 @@ class Generated:
 
 
 def generate_chunks(
-    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None
+    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None,
+    generator: torch.Generator | None = None,
 ) -> Generated:
-    """Generate every voice-clone chunk's rows, batched from free memory, halving the batch on out-of-memory errors."""
+    """Generate every voice-clone chunk's rows, batched from free memory, halving the batch on out-of-memory errors.
+
+    ``generator`` (the call's own) is rewound before a batch is retried, so a retry draws what a first try would.
+    """
     device = next(model.parameters()).device
     generated = Generated()
     batch = devices.chunk_batch_size(
@@ -336,11 +357,14 @@ def generate_chunks(
     while len(generated.codes) < len(rows):
         part = rows[len(generated.codes) : len(generated.codes) + batch]
         input_ids, mask = left_pad_batch(part, resources.ids)
+        start = None if generator is None else generator.get_state()
         try:
-            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request)
+            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request, generator)
         except Exception as exc:
             if not devices.is_out_of_memory_error(exc):
                 raise
+            if generator is not None:
+                generator.set_state(start)
             if batch == 1:
                 raise RuntimeError(
                     "out of device memory while generating a single text chunk; lower --max-new-frames or "
@@ -385,7 +409,7 @@ def generate_continuation(model: Any, plan: "Plan") -> Generated:
     generated, context = Generated(), plan.first_context
     for index in range(len(plan.chunks)):
         input_ids, mask = left_pad_batch([continuation_rows(plan, index, context)], plan.resources.ids)
-        out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), plan.request)
+        out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), plan.request, plan.generator)
         generated.float32_retry = generated.float32_retry or fallback
         codes = out.audio_token_ids[0, : int(out.num_frames[0])].cpu()
         generated.add(codes, bool(out.finished_mask[0]))
@@ -467,7 +491,7 @@ def decode_generated(
 
 
 def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | None]:
-    """Take the resource and device keywords out of ``kwargs``; move the model when ``device`` is given.
+    """Take the resource and device keywords out of ``kwargs``; ``device`` goes to ``place_model``.
 
     ``audio_tokenizer_pretrained_name_or_path`` (upstream's name) is accepted for ``audio_tokenizer_path``.
     """
@@ -475,14 +499,15 @@ def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | Non
         kwargs.setdefault("audio_tokenizer_path", kwargs.pop("audio_tokenizer_pretrained_name_or_path"))
     device = kwargs.pop("device", None)
     if device is not None:
-        model.to(devices.resolve_device(device))
-    resource_kwargs = {k: kwargs.pop(k) for k in _RESOURCE_KEYS if k in kwargs}
+        place_model(model, devices.resolve_device(device))
+    resource_kwargs = {k: kwargs.pop(k) for k in RESOURCE_KEYS if k in kwargs}
     return resource_kwargs, kwargs.pop("progress", None)
 
 
 @dataclass
 class Plan:
-    """A validated call: its request, resources, prompt codes, text chunks and the separator before each."""
+    """A validated call: its request, resources, prompt codes, text chunks, the separator before each, and its own
+    random generator."""
 
     request: SynthesisRequest
     resources: Resources
@@ -490,6 +515,7 @@ class Plan:
     chunks: list[str]
     separators: list[str]
     progress: Callable | None
+    generator: torch.Generator | None = None
 
     @property
     def nq(self) -> int:
@@ -501,16 +527,24 @@ class Plan:
         return Context(self.request.prompt_text or "", self.prompt_codes)
 
 
-def prepare_call(model: Any, text: str, kwargs: dict) -> Plan:
-    """Everything before generation, shared by the streaming and non-streaming entry points."""
+def prepare_call(model: Any, text: str, kwargs: dict, synthesizer: Synthesizer | None = None) -> Plan:
+    """Everything before generation, shared by the streaming and non-streaming entry points.
+
+    Raises:
+        ValueError: resource keywords given to a ``Synthesizer`` call (it owns its resources), or bad arguments.
+    """
     resource_kwargs, progress = split_call_arguments(model, kwargs)
     request = build_request(text, **kwargs)
-    resources = load_resources(model, **resource_kwargs)
-    if request.seed is not None:
-        devices.seed_everything(request.seed, next(model.parameters()).device)
+    if synthesizer is None:
+        synthesizer = synthesizer_for(model, **resource_kwargs)
+    elif resource_kwargs:
+        raise ValueError(f"{sorted(resource_kwargs)} cannot be passed to a Synthesizer's calls: it owns its "
+                         "resources; create another Synthesizer for other ones")
+    resources = synthesizer.resources
+    generator = request.call_generator(next(model.parameters()).device)
     prompt_codes = prepare_prompt(request, resources)
     chunks, separators = plan_chunks(request, resources)
-    return Plan(request, resources, prompt_codes, chunks, separators, progress)
+    return Plan(request, resources, prompt_codes, chunks, separators, progress, generator)
 
 
 def finish_result(plan: Plan, generated: Generated, waveform: torch.Tensor, output_audio_path: Any,
@@ -538,31 +572,27 @@ def finish_result(plan: Plan, generated: Generated, waveform: torch.Tensor, outp
     return result
 
 
-def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
+                  synthesizer: Synthesizer | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
-    plan = prepare_call(model, text, kwargs)
+    plan = prepare_call(model, text, kwargs, synthesizer)
     if plan.request.mode == "voice_clone":
-        generated = generate_chunks(model, voice_clone_rows(plan), plan.request, plan.resources, plan.progress)
+        generated = generate_chunks(model, voice_clone_rows(plan), plan.request, plan.resources, plan.progress,
+                                    plan.generator)
     else:
         generated = generate_continuation(model, plan)
     waves = decode_generated(plan.resources.codec, generated.codes, plan.request, plan.prompt_codes, plan.nq)
     return finish_result(plan, generated, join_with_pauses(waves, plan.chunks), output_audio_path)
 
 
-_RESOURCE_KEYS = (
-    "text_tokenizer",
-    "text_tokenizer_path",
-    "audio_tokenizer",
-    "audio_tokenizer_path",
-    "local_files_only",
-)
-
-
 # ---------------------------------------------------------------------------------------------------- streaming
 
 
 class StreamDecoder:
-    """Decode frames as they arrive with the codec's streaming session, in windows sized by the lead over real time.
+    """Decode frames as they arrive through its own codec decode session, in windows sized by the lead over real time.
+
+    The session (opened on the first decode, freed by ``close``) holds this stream's codec history alone, so any
+    number of StreamDecoders run on one codec, interleaved or in threads.
 
     The first frame is decoded alone (first audio as early as possible). While little audio is ahead of the wall
     clock, frames are decoded one or two at a time (low latency); once audio is comfortably ahead, in windows of up
@@ -572,19 +602,19 @@ class StreamDecoder:
 
     def __init__(self, codec: Any, nq: int) -> None:
         self.codec, self.nq = codec, nq
+        self.session: Any = None
         self.pending: list[torch.Tensor] = []
-        self.started = False
         self.emitted_seconds = 0.0
         self.first_audio_at: float | None = None
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.session is None:
+            self.session = self.codec.create_decode_session(1)
+            self.session.append(0)
         device = next(self.codec.parameters()).device
-        first = {} if self.started else {"max_batch_size": 1, "reset_stream": True}
-        self.started = True
-        out = self.codec.batch_decode(
-            [codes[:, : self.nq].transpose(0, 1).to(device)], num_quantizers=self.nq, streaming=True, **first
-        )
-        return out.audio[0, :, : int(out.audio_lengths[0])].float().cpu()
+        frames = codes[:, : self.nq].transpose(0, 1).to(device)  # (nq, L)
+        _, audio, lengths = self.session.step([0], frames, [frames.shape[-1]])
+        return audio[0, :, : int(lengths[0])].float().cpu()
 
     def prime(self, codes: torch.Tensor) -> None:
         """Feed prompt codes whose audio is not wanted (continuation with prompt audio)."""
@@ -617,7 +647,10 @@ class StreamDecoder:
         return wave
 
     def close(self) -> None:
-        self.codec._reset_batch_decode_streaming_state()
+        """Free this stream's decode session (idempotent)."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
 
 
 def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> dict:
@@ -634,7 +667,8 @@ def _stream_chunk(
     input_ids, mask = left_pad_batch([rows], ids)
     frames: list[torch.Tensor] = []
     finished, emitted = True, False
-    for event in stream_robust(model, input_ids.to(device), mask.to(device), plan.request, lambda: emitted):
+    for event in stream_robust(model, input_ids.to(device), mask.to(device), plan.request, lambda: emitted,
+                               plan.generator):
         if event["type"] == "retry":  # nothing of this chunk was decoded yet: start it again
             frames.clear()
             decoder.pending.clear()
@@ -683,10 +717,11 @@ def _continuation_waves(model: Any, plan: Plan, generated: Generated) -> Iterato
 
 
 def run_inference_stream(
-    model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any
+    model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
+    synthesizer: Synthesizer | None = None, **kwargs: Any
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
-    plan = prepare_call(model, text, kwargs)
+    plan = prepare_call(model, text, kwargs, synthesizer)
     started = time.perf_counter()
     first_audio: float | None = None
     parts: list[torch.Tensor] = []

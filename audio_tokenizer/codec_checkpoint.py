@@ -6,9 +6,10 @@ import os
 import re
 from typing import MutableMapping
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from .torch_compat import load_pickled_weights
 
 # (pattern, replacement) applied with re.sub, first match wins. Released names are never matched.
 LEGACY_KEY_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -60,7 +61,7 @@ def read_checkpoint_keys(directory) -> list[str] | None:
             return list(handle.keys())
     bin_path = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(bin_path):
-        return list(torch.load(bin_path, map_location="meta", weights_only=True).keys())
+        return list(load_pickled_weights(bin_path, map_location="meta").keys())
     return None
 
 
@@ -75,5 +76,5 @@ def load_checkpoint_state_dict(directory) -> dict:
         return load_file(safetensors_path)
     bin_path = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        return load_pickled_weights(bin_path, map_location="cpu")
     raise ValueError(f"{directory!r} holds neither model.safetensors nor pytorch_model.bin")

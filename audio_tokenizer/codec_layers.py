@@ -8,6 +8,10 @@ of ``context`` tokens is followed by room for the new chunk, so attention reads 
 same keys in the same order as upstream's ``cat([cache, new])`` without reallocating or copying the cache every
 step; entries no slot has filled yet are left out of the slice. The window slides through a buffer twice the context
 long and is compacted back to the start only when it reaches the end.
+
+Streaming state is never stored on the modules: a ``StackStreamState`` (one ``StageStreamState`` per stage) belongs
+to whoever streams (a decode session, a chunked encode/decode call, the ``streaming()`` context) and is passed to
+every step, as a KV cache is on the TTS side. Any number of streams can therefore run over one set of weights.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torch_compat import sdpa_mask
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention, ``(B,H,Lq,Dh)`` x ``(B,H,Lk,Dh)`` with a boolean ``(B|1,1,Lq,Lk)`` mask."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(mask, q.dtype))
 
 
 # Why "flash_attention_2" maps to SDPA: flash-attn's sliding window admits one key more than the released
@@ -295,6 +301,28 @@ class StreamStep:
         return attention(q, k_buf[:, :, window].to(q.dtype), v_buf[:, :, window].to(q.dtype), self.mask)
 
 
+class StackStreamState:
+    """Streaming state of one stack (encoder or decoder): a ``StageStreamState`` per transformer stage, in order.
+
+    Created by the stream's owner and passed to ``MossAudioTokenizerModel`` calls; nothing else refers to it, so
+    dropping it frees the caches.
+    """
+
+    def __init__(self, stages: list["ProjectedTransformer"], num_slots: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.stages = [stage.new_stream_state(num_slots, device) for stage in stages]
+
+    def set_gate(self, gate: StepGate) -> None:
+        """Which rows advance their state on the following steps (see ``StepGate``)."""
+        for stage in self.stages:
+            stage.gate = gate
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget everything slot ``slot`` has seen, in every stage."""
+        for stage in self.stages:
+            stage.reset_slot(slot)
+
+
 class MultiheadAttention(nn.Module):
     """Fused-projection self-attention with interleaved RoPE on q and k (no biases)."""
 
@@ -369,7 +397,6 @@ class ProjectedTransformer(nn.Module):
         self.input_proj = nn.Linear(entry["input_dimension"], entry["d_model"], bias=False)
         self.transformer = _LayerStack(entry)
         self.output_proj = nn.Linear(entry["d_model"], entry["output_dimension"], bias=False)
-        self.stream_state: StageStreamState | None = None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -385,19 +412,20 @@ class ProjectedTransformer(nn.Module):
                 self._inv_freq[device] = rope_inverse_frequencies(self.head_dim, self.max_period, device)
         return self._inv_freq[device]
 
-    def start_streaming(self, num_slots: int, device: torch.device) -> None:
-        self.stream_state = StageStreamState(num_slots, self.context, self.num_layers, device)
+    def new_stream_state(self, num_slots: int, device: torch.device) -> StageStreamState:
+        """Fresh streaming state of this stage for ``num_slots`` rows; the caller owns it and passes it back."""
+        return StageStreamState(num_slots, self.context, self.num_layers, device)
 
-    def stop_streaming(self) -> None:
-        self.stream_state = None
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
+                state: StageStreamState | None = None) -> torch.Tensor:
+        """Run the stage one-shot, or one streaming step of ``state`` (the caller's; advanced in place).
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the stage. ``lengths (B,)`` marks padding in one-shot mode; it is ignored while streaming."""
+        ``lengths (B,)`` marks padding in one-shot mode; it is ignored while streaming.
+        """
         # The cast matters only for reduced-precision parameters without autocast (e.g. loaded with dtype=bf16).
         hidden = self.input_proj(x.transpose(1, 2).to(self.input_proj.weight.dtype))  # (B, L, d_model)
         length, device = hidden.shape[1], hidden.device
         inv_freq = self.inverse_frequencies(device)
-        state = self.stream_state
         if state is not None:
             plan = state.begin_step(length, inv_freq)
             cos, sin = plan.cos, plan.sin

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .torch_compat import autocast_available
+
 
 def autocast_disabled(device_type: str):
     """A context that turns autocast off for ``device_type`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

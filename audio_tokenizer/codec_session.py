@@ -17,8 +17,11 @@ class MossAudioTokenizerDecodeSession:
 
     Every ``step`` decodes the call's frames in runs that advance the same slots (up to 8 frames per run); a frame's
     audio (3840 samples per channel) depends only on that frame and earlier ones, so any split of a stream into calls
-    gives the same audio up to float rounding (within the spec's 1e-6 P streaming tolerance). Only one session (or
-    ``streaming()`` context) may be open per model.
+    gives the same audio up to float rounding (within the spec's 1e-6 P streaming tolerance).
+
+    The session owns its decoder state (``state``: per-stage key/value windows, offsets); the model only lends its
+    weights. Why (upstream allows one session per model): a server keeps one stream per request on one shared codec,
+    and interleaved requests must not see each other's history. Any number of sessions may be open on one model.
 
     Args:
         model: the ``MossAudioTokenizerModel``.
@@ -27,7 +30,6 @@ class MossAudioTokenizerDecodeSession:
 
     Raises:
         ValueError: ``max_batch_size`` is not a positive integer.
-        RuntimeError: another session is open or the model is already streaming.
     """
 
     def __init__(self, model, max_batch_size: int, use_cuda_graph: bool = False) -> None:
@@ -43,7 +45,7 @@ class MossAudioTokenizerDecodeSession:
         self.code_offsets: dict[Hashable, int] = {}
         self.audio_offsets: dict[Hashable, int] = {}
         self._closed = False
-        model._open_decode_session(self, max_batch_size)
+        self.state = model._new_stream_state(model.decoder, max_batch_size)
 
     @property
     def closed(self) -> bool:
@@ -94,7 +96,7 @@ class MossAudioTokenizerDecodeSession:
         self.active_request_ids.remove(request_id)
         self.code_offsets.pop(request_id, None)
         self.audio_offsets.pop(request_id, None)
-        self.model._reset_decode_slot(slot)
+        self.state.reset_slot(slot)
         self._free_slots.append(slot)
         self._free_slots.sort()
 
@@ -142,7 +144,7 @@ class MossAudioTokenizerDecodeSession:
             raise ValueError(f"request_ids={request_ids} must equal active_request_ids={self.active_request_ids}")
         packed, slot_lengths = self._pack(codes, code_lengths, len(request_ids), validate)
         try:
-            audio = self.model._decode_session_frames(packed.to(self.model.device), slot_lengths)  # (S, C, T)
+            audio = self.model._decode_session_frames(packed.to(self.model.device), slot_lengths, self.state)
         except BaseException:
             self.close()
             raise
@@ -159,15 +161,17 @@ class MossAudioTokenizerDecodeSession:
         return request_ids, audio, audio_lengths
 
     def close(self) -> None:
-        """Leave streaming and release the model's session slot (idempotent)."""
-        if self._closed:
-            return
+        """Free this session's state (idempotent); other sessions on the model are untouched."""
         self._closed = True
-        self.model._close_decode_session(self)
+        self.state = None
 
 
 class StreamingDecodeController:
-    """Bookkeeping of ``batch_decode(streaming=True)``: row identity, new requests and ``finalize_indices``."""
+    """Bookkeeping of ``batch_decode(streaming=True)``: row identity, new requests and ``finalize_indices``.
+
+    Upstream's streaming API keeps one stream per model object; this controller is that one default session, for
+    callers that use the API alone. Concurrent streams each open their own ``create_decode_session``.
+    """
 
     def __init__(self, model) -> None:
         self.model = model
@@ -187,7 +191,7 @@ class StreamingDecodeController:
             self.reset()
         if self.session is None:
             size = rows if max_batch_size is None else max_batch_size
-            self.session = MossAudioTokenizerDecodeSession(self.model, size, use_cuda_graph)
+            self.session = self.model.create_decode_session(size, use_cuda_graph)
             self.max_batch_size, self.next_request_id = size, 0
         elif max_batch_size is not None and max_batch_size != self.max_batch_size:
             raise ValueError(f"max_batch_size={max_batch_size!r} differs from this stream's {self.max_batch_size}; "

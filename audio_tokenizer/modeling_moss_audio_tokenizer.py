@@ -35,7 +35,7 @@ from .codec_inputs import (
     plan_chunk_steps,
     resolve_code_rows,
 )
-from .codec_layers import LayerScale, PatchedPretransform, ProjectedTransformer, StepGate
+from .codec_layers import LayerScale, PatchedPretransform, ProjectedTransformer, StackStreamState, StepGate
 from .codec_quantizer import WeightNormConv1x1, ResidualLFQ, _WeightNormParameters
 from .codec_session import MossAudioTokenizerDecodeSession, StreamingDecodeController
 from .configuration_moss_audio_tokenizer import (
@@ -43,6 +43,7 @@ from .configuration_moss_audio_tokenizer import (
     normalize_attention_implementation,
     normalize_compute_dtype,
 )
+from .torch_compat import add_load_state_dict_pre_hook, autocast_available
 
 logger = logging.get_logger(__name__)
 
@@ -130,6 +131,11 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
     ``streaming``, ``create_decode_session``; attributes ``sampling_rate``/``sample_rate``, ``number_channels``,
     ``downsample_rate``, ``frame_rate``."""
 
+    # Decode sessions own their state (see `create_decode_session`). The TTS pipeline opens one session per request
+    # on a shared codec only where a codec class says so; it runs any other (upstream's, one stream per object)
+    # through this class over that object's weights (codec_loading.session_codec).
+    independent_decode_sessions = True
+
     def __init__(self, config: MossAudioTokenizerConfig) -> None:
         super().__init__(config)
         self.sampling_rate = config.sampling_rate
@@ -142,12 +148,11 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         self.encoder = self._build_stack(config.encoder_kwargs, encoder_contexts, upsample=False)
         self.quantizer = ResidualLFQ(**config.quantizer_kwargs)
         self.decoder = self._build_stack(config.decoder_kwargs, decoder_contexts, upsample=True)
-        self._active_session: MossAudioTokenizerDecodeSession | None = None
-        self._streaming_slots: int | None = None
+        self._streaming_context: dict[str, StackStreamState] | None = None  # the streaming() context's state
         self._stream_decode = StreamingDecodeController(self)
         self.set_attention_implementation(config.attention_implementation)
         self.set_compute_dtype(config.compute_dtype)
-        self.register_load_state_dict_pre_hook(self._remap_legacy_keys_hook)
+        add_load_state_dict_pre_hook(self, self._remap_legacy_keys_hook)
         self.register_load_state_dict_post_hook(self._refresh_after_load_hook)
         self.post_init()
 
@@ -257,7 +262,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         if dtype is None:
             return contextlib.nullcontext()
         allowed = AUTOCAST_DTYPES_BY_DEVICE.get(device.type)
-        if not torch.amp.is_autocast_available(device.type) or (allowed is not None and dtype not in allowed):
+        if not autocast_available(device.type) or (allowed is not None and dtype not in allowed):
             logger.warning_once(f"compute_dtype={self.compute_dtype_name} is not available on {device.type}; "
                                 "the codec runs in float32 there")
             return contextlib.nullcontext()
@@ -269,16 +274,28 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         stacks = [self.encoder, self.decoder] if stack is None else [stack]
         return [m for s in stacks for m in s if isinstance(m, ProjectedTransformer)]
 
-    def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, lengths: list[int] | None):
-        """Run a stack; ``lengths`` (per row, at the input rate) mask padding in one-shot mode."""
+    def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, lengths: list[int] | None,
+                   state: StackStreamState | None = None):
+        """Run a stack one-shot (``lengths``, per row at the input rate, mask padding) or as one step of ``state``."""
+        stage_states = None if state is None else iter(state.stages)
         for module in stack:
             if isinstance(module, PatchedPretransform):
                 x = module(x)
                 lengths = None if lengths is None else module.map_lengths(lengths)
+            elif stage_states is not None:
+                x = module(x, None, next(stage_states))
             else:
                 padded = lengths is not None and any(n < x.shape[-1] for n in lengths)
                 x = module(x, torch.tensor(lengths, device=x.device) if padded else None)
         return x, lengths
+
+    def _new_stream_state(self, stack: nn.ModuleList, slots: int) -> StackStreamState:
+        """Fresh streaming state of ``stack`` for ``slots`` rows, on the parameters' device (owned by the caller)."""
+        return StackStreamState(self._stages(stack), slots, self.device)
+
+    def _context_state(self, name: str) -> StackStreamState | None:
+        """The ``streaming()`` context's state of the "encoder" or "decoder" stack (None outside the context)."""
+        return None if self._streaming_context is None else self._streaming_context[name]
 
     def _interleave(self, wav: torch.Tensor) -> torch.Tensor:
         if self._interleave_factor == 1:
@@ -293,17 +310,21 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         channels = self._interleave_factor
         return x.reshape(batch, time // channels, channels).transpose(1, 2).float()  # (B, C, T/C)
 
-    def _encode_hidden(self, wav: torch.Tensor, lengths: list[int] | None) -> tuple[torch.Tensor, list | None]:
+    def _encode_hidden(self, wav: torch.Tensor, lengths: list[int] | None, state: StackStreamState | None = None
+                       ) -> tuple[torch.Tensor, list | None]:
+        """Encoder stack; streams through ``state`` (default: the ``streaming()`` context's, if any)."""
         x = self._interleave(wav.to(self.device, torch.float32))  # (B, 1, C*T)
         if lengths is not None:
             lengths = [n * self._interleave_factor for n in lengths]
         with self._compute_autocast(x.device):
-            hidden, lengths = self._run_stack(self.encoder, x, lengths)
+            hidden, lengths = self._run_stack(self.encoder, x, lengths, state or self._context_state("encoder"))
         return hidden.float(), lengths
 
-    def _decode_embedding(self, embedding: torch.Tensor, frames: list[int] | None) -> torch.Tensor:
+    def _decode_embedding(self, embedding: torch.Tensor, frames: list[int] | None,
+                          state: StackStreamState | None = None) -> torch.Tensor:
+        """Decoder stack; streams through ``state`` (default: the ``streaming()`` context's, if any)."""
         with self._compute_autocast(embedding.device):
-            x, _ = self._run_stack(self.decoder, embedding, frames)
+            x, _ = self._run_stack(self.decoder, embedding, frames, state or self._context_state("decoder"))
         return self._deinterleave(x)
 
     # --------------------------------------------------------------------------------------------- one-shot
@@ -332,11 +353,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         """``(nq, N_i)`` items -> ``(nq, n, max N_i)`` zero-padded on the model device."""
         return pad_right([item.to(self.device) for item in items]).transpose(0, 1)
 
-    def _check_no_session(self, action: str) -> None:
-        if self._active_session is not None:
-            raise RuntimeError(f"cannot {action} while a streaming decode session is open; close it first "
-                               "(session.close() or model._reset_batch_decode_streaming_state())")
-
     # --------------------------------------------------------------------------------------- public: encode
 
     @torch.inference_mode()
@@ -356,7 +372,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
 
         Raises:
             ValueError: bad waveforms (rank, channels, empty, NaN/Inf), ``num_quantizers`` or ``chunk_duration``.
-            RuntimeError: chunked encoding while a decode session is open.
         """
         if isinstance(wav_list, torch.Tensor) or not isinstance(wav_list, (list, tuple)) or not wav_list:
             raise ValueError("wav_list must be a non-empty list of (channels, T) waveforms")
@@ -377,20 +392,20 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         codes: list[list[torch.Tensor]] = [[] for _ in items]
         hidden: list[list[torch.Tensor]] = [[] for _ in items]
         positions = [0] * len(items)
-        with self.streaming(len(items)):
-            for size, active in steps:
-                batch = items[0].new_zeros((len(items), self.number_channels, size))
-                for row, is_active in enumerate(active):
-                    if is_active:
-                        batch[row] = items[row][:, positions[row]: positions[row] + size]
-                        positions[row] += size
-                self._set_streaming_exec_mask(active)
-                step_hidden, _ = self._encode_hidden(batch, None)
-                frames = torch.full((len(items),), size // frame, dtype=torch.int64, device=step_hidden.device)
-                step_codes = self.quantizer.encode(step_hidden, frames, nq)
-                for row in (r for r, is_active in enumerate(active) if is_active):
-                    codes[row].append(step_codes[:, row])
-                    hidden[row].append(step_hidden[row])
+        state = self._new_stream_state(self.encoder, len(items))  # this call's own: any other stream may run
+        for size, active in steps:
+            batch = items[0].new_zeros((len(items), self.number_channels, size))
+            for row, is_active in enumerate(active):
+                if is_active:
+                    batch[row] = items[row][:, positions[row]: positions[row] + size]
+                    positions[row] += size
+            state.set_gate(StepGate.from_rows(active, self.device))
+            step_hidden, _ = self._encode_hidden(batch, None, state)
+            frames = torch.full((len(items),), size // frame, dtype=torch.int64, device=step_hidden.device)
+            step_codes = self.quantizer.encode(step_hidden, frames, nq)
+            for row in (r for r, is_active in enumerate(active) if is_active):
+                codes[row].append(step_codes[:, row])
+                hidden[row].append(step_hidden[row])
         return self._stack_chunked_encode(codes, hidden, nq)
 
     def _stack_chunked_encode(self, codes, hidden, nq: int) -> MossAudioTokenizerEncoderOutput:
@@ -472,7 +487,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
 
         Raises:
             ValueError: bad codes, ``num_quantizers``, ``chunk_duration`` or streaming arguments.
-            RuntimeError: a non-streaming decode while a decode session is open.
         """
         items, nq = resolve_code_rows(codes_list, num_quantizers, self.codebook_size, self.num_quantizers)
         if streaming:
@@ -483,7 +497,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
             self._reset_batch_decode_streaming_state()
         if use_cuda_graph:
             logger.warning_once("use_cuda_graph=True is ignored: this codec decodes without CUDA graphs")
-        self._check_no_session("decode")
         lengths = [item.shape[-1] for item in items]
         if chunk_duration is not None:
             chunk = chunk_size(chunk_duration, self.sampling_rate, self.downsample_rate) // self.downsample_rate
@@ -498,16 +511,16 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         frame = self.downsample_rate
         pieces: list[list[torch.Tensor]] = [[] for _ in items]
         positions = [0] * len(items)
-        with self.streaming(len(items)):
-            for size, active in plan_chunk_steps(lengths, chunk, 1):
-                codes = items[0].new_zeros((items[0].shape[0], len(items), size), device=self.device)
-                for row in (r for r, is_active in enumerate(active) if is_active):
-                    codes[:, row] = items[row][:, positions[row]: positions[row] + size]
-                    positions[row] += size
-                self._set_streaming_exec_mask(active)
-                audio = self._decode_embedding(self.quantizer.decode(codes), None)
-                for row in (r for r, is_active in enumerate(active) if is_active):
-                    pieces[row].append(audio[row])
+        state = self._new_stream_state(self.decoder, len(items))  # this call's own: any other stream may run
+        for size, active in plan_chunk_steps(lengths, chunk, 1):
+            codes = items[0].new_zeros((items[0].shape[0], len(items), size), device=self.device)
+            for row in (r for r, is_active in enumerate(active) if is_active):
+                codes[:, row] = items[row][:, positions[row]: positions[row] + size]
+                positions[row] += size
+            state.set_gate(StepGate.from_rows(active, self.device))
+            audio = self._decode_embedding(self.quantizer.decode(codes), None, state)
+            for row in (r for r, is_active in enumerate(active) if is_active):
+                pieces[row].append(audio[row])
         empty = torch.zeros(self.number_channels, 0, device=self.device)
         rows = [torch.cat(p, dim=-1) if p else empty for p in pieces]
         audio_lengths = torch.tensor([n * frame for n in lengths], dtype=torch.int64, device=self.device)
@@ -523,10 +536,8 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
             ``MossAudioTokenizerDecoderOutput`` or, with ``return_dict=False``, the 1-tuple ``(audio,)``.
 
         Raises:
-            RuntimeError: a decode session is open.
             ValueError: bad shapes, codes, or ``num_quantizers`` larger than nq.
         """
-        self._check_no_session("decode")
         codes = torch.as_tensor(audio_codes)
         if codes.dim() == 2:
             items = [codes]
@@ -562,8 +573,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         if input_values is not None and audio_codes is None:
             encoded = self.encode(input_values, padding_mask, num_quantizers=num_quantizers, return_dict=True)
             audio_codes, codes_lengths = encoded.audio_codes, encoded.audio_codes_lengths
-            # Why the check (upstream skips it): a one-shot decode would run through the session's streaming state.
-            self._check_no_session("decode")
             frames = audio_codes.shape[-1]
             output = self._decode_batch(audio_codes, [frames] * audio_codes.shape[1])
             audio, audio_lengths = output.audio, codes_lengths * self.downsample_rate
@@ -578,70 +587,51 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
 
     @contextlib.contextmanager
     def streaming(self, batch_size: int = 1) -> Iterator["MossAudioTokenizerModel"]:
-        """Give every encoder and decoder stage fresh streaming state for ``batch_size`` rows; cleared on exit.
+        """Upstream's per-object streaming mode: encoder and decoder calls made on this model inside the context
+        stream through one fresh state for ``batch_size`` rows, cleared on exit.
+
+        The state belongs to the model object, so one caller at a time may use this mode (as upstream); decode
+        sessions (``create_decode_session``) and every other call keep their own state and are unaffected.
 
         Raises:
             ValueError: ``batch_size`` is not a positive integer.
-            RuntimeError: a decode session is open or the model is already streaming.
+            RuntimeError: the model is already inside ``streaming()``.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        self._check_no_session("enter streaming()")
-        if self._streaming_slots is not None:
+        if self._streaming_context is not None:
             raise RuntimeError("the model is already streaming; leave the current streaming() context first")
-        self._start_streaming(self._stages(), batch_size)
+        self._streaming_context = {"encoder": self._new_stream_state(self.encoder, batch_size),
+                                   "decoder": self._new_stream_state(self.decoder, batch_size)}
         try:
             yield self
         finally:
-            self._stop_streaming()
-
-    def _start_streaming(self, stages: list[ProjectedTransformer], slots: int) -> None:
-        for stage in stages:
-            stage.start_streaming(slots, self.device)
-        self._streaming_slots = slots
-
-    def _stop_streaming(self) -> None:
-        for stage in self._stages():
-            stage.stop_streaming()
-        self._streaming_slots = None
+            self._streaming_context = None
 
     def _set_streaming_exec_mask(self, mask: torch.Tensor | Sequence[bool]) -> None:
-        """Gate state updates per streaming row: rows where ``mask`` is False compute but keep their state."""
-        if self._streaming_slots is None:
-            raise RuntimeError("the model is not streaming; call this inside streaming() or a decode session")
+        """Gate state updates per ``streaming()`` row: rows where ``mask`` is False compute but keep their state."""
+        if self._streaming_context is None:
+            raise RuntimeError("the model is not streaming; call this inside the streaming() context")
         rows = [bool(v) for v in torch.as_tensor(mask).reshape(-1).tolist()]
-        if len(rows) != self._streaming_slots:
-            raise ValueError(f"exec mask has {len(rows)} entries; the model streams {self._streaming_slots} rows")
+        slots = self._streaming_context["decoder"].num_slots
+        if len(rows) != slots:
+            raise ValueError(f"exec mask has {len(rows)} entries; the model streams {slots} rows")
         gate = StepGate.from_rows(rows, self.device)
-        for stage in self._stages():
-            if stage.stream_state is not None:
-                stage.stream_state.gate = gate
+        for state in self._streaming_context.values():
+            state.set_gate(gate)
 
     def create_decode_session(self, max_batch_size: int, use_cuda_graph: bool = False
                               ) -> MossAudioTokenizerDecodeSession:
-        """Open the model's single streaming decode session with ``max_batch_size`` slots.
+        """Open a streaming decode session with ``max_batch_size`` slots.
+
+        The session owns its streaming state (per-stage key/value windows and offsets): any number of sessions
+        can be open on one model at once, in one thread or several, beside one-shot encode/decode calls; closing
+        one never touches another. One session is meant for one caller (do not step it from two threads at once).
 
         Raises:
             ValueError: ``max_batch_size <= 0``.
-            RuntimeError: a session is already open or the model is streaming.
         """
         return MossAudioTokenizerDecodeSession(self, max_batch_size, use_cuda_graph)
-
-    def _open_decode_session(self, session: MossAudioTokenizerDecodeSession, slots: int) -> None:
-        self._check_no_session("open another decode session")
-        if self._streaming_slots is not None:
-            raise RuntimeError("cannot open a decode session inside streaming(); leave the context first")
-        self._start_streaming(self._stages(self.decoder), slots)
-        self._active_session = session
-
-    def _close_decode_session(self, session: MossAudioTokenizerDecodeSession) -> None:
-        if self._active_session is session:
-            self._stop_streaming()
-            self._active_session = None
-
-    def _reset_decode_slot(self, slot: int) -> None:
-        for stage in self._stages(self.decoder):
-            stage.stream_state.reset_slot(slot)
 
     def _reset_batch_decode_streaming_state(self) -> None:
         """Close the ``batch_decode(streaming=True)`` session, if any, and clear its bookkeeping (idempotent)."""
@@ -655,28 +645,24 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         return [(a, min(a + MAX_STEP_FRAMES, b), [n >= b for n in slot_lengths])
                 for start, b in zip(bounds, bounds[1:]) for a in range(start, b, MAX_STEP_FRAMES)]
 
-    def _decode_session_frames(self, codes: torch.Tensor, slot_lengths: list[int]) -> torch.Tensor:
-        """Decode ``codes (nq, S, L)``; frame f advances the slots with length > f.
+    def _decode_session_frames(self, codes: torch.Tensor, slot_lengths: list[int], state: StackStreamState
+                               ) -> torch.Tensor:
+        """Decode ``codes (nq, S, L)`` through the decoder state ``state``; frame f advances the slots with
+        length > f.
 
         Why whole runs of frames per step (upstream steps one frame at a time): the decoder is causal within a
         chunk and the window rule ``0 <= p_t - p_j < ctx`` does not depend on the chunk size, so a run of frames
         that advances the same slots is one step with the same result (up to float rounding, well inside the
         spec's streaming tolerances), and it turns many tiny matmuls into a few larger ones.
         """
-        stages = self._stages(self.decoder)
         outputs = []
         try:
             with self._compute_autocast(codes.device):
                 for start, stop, rows in self._session_segments(slot_lengths):
-                    gate = StepGate.from_rows(rows, codes.device)
-                    for stage in stages:
-                        stage.stream_state.gate = gate
+                    state.set_gate(StepGate.from_rows(rows, codes.device))
                     x = self.quantizer.decode(codes[:, :, start:stop])  # (S, 768, n)
-                    for module in self.decoder:
-                        x = module(x)
+                    x, _ = self._run_stack(self.decoder, x, None, state)
                     outputs.append(x)
         finally:
-            for stage in stages:
-                if stage.stream_state is not None:
-                    stage.stream_state.gate = StepGate()
+            state.set_gate(StepGate())
         return self._deinterleave(torch.cat(outputs, dim=-1))

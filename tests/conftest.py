@@ -15,9 +15,23 @@ SHARED = pathlib.Path(os.environ.get("MOSS_TTS_SHARED_DIR", ROOT.parent / "share
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from torch_compat import SAFE_TORCH_LOAD_VERSION, torch_version  # noqa: E402
+
+# Before torch 2.6 transformers and this repository refuse .bin checkpoints (test_torch_compat proves the refusal).
+needs_safe_torch_load = pytest.mark.skipif(
+    torch_version() < SAFE_TORCH_LOAD_VERSION,
+    reason=f"torch {torch.__version__} cannot load .bin checkpoints safely (CVE-2025-32434); "
+           "tests/test_torch_compat.py checks that they are refused with the remedy",
+)
+
 # The tests run tiny models made of thousands of small ops: on a small shared CPU, OpenMP barriers between
 # threads cost far more than they save (about 10x slower). Results do not depend on the thread count.
 torch.set_num_threads(int(os.environ.get("MOSS_TTS_TEST_THREADS", "1")))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device: runs on an NPU or GPU against CPU float32 (tests/test_device.py); skipped without one")
 
 
 def shared_path(*parts: str) -> pathlib.Path:

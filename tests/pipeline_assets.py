@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from audio_tokenizer.modeling_moss_audio_tokenizer import MossAudioTokenizerModel
 from configuration_moss_tts_nano import MossTTSNanoConfig
 from demo import demo_prompt_audio
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from test_codec_common import randomize, tiny_config
 from test_codec_common import tiny_model as tiny_codec_model
 from tokenization_moss_tts_nano import build_demo_tokenizer
 
@@ -35,3 +37,39 @@ class TinyAssets:
 
     def resources(self) -> dict:
         return {"text_tokenizer": self.tokenizer, "audio_tokenizer": self.codec}
+
+
+class UpstreamStyleCodec(MossAudioTokenizerModel):
+    """Stand-in for upstream's codec class (what vLLM-Omni loads from the hub): one streaming state per object.
+
+    As upstream: a second decode session, or a one-shot decode while one is open, raises; and the class does not
+    declare independent decode sessions, so the pipeline must keep each request's stream state off this object.
+    """
+
+    independent_decode_sessions = False
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.sessions_opened = 0
+        self._open_session = None
+
+    def _session_is_open(self) -> bool:
+        return self._open_session is not None and not self._open_session.closed
+
+    def create_decode_session(self, max_batch_size: int, use_cuda_graph: bool = False):
+        if self._session_is_open():
+            raise RuntimeError("cannot open another decode session: one per model (upstream)")
+        self._open_session = super().create_decode_session(max_batch_size, use_cuda_graph)
+        self.sessions_opened += 1
+        return self._open_session
+
+    def batch_decode(self, codes_list, *args, streaming: bool = False, **kwargs):
+        if not streaming and self._session_is_open():
+            raise RuntimeError("cannot decode while a streaming decode session is open (upstream)")
+        return super().batch_decode(codes_list, *args, streaming=streaming, **kwargs)
+
+
+def upstream_style_codec(seed: int = 0) -> UpstreamStyleCodec:
+    """The stand-in with the weights of ``tiny_codec_model(seed)``."""
+    torch.manual_seed(seed)
+    return randomize(UpstreamStyleCodec(tiny_config()), seed)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import devices
+from torch_compat import OutOfMemoryError
 
 GiB = 2**30
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -541,7 +542,7 @@ def test_ordinary_errors_and_oom_are_not_stability_errors(error):
 
 
 @pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("NPU out of memory. Tried to allocate 1.50 GiB (NPU 0; 32.00 GiB total capacity)"),
     RuntimeError("EL0004: Failed to allocate memory."),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),

@@ -9,6 +9,7 @@ import torch
 
 import pipeline
 from pipeline_assets import TinyAssets
+from torch_compat import OutOfMemoryError
 
 GREEDY = {"do_sample": False}
 
@@ -103,7 +104,7 @@ def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, 
     def flaky(*args, **kwargs):
         calls.append(kwargs["input_ids"].shape[0])
         if kwargs["input_ids"].shape[0] > fits:
-            raise torch.OutOfMemoryError("simulated: NPU out of memory")
+            raise OutOfMemoryError("simulated: NPU out of memory")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(assets.model, "generate", flaky)
@@ -117,7 +118,7 @@ def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
     def always_oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        raise OutOfMemoryError("simulated: CUDA out of memory")
 
     monkeypatch.setattr(assets.model, "generate", always_oom)
     with pytest.raises(RuntimeError, match="out of device memory while generating a single text chunk"):
@@ -126,27 +127,29 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
 
 def test_non_finite_logits_retry_in_float32_with_the_fallback_backend(assets, monkeypatch):
     seen = []
-    real = assets.model.generate
+    model_class = type(assets.model)
+    real = model_class.generate
 
-    def unstable_once(*args, **kwargs):
-        seen.append((next(assets.model.parameters()).dtype, assets.model.get_attention_implementation()))
+    def unstable_once(self, *args, **kwargs):
+        seen.append((self, next(self.parameters()).dtype, self.get_attention_implementation()))
         if len(seen) == 1:
             raise RuntimeError("Non-finite audio logits at step 0 (simulated)")
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
     before = assets.model.get_attention_implementation()
-    monkeypatch.setattr(assets.model, "generate", unstable_once)
+    monkeypatch.setattr(model_class, "generate", unstable_once)
     result = _run(assets)
-    assert len(seen) == 2 and seen[1][0] == torch.float32 and seen[1][1] == ("eager", "eager")  # CPU fallback
+    assert len(seen) == 2 and seen[0][0] is assets.model and seen[1][0] is not assets.model  # a retry model
+    assert seen[1][1] == torch.float32 and seen[1][2] == ("eager", "eager")  # CPU fallback
     assert assets.model.get_attention_implementation() == before
-    assert result["waveform"].shape == (2, 6 * 3840)
+    assert result["waveform"].shape == (2, 6 * 3840) and result["float32_fallback"] is True
 
 
 def test_non_finite_twice_names_both_attempts(assets, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Non-finite text logits at step 3 (simulated)")
 
-    monkeypatch.setattr(assets.model, "generate", broken)
+    monkeypatch.setattr(type(assets.model), "generate", broken)  # the model and its float32 retry model alike
     with pytest.raises(RuntimeError, match="again in float32 with the 'eager' attention backend"):
         _run(assets)
 
@@ -207,22 +210,30 @@ def test_codec_from_a_directory_by_upstream_keyword_and_device_argument(assets, 
 
 
 class _RecordingCodec:
-    """Stands in for the codec: records each streaming call's frame count and returns 3840 samples per frame."""
+    """Stands in for the codec: records each session step's frame count and returns 3840 samples per frame."""
 
     def __init__(self):
-        self.windows, self.resets = [], 0
+        self.windows, self.closed = [], 0
 
     def parameters(self):
         yield torch.zeros(1)
 
-    def batch_decode(self, codes_list, num_quantizers=None, streaming=False, **kwargs):
-        frames = codes_list[0].shape[-1]
-        self.windows.append(frames)
-        audio = torch.zeros(1, 2, 3840 * frames)
-        return type("Out", (), {"audio": audio, "audio_lengths": torch.tensor([3840 * frames])})()
+    def create_decode_session(self, max_batch_size):
+        codec = self
 
-    def _reset_batch_decode_streaming_state(self):
-        self.resets += 1
+        class Session:
+            def append(self, request_id):
+                return 0
+
+            def step(self, request_ids, codes, code_lengths):
+                frames = codes.shape[-1]
+                codec.windows.append(frames)
+                return request_ids, torch.zeros(1, 2, 3840 * frames), torch.tensor([3840 * frames])
+
+            def close(self):
+                codec.closed += 1
+
+        return Session()
 
 
 def test_stream_windows_follow_the_lead_over_the_wall_clock(monkeypatch):
@@ -255,4 +266,5 @@ def test_stream_windows_follow_the_lead_over_the_wall_clock(monkeypatch):
     decoder.push(frame)
     assert decoder.flush().shape == (2, 3840) and decoder.flush() is None  # a partial window at the end
     decoder.close()
-    assert codec.resets == 1
+    decoder.close()
+    assert codec.closed == 1

@@ -188,19 +188,22 @@ def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
 
 def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
     seen = []
-    real = assets.model.generate_stream
+    model_class = type(assets.model)
+    real = model_class.generate_stream
 
-    def unstable_once(*args, **kwargs):
-        seen.append(assets.model.get_attention_implementation())
+    def unstable_once(self, *args, **kwargs):
+        seen.append((self, next(self.parameters()).dtype, self.get_attention_implementation()))
         if len(seen) == 1:
             raise RuntimeError("Non-finite audio logits at generation step 0 (simulated)")
-        yield from real(*args, **kwargs)
+        yield from real(self, *args, **kwargs)
 
     before = assets.model.get_attention_implementation()
     expected = _run(assets, prompt_audio=assets.prompt_audio)
-    monkeypatch.setattr(assets.model, "generate_stream", unstable_once)
+    monkeypatch.setattr(model_class, "generate_stream", unstable_once)
     events = _stream(assets, prompt_audio=assets.prompt_audio)
-    assert seen == [before, ("eager", "eager")]  # the CPU fallback backend, in float32
+    assert seen[0] == (assets.model, torch.float32, before) and len(seen) == 2
+    # the retry runs a float32 model with the CPU fallback backend; the caller's model is left alone
+    assert seen[1][0] is not assets.model and seen[1][1:] == (torch.float32, ("eager", "eager"))
     assert events[-1]["float32_fallback"] is True and assets.model.get_attention_implementation() == before
     assert torch.allclose(events[-1]["waveform"], expected["waveform"], atol=1e-5)
 

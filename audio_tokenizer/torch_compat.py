@@ -1,0 +1,105 @@
+"""The one place the codec meets torch releases older than the newest: APIs, defects and policies.
+
+torch 2.3.1 is the oldest torch the repository supports (the torch of the torch_npu 2.3.1 / CANN stack). The
+codec is its own remote-code package, so it cannot import the repository's ``torch_compat.py``: the helpers both
+need are repeated here, and tests/test_torch_compat.py checks that the copies are the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+def add_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
+    """``module.register_load_state_dict_pre_hook(hook)``: ``hook(module, state_dict, prefix, ...)`` runs first.
+
+    The public method is torch >= 2.5. Before that, the private ``_register_load_state_dict_pre_hook`` (in torch
+    since 1.x) does the same when asked to pass the module (``with_module=True``; without it the hook would not
+    get the module as its first argument).
+    """
+    public = getattr(module, "register_load_state_dict_pre_hook", None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available(device_type)``, which is torch >= 2.4.
+
+    Before that, ``torch.autocast`` itself is the test: it refuses a device type it cannot autocast (RuntimeError)
+    and a private backend such as ``npu`` whose module lacks the autocast functions (AssertionError). Building
+    the context object, never entered, changes no state.
+    """
+    probe = getattr(torch.amp, "is_autocast_available", None)
+    if probe is not None:
+        return bool(probe(device_type))
+    try:
+        torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_sdpa_nan_after_masked_key_block() -> bool:
+    """Whether this torch's fused CPU SDPA returns NaN for a query whose first block of keys is all masked.
+
+    torch 2.3's CPU flash-attention kernel does (its running maximum starts at -inf and stays there through a
+    whole masked key block, then computes exp(-inf - -inf)); newer releases do not. Asked once, on a tiny input.
+    """
+    query, keys = torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1024, 8)
+    mask = torch.zeros(1, 1024, dtype=torch.bool)
+    mask[:, -1] = True
+    return bool(torch.isnan(F.scaled_dot_product_attention(query, keys, keys, attn_mask=mask)).any())
+
+
+def sdpa_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean attention mask (True = may attend) in the form ``F.scaled_dot_product_attention`` gets right.
+
+    That is the mask itself (or None), except on a CPU whose torch has the masked-key-block NaN (torch 2.3; a
+    sliding window or left padding longer than the kernel's 512-key block hits it): there an additive ``dtype``
+    mask of ``finfo.min``, whose scores stay finite, so masked keys still get weight exactly 0 once a visible key
+    is seen. A query with no visible key gets the mean of the values instead of NaN; callers zero such queries.
+    """
+    if mask is None or mask.dtype != torch.bool or mask.device.type != "cpu":
+        return mask
+    if not _cpu_sdpa_nan_after_masked_key_block():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch, e.g. (2, 3) for "2.3.1+cu121"."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+# Why 2.6: before it, torch.load can run code from a crafted file even with weights_only=True (CVE-2025-32434), so
+# transformers refuses .bin checkpoints there, and the codec's own torch.load calls refuse them too.
+SAFE_TORCH_LOAD_VERSION = (2, 6)
+
+
+def pickled_weights_refusal(path: "str | os.PathLike") -> str:
+    """Why ``path`` (a pickled checkpoint) is not loaded with this torch, and what to do instead."""
+    return (f"'{path}' is a pickled checkpoint, which torch {torch.__version__} cannot load safely (before torch "
+            "2.6, torch.load can run code from a crafted file even with weights_only=True: CVE-2025-32434; "
+            "transformers refuses it too): convert it once to model.safetensors on a machine with torch >= 2.6 "
+            "(`python convert_to_safetensors.py DIR` in the MOSS-TTS-Nano repository), or upgrade torch")
+
+
+def load_pickled_weights(path: "str | os.PathLike", **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``, refused with the remedy where torch predates 2.6.
+
+    Raises:
+        RuntimeError: on torch < 2.6 (see ``pickled_weights_refusal``).
+    """
+    if torch_version() < SAFE_TORCH_LOAD_VERSION:
+        raise RuntimeError(pickled_weights_refusal(path))
+    return torch.load(path, weights_only=True, **kwargs)

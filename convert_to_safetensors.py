@@ -1,0 +1,74 @@
+"""Write model.safetensors next to a checkpoint folder's pytorch_model.bin, for machines with torch < 2.6.
+
+Before torch 2.6, torch.load can run code from a crafted file even with weights_only=True (CVE-2025-32434), so
+transformers and this repository refuse pickled checkpoints there; the released MOSS-TTS-Nano ships one. Run this
+once on any machine with torch >= 2.6 (a CPU install is enough), then copy the folders to the older machine:
+
+    python convert_to_safetensors.py ./MOSS-TTS-Nano ./MOSS-Audio-Tokenizer-Nano
+
+The .bin stays; loaders prefer model.safetensors when both exist. Exit codes: 0 success, 1 environment failure,
+2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+try:
+    from .atomic_files import write_atomic
+    from .cli_common import Parser, run_cli
+    from .torch_compat import load_pickled_weights
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from atomic_files import write_atomic
+    from cli_common import Parser, run_cli
+    from torch_compat import load_pickled_weights
+
+
+def convert_directory(directory: Path) -> Optional[Path]:
+    """Convert ``directory/pytorch_model.bin`` to ``directory/model.safetensors`` (atomically); return its path.
+
+    Returns None for a folder that holds model.safetensors and no .bin (nothing to convert).
+
+    Raises:
+        ValueError: when the folder has neither a single-file pytorch_model.bin nor model.safetensors.
+        RuntimeError: on torch < 2.6 (the .bin cannot be read safely there).
+    """
+    source, target = directory / "pytorch_model.bin", directory / "model.safetensors"
+    if not source.is_file() and target.is_file():
+        return None
+    if not source.is_file():
+        sharded = (directory / "pytorch_model.bin.index.json").is_file()
+        raise ValueError(f"'{directory}' has no pytorch_model.bin"
+                         + (" (sharded .bin checkpoints are not supported)" if sharded else ""))
+    state = load_pickled_weights(str(source), map_location="cpu")
+    # Why clone: tied weights share storage in a .bin, which safetensors refuses; each key gets its own copy.
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+    return write_atomic(target, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("directories", nargs="+", type=Path, help="checkpoint folders holding pytorch_model.bin")
+        parser.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+        for directory in parser.parse_args(argv).directories:
+            written = convert_directory(directory)
+            print(f"wrote {written}" if written else f"{directory} already holds model.safetensors only: nothing to do")
+        return 0
+
+    return run_cli(body, verbose="--verbose" in argv)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
