@@ -160,8 +160,10 @@ def _flash_attn_importable() -> bool:
 
 
 def clear_caches() -> None:
-    """Forget every cached probe (torch_npu import, NPU/CUDA availability, flash_attn), e.g. between tests."""
-    for probe in (_torch_npu_import, _npu_availability, _cuda_availability, _flash_attn_importable):
+    """Forget every cached probe (torch_npu import, NPU/CUDA availability, the NPU's SoC, flash_attn, the CPU
+    fast-path setting), e.g. between tests."""
+    for probe in (_torch_npu_import, _npu_availability, _cuda_availability, _flash_attn_importable, _npu_soc,
+                  npu_fusion_attention_fn, npu_rotary_mul_fn, cpu_fast_paths_enabled):
         probe.cache_clear()
 
 
@@ -353,15 +355,29 @@ def resolve_dtype(dtype: DtypeLike, device: DeviceLike) -> torch.dtype:
         The dtype.
 
     Raises:
-        ValueError: unsupported ``dtype`` or ``device``.
+        ValueError: unsupported ``dtype`` or ``device``, or bfloat16 on an NPU that lacks it (Atlas training and
+            inference series before A2: ``torch.npu.is_bf16_supported()`` is False there).
     """
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         return default_dtype(device)
     resolved = _parse_dtype(dtype)
-    if resolved is torch.float16 and _parse_device(device)[0] == "cpu":
+    kind = _parse_device(device)[0]
+    if resolved is torch.float16 and kind == "cpu":
         logger.warning("dtype float16 on CPU is slow and some ops are not implemented for it; "
                        "use float32 (the CPU default) or bfloat16")
+    if resolved is torch.bfloat16 and kind == "npu" and not _npu_bf16_supported():
+        raise ValueError(f"dtype={dtype!r} is not supported by this NPU ({_npu_soc()[1] or 'unknown SoC'}: "
+                         "torch.npu.is_bf16_supported() is False); use float16 (the NPU default) or float32")
     return resolved
+
+
+def _npu_bf16_supported() -> bool:
+    """``torch.npu.is_bf16_supported()`` (no arguments in every torch_npu release); True when the NPU is unusable,
+    so that the device request itself reports that problem."""
+    if _npu_availability().problem is not None:
+        return True
+    probe = getattr(torch.npu, "is_bf16_supported", None)
+    return True if probe is None else bool(probe())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,33 +512,156 @@ def is_flash_attn_usable(device: DeviceLike, dtype: Union[str, torch.dtype]) -> 
     return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)  # flash-attn 2 needs Ampere or newer
 
 
+# torch_npu's SocVersion enum (include/torch_npu/csrc/core/npu/NpuVariables.h; the same values in torch_npu 2.1.0.post12
+# to 2.14.0): Ascend910B1..Ascend910B4_1 = 220..225 are the Atlas A2 training cards, Ascend910_9391..Ascend910_9363 =
+# 250..256 the Atlas A3 ones. Not A2/A3: the first Ascend 910 (100..104, one of them named "Ascend910B"), Ascend310P
+# (200..205, Atlas inference series), Ascend310B (240..243), Ascend950 (260, not in the kernels' documentation yet).
+_ATLAS_A2_A3_SOC_VERSIONS = (range(220, 230), range(250, 260))
+_ATLAS_A2_A3_SOC_NAME = re.compile(r"Ascend910B\d.*|Ascend910_93\d\d")  # the same cards by name (aclrtGetSocName)
+
+
+@functools.cache
+def _npu_soc() -> tuple[Optional[int], Optional[str]]:
+    """(SoC version number, SoC name) of the NPU; each None where unreadable, both None without a usable NPU.
+
+    Read once per process (every card of one machine has the same SoC). ``get_soc_version`` is in
+    ``torch_npu.npu.utils`` in every release checked (2.1.0.post12 to 2.14.0) and in ``torch.npu`` too from 2.3.1.post4
+    and 2.4.0.post2 on.
+    """
+    if _npu_availability().problem is not None:
+        return None, None
+    npu = torch.npu
+    getter = getattr(npu, "get_soc_version", None) or getattr(getattr(npu, "utils", None), "get_soc_version", None)
+    version = int(getter()) if getter is not None else None
+    name = str(npu.get_device_properties(int(npu.current_device())).name)
+    return version, name
+
+
+def npu_fused_kernel_problem() -> Optional[str]:
+    """Why torch_npu's Atlas A2/A3-only kernels (``npu_fusion_attention``, ``npu_rotary_mul``'s interleave mode)
+    cannot run here, or None when they can.
+
+    torch_npu re-exports every op whatever the card (``hasattr`` says nothing about the hardware), and its
+    documentation lists these kernels for Atlas A2/A3 only, so the SoC decides.
+    """
+    problem = _npu_availability().problem
+    if problem is not None:
+        return problem
+    version, name = _npu_soc()
+    if version is not None:
+        supported = any(version in soc_range for soc_range in _ATLAS_A2_A3_SOC_VERSIONS)
+    else:
+        supported = name is not None and _ATLAS_A2_A3_SOC_NAME.fullmatch(name) is not None
+    if supported:
+        return None
+    return (f"this NPU ({name or 'unknown SoC'}, SoC version {version}) is not an Atlas A2/A3 card "
+            "(Ascend910B1-B4, Ascend910_93xx), the only ones torch_npu documents the kernel for")
+
+
+def npu_fusion_attention_problem() -> Optional[str]:
+    """Why ``torch_npu.npu_fusion_attention`` cannot run here (no usable NPU, an op-less torch_npu, a card other than
+    Atlas A2/A3), or None when it can."""
+    problem = npu_fused_kernel_problem()
+    if problem is None and getattr(_torch_npu_import()[0], "npu_fusion_attention", None) is None:
+        problem = f"torch_npu {_torch_npu_version()} has no npu_fusion_attention"
+    return problem
+
+
+@functools.cache
 def npu_fusion_attention_fn() -> Optional[Callable[..., Any]]:
-    """``torch_npu.npu_fusion_attention`` when torch_npu imports and provides it, else None."""
-    module, _ = _torch_npu_import()
-    return getattr(module, "npu_fusion_attention", None) if module is not None else None
+    """``torch_npu.npu_fusion_attention`` where it can run (see ``npu_fusion_attention_problem``), else None
+    (probed once per process: the attention backend asks at every call)."""
+    return _torch_npu_import()[0].npu_fusion_attention if npu_fusion_attention_problem() is None else None
+
+
+@functools.cache
+def npu_rotary_mul_fn() -> Optional[Callable[..., Any]]:
+    """``torch_npu.npu_rotary_mul`` where it can rotate interleaved pairs, else None (probed once per process).
+
+    Needs the op's ``rotary_mode`` argument, read from its schema: present in torch_npu 2.1.0.post12, 2.3.1.post6,
+    2.4.0.post4 and 2.5.1 on; torch_npu 2.3.1 to 2.3.1.post4 and 2.4.0 to 2.4.0.post2 have
+    ``npu_rotary_mul(Tensor self, Tensor r1, Tensor r2)``, rotate-half only. And an Atlas A2/A3 card, the documented
+    products of ``rotary_mode="interleave"``.
+    """
+    op = getattr(_torch_npu_import()[0], "npu_rotary_mul", None)
+    if op is None or npu_fused_kernel_problem() is not None:
+        return None
+    schema = getattr(getattr(op, "default", None), "_schema", None)  # the OpOverloadPacket's FunctionSchema
+    arguments = {argument.name for argument in getattr(schema, "arguments", ())}
+    return op if "rotary_mode" in arguments else None
+
+
+CPU_FAST_PATHS_VARIABLE = "MOSS_TTS_CPU_FAST_PATHS"
+# Every CPU fast path: (what the CPU runs by default, what it runs instead with MOSS_TTS_CPU_FAST_PATHS=0, which is
+# what accelerators run). None: refused (int8 weights raise a RuntimeError that names the variable).
+CPU_FAST_PATHS: dict[str, tuple[str, Optional[str]]] = {
+    "rope": ("complex", "real"),  # rotary.rotate_pairs vs rotary.rotate_real
+    "linear": ("split-matvec/onednn", "F.linear"),  # gpt2_decoder.linear
+    "int8_weights": ("fbgemm", None),  # gpt2_decoder.PrecisionLinear.set_weight_precision("int8")
+}
+_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                  "off": False}
+
+
+@functools.cache
+def cpu_fast_paths_enabled() -> bool:
+    """Whether the CPU runs its fast paths (``MOSS_TTS_CPU_FAST_PATHS``, read once per process; default on).
+
+    With ``MOSS_TTS_CPU_FAST_PATHS=0`` the CPU runs the operations an accelerator runs (real-valued RoPE, F.linear,
+    no int8 weights), so the accelerator code path can be tested on a CPU. ``clear_caches()`` re-reads it.
+
+    Raises:
+        ValueError: the variable holds something other than 1/0 (true/false, yes/no, on/off).
+    """
+    value = os.environ.get(CPU_FAST_PATHS_VARIABLE, "").strip().lower() or "1"  # set but empty: the default
+    if value not in _SWITCH_VALUES:
+        raise ValueError(f"{CPU_FAST_PATHS_VARIABLE}={value!r} is not supported; use 1 (the CPU fast paths, the "
+                         "default) or 0 (the operations an accelerator runs)")
+    return _SWITCH_VALUES[value]
+
+
+def cpu_kernel(kind: str) -> Optional[str]:
+    """What the CPU runs for `kind` (a key of ``CPU_FAST_PATHS``) under the current ``MOSS_TTS_CPU_FAST_PATHS``."""
+    fast, portable = CPU_FAST_PATHS[kind]
+    return fast if cpu_fast_paths_enabled() else portable
 
 
 _OOM_TYPES = (OutOfMemoryError, MemoryError)
+# Ascend error text, from the torch_npu wheels (2.1.0.post12 to 2.14.0): a failed ACL call raises
+# "NPU function error: <call>, error code is <N>" (or "NPU error, error code is <N>", "OPS function error: ...") with
+# the code's description from include/torch_npu/csrc/core/npu/NPUErrorCodes.h; the symbolic names of
+# third_party/acl/inc/acl/error_codes/rt_error_codes.h (ACL_ERROR_RT_MEMORY_ALLOCATION, ...) are never printed.
+# Allocation failures: 200000 and 207001 / 207005 ("Failed to apply for memory."), 207018 ("The memory on the device
+# is exhausted."); the caching allocator's own "NPU out of memory. Tried to allocate ..." (libtorch_npu.so).
+_NPU_OOM_CODES = "200000|207001|207005|207018"
 _OOM_PATTERN = re.compile(
-    r"out of memory"  # "CUDA out of memory", "NPU out of memory", "CUDA error: out of memory"
+    r"out of memory"  # "CUDA out of memory", "NPU out of memory. Tried to allocate", "CUDA error: out of memory"
+    rf"|error code is (?:{_NPU_OOM_CODES})\b"
+    r"|Failed to apply for memory|The memory on the device is exhausted"
     r"|EL0004"  # CANN: "EL0004: Failed to allocate memory"
-    r"|ACL_ERROR_RT_MEMORY_ALLOCATION"
     r"|can't allocate memory",  # torch CPU allocator
     re.IGNORECASE,
 )
-# Numerical failures that a float32 retry with the fallback attention backend can cure. Deliberately not matched:
-# CUDA "illegal memory access" (a kernel bug that poisons the context, not a numerical problem); the generic
+# Numerical failures that a float32 retry with the fallback attention backend can cure. Ascend has no device assert:
+# a kernel fed NaN/inf-derived values or indices (an embedding row picked from NaN probabilities) faults, reported by
+# code (NPUErrorCodes.h) and in the CANN log text ("there is an aicore error exception" / "aivec error exception"):
+#   numerical or data-dependent, retried: 207003 aicore operator overflow; 507015 aicore / 507035 vector core
+#   execution abnormal; 507016 / 507036 their trap exceptions; 507018 AI CPU execution abnormal; 507042-507045
+#   aicore / vector core trap read or write out of bounds.
+#   hard faults, not retried (a float32 rerun cannot help and a timeout would only double the wait): the timeouts
+#   507014 / 507017 / 507034 / 507048, 507010 lost heartbeat, 507013 DMA hardware error, 507033 device start failure,
+#   507899-507901 driver / AI CPU module / host-device link, "FORCE STOP", "HBM MULTI BIT ECC ERROR", "UCE ERROR".
+# Also deliberately not matched: CUDA "illegal memory access" (a kernel bug that poisons the context); the generic
 # Ascend "EZ9999: Inner Error" and torch_npu "ERR01xxx" (operator-category) codes, which also cover invalid
-# shapes/parameters; "ACL_ERROR" as a whole (it includes allocation failures, which are OOM). Note a CUDA
-# device-side assert is sticky: the retry then fails with the same error, which propagates.
+# shapes/parameters. Note a CUDA device-side assert is sticky: the retry then fails with the same error, which
+# propagates.
+_NPU_NUMERICAL_FAULT_CODES = "207003|5070(?:15|16|18|35|36|4[2-5])"
 _STABILITY_PATTERN = re.compile(
     r"non-finite"  # this repository's and upstream's check on logits/probabilities
     r"|probability tensor contains either"  # torch.multinomial on inf/nan/negative probabilities
     r"|device-side assert triggered"  # CUDA kernels asserting on NaN-derived indices
-    # Ascend has no device assert: a kernel fed NaN-derived indices faults as an AI Core / vector core exception,
-    # reported in the CANN log text or as runtime codes 507015 / 507035.
     r"|aicore (?:error )?exception|aivec error exception|vector core exception"
-    r"|ACL_ERROR_RT_(?:AICORE|VECTOR_CORE)_EXCEPTION|\b5070(?:15|35)\b",
+    rf"|\b(?:{_NPU_NUMERICAL_FAULT_CODES})\b",  # "error code is 507015", "... synchronize failed, error code:507015"
     re.IGNORECASE,
 )
 
@@ -606,10 +745,9 @@ def _cann_version() -> Optional[str]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cpu":
         return platform.processor() or platform.machine()
-    module = _module(device.type)
-    if hasattr(module, "get_device_name"):
-        return str(module.get_device_name(device.index))
-    return str(module.get_device_properties(device.index).name)
+    # Why not get_device_name(index): torch_npu's ignores the index (it names the current card) in 2.1.0.post12,
+    # 2.3.1.post6, 2.4.0.post4 and 2.5.1 on; get_device_properties(index).name is the indexed card's everywhere.
+    return str(_module(device.type).get_device_properties(device.index).name)
 
 
 def describe_environment(device: DeviceLike = None) -> dict[str, Any]:

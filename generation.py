@@ -95,8 +95,8 @@ class _RecomputeGlobal:
 
 class SlotGlobal:
     """The global decoder of the continuous-batching engine: sequences in the slots of a `SlotKVCache`, and one packed
-    forward per frame over the new rows of every running sequence (a newcomer's prompt rows, one row per continuing
-    sequence), with each sequence's attention and RoPE positions its own (see `PackedRows`)."""
+    forward per call over the new rows of several running sequences (a newcomer's prompt rows, one row per
+    continuing sequence), with each sequence's attention and RoPE positions its own (see `PackedRows`)."""
 
     def __init__(self, model: Any, slots: int, capacity: int, attend: AttentionFunction) -> None:
         weight = model.transformer.wte.weight
@@ -116,8 +116,8 @@ class SlotGlobal:
         """
         view = self.cache.packed([Segment(slot, self.cache.lengths[slot], rows.shape[0]) for slot, rows in items])
         embeds = torch.cat([rows for _, rows in items])[None]  # (1, N, H)
-        rope = self.model.transformer.rotary.angles(view.positions[None])
-        hidden, _ = self.model.transformer(embeds, rope, AttentionMask(), view.attention(self.attend), view)
+        rope = self.model.rotation(self.model.transformer, view.positions[None])
+        hidden, _ = self.model.transformer(embeds, rope, _NO_MASK, view.attention(self.attend), view)
         view.commit()
         return hidden[0, view.last_rows]
 
@@ -131,18 +131,18 @@ class LocalRunner:
 
     `step` feeds one position at a time: with a fixed (B, heads, nq + 1, head_dim) KV cache (`use_kv_cache`), or by
     re-running the whole prefix (the reference path). `run` feeds whole teacher-forced sequences at once
-    (verification). All share the RoPE angles of positions 0..nq and the decoder call.
+    (verification). All share the positions 0..nq and the decoder call.
     """
 
     def __init__(self, model: Any, batch: int, nq: int, attend: AttentionFunction, use_kv_cache: bool = True) -> None:
         local = model.local_transformer
         weight = model.transformer.wte.weight
-        self.local, self.attend = local, attend
-        self.cos, self.sin = local.rotary.angles(torch.arange(nq + 1, device=weight.device)[None])  # (1, 1, L, D/2)
-        self.rope = [(self.cos[..., p : p + 1, :], self.sin[..., p : p + 1, :]) for p in range(nq + 1)]
+        self.model, self.local, self.attend = model, local, attend
+        self.positions = torch.arange(nq + 1, device=weight.device).expand(batch, nq + 1)  # (B, nq + 1)
         self.cache = None
         if use_kv_cache:
             self.cache = local.new_cache(batch, nq + 1, dtype=weight.dtype, device=weight.device, track_padding=False)
+            self.rope = [model.rotation(local, self.positions[:, p : p + 1]) for p in range(nq + 1)]  # one per position
         self.inputs: list[torch.Tensor] = []
 
     def reset(self) -> None:
@@ -160,8 +160,7 @@ class LocalRunner:
 
     def run(self, sequence: torch.Tensor) -> torch.Tensor:
         """Outputs (B, L, H) for whole sequences (B, L, H) from position 0, without a cache."""
-        length = sequence.shape[1]
-        rope = (self.cos[..., :length, :], self.sin[..., :length, :])
+        rope = self.model.rotation(self.local, self.positions[:, : sequence.shape[1]])
         return self.local(sequence, rope, _NO_MASK, self.attend, None)[0]
 
 

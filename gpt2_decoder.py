@@ -1,9 +1,10 @@
-"""The GPT-2 style decoder used twice by MOSS-TTS-Nano: RoPE, attention backends, blocks, the stack, a KV cache.
+"""The GPT-2 style decoder used twice by MOSS-TTS-Nano: attention backends, blocks, the stack, a KV cache.
 
 Checkpoint names are kept (`c_attn`, `c_proj`, `ln_1`, `ln_2`, `mlp.fc_in`, `mlp.fc_out`, `wte`, `h`, `ln_f`).
-Attention backends share one signature and live in one table (`ATTENTION_FUNCTIONS`); the model resolves a requested
-name once per (device, dtype) with `resolve_attention_implementation` and passes the chosen function down.
-Every backend takes queries/keys/values as (B, heads, T, head_dim) and returns (B, T_q, heads * head_dim).
+Attention backends share one signature and live in one table (`ATTENTION_FUNCTIONS`); the model resolves its kernels
+once per (device, dtype) with `resolve_kernel_plan` (attention backends, the RoPE kernel of rotary.py, the linear
+kernel) and passes the chosen ones down. Every backend takes queries/keys/values as (B, heads, T, head_dim) and
+returns (B, T_q, heads * head_dim). With MOSS_TTS_CPU_FAST_PATHS=0 the CPU runs what accelerators run.
 """
 
 from __future__ import annotations
@@ -16,20 +17,52 @@ import logging
 import math
 import platform
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 try:
-    from .devices import is_flash_attn_usable, npu_fusion_attention_fn
+    from .devices import (
+        CPU_FAST_PATHS,
+        cpu_fast_paths_enabled,
+        cpu_kernel,
+        is_flash_attn_usable,
+        npu_fusion_attention_fn,
+        npu_fusion_attention_problem,
+    )
+    from .rotary import (  # noqa: F401  (apply_rotary, rotate_pairs, rotate_real: re-exported for callers)
+        RotaryEmbedding,
+        Rotation,
+        apply_rotary,
+        make_rotation,
+        resolve_rotary_kernel,
+        rotate_pairs,
+        rotate_real,
+    )
     from .torch_compat import sdpa_mask
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from devices import is_flash_attn_usable, npu_fusion_attention_fn
+    from devices import (
+        CPU_FAST_PATHS,
+        cpu_fast_paths_enabled,
+        cpu_kernel,
+        is_flash_attn_usable,
+        npu_fusion_attention_fn,
+        npu_fusion_attention_problem,
+    )
+    from rotary import (  # noqa: F401
+        RotaryEmbedding,
+        Rotation,
+        apply_rotary,
+        make_rotation,
+        resolve_rotary_kernel,
+        rotate_pairs,
+        rotate_real,
+    )
     from torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
@@ -55,6 +88,16 @@ class AttentionMask:
     dense: Optional[torch.Tensor] = None
     key_valid: Optional[torch.Tensor] = None
     query_valid: Optional[torch.Tensor] = None
+    _dropped: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def dropped(self, num_queries: int, num_keys: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The mask in the Ascend kernels' convention, True = masked out: (B, 1, T_q, T_k), or (T_q, T_k) when nothing
+        is padded, or None when every key may be seen. Built once per mask (one forward shares it across layers)."""
+        key = (num_queries, num_keys)
+        if key not in self._dropped:
+            allowed = _dense_or_causal(self, num_queries, num_keys, device)
+            self._dropped[key] = None if allowed is None else ~allowed
+        return self._dropped[key]
 
     @functools.cached_property
     def varlen(self) -> dict[str, Any]:
@@ -171,17 +214,16 @@ def _flash_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """Ascend fused kernel `torch_npu.npu_fusion_attention` (BNSD layout, fp16/bf16; others fall back to SDPA).
+    """Ascend fused kernel `torch_npu.npu_fusion_attention` (BNSD layout, fp16/bf16 on Atlas A2/A3; otherwise SDPA).
 
-    Why the inversion: the kernel's `atten_mask` marks positions to DROP (True = masked out), the opposite of SDPA.
+    The kernel's `atten_mask` marks positions to DROP (True = masked out), the opposite of SDPA: `mask.dropped` builds
+    that once per forward. Why no `.contiguous()`: torch_npu hands the kernel views with their strides and storage
+    offset (op_api's ConvertType -> aclCreateTensor), so the permuted queries and the KV-cache views go in as they are.
     """
     kernel = npu_fusion_attention_fn()
     if q.dtype not in _HALF_DTYPES or kernel is None:
         return sdpa_attention(q, k, v, mask, scale)
-    allowed = _dense_or_causal(mask, q.shape[2], k.shape[2], q.device)
-    dropped = None if allowed is None else ~allowed.expand(q.shape[0], 1, q.shape[2], k.shape[2])
-    # Why contiguous: queries come from a permuted projection and keys/values are views into the KV cache.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dropped = mask.dropped(q.shape[2], k.shape[2], q.device)  # [B,1,Sq,Skv] or [Sq,Skv]: both documented shapes
     out = kernel(
         q, k, v, q.shape[1], input_layout="BNSD", atten_mask=dropped, scale=scale, keep_prob=1.0, sparse_mode=0
     )[0]  # (B, H, T_q, D)
@@ -219,8 +261,9 @@ def resolve_attention_implementation(requested: str, device: torch.device | str,
     """Map a requested attention implementation to the backend that runs on (device, dtype).
 
     "auto" -> sdpa everywhere. "flash_attention_2" -> flash-attn where usable (CUDA, fp16/bf16, package present);
-    on an NPU the fused kernel (fp16/bf16 with torch_npu) else sdpa; elsewhere sdpa. The NPU kernel requested off an
-    NPU (or in float32) -> sdpa. Each kind of downgrade of an explicit request is logged once per process.
+    on an NPU the fused kernel (fp16/bf16 on an Atlas A2/A3 card, see `devices.npu_fusion_attention_problem`) else
+    sdpa; elsewhere sdpa. The NPU kernel requested off an NPU, in float32 or on another card -> sdpa. Each kind of
+    downgrade of an explicit request is logged once per process, with its reason.
 
     Args:
         requested: one of `ATTENTION_IMPLEMENTATIONS`.
@@ -242,60 +285,61 @@ def resolve_attention_implementation(requested: str, device: torch.device | str,
         return "sdpa"
     if requested == "flash_attention_2" and is_flash_attn_usable(device, dtype):
         return requested
-    if device_type == "npu" and dtype in _HALF_DTYPES and npu_fusion_attention_fn() is not None:
+    reason = _fused_attention_problem(device_type, dtype)
+    if reason is None:
         return "npu_fusion_attention"
     key = (requested, device_type, dtype)
     if key not in _DOWNGRADES_LOGGED:
         _DOWNGRADES_LOGGED.add(key)
-        logger.warning("attention %r is not available on %s with %s; using 'sdpa' instead",
-                       requested, device_type, str(dtype).split(".")[-1])
+        logger.warning("attention %r is not available on %s with %s (%s); using 'sdpa' instead",
+                       requested, device_type, str(dtype).split(".")[-1], reason)
     return "sdpa"
+
+
+def _fused_attention_problem(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why the NPU fused kernel cannot serve (device, dtype), or None when it can."""
+    if device_type != "npu":
+        return "the fused kernels need an NPU or, for flash_attention_2, a CUDA GPU with flash-attn"
+    if dtype not in _HALF_DTYPES:
+        return "the NPU fused kernel is used for float16/bfloat16 only"
+    return npu_fusion_attention_problem()
 
 
 _DOWNGRADES_LOGGED: set[tuple[str, str, torch.dtype]] = set()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (interleaved pairs)
+@dataclass(frozen=True)
+class KernelPlan:
+    """The kernels a model runs on one (device, dtype), resolved once (`resolve_kernel_plan`) and cached by the model.
 
-
-class RotaryEmbedding:
-    """Interleaved-pair RoPE. Frequencies are computed in float32 per device (never loaded, never a buffer)."""
-
-    def __init__(self, head_dim: int, base: float) -> None:
-        self.head_dim = head_dim
-        self.base = float(base)
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
-
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        cached = self._inv_freq.get(device)
-        if cached is None:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-            cached = self._inv_freq[device] = 1.0 / (self.base**exponents)  # (D/2,)
-        return cached
-
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for integer `positions` (B, T), shaped (B, 1, T, D/2) float32."""
-        angles = positions.to(torch.float32)[:, None, :, None] * self.inv_freq(positions.device)
-        return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2j], x[2j+1]) of x (B, H, T, D) by the angles behind cos/sin (.., T, D/2), in float32."""
-    return rotate_pairs(x, torch.complex(cos, sin))
-
-
-def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs of x (.., D) by the unit complex numbers `turn` (broadcastable to (.., D/2)), in float32.
-
-    Why complex: a pair (x0, x1) read as x0 + i x1 times cos + i sin is (x0 cos - x1 sin) + i (x1 cos + x0 sin),
-    the interleaved RoPE rotation, in one kernel instead of a handful (it matters at one token per step).
+    Attributes:
+        attention: (global, local) keys of `ATTENTION_FUNCTIONS`.
+        rope: a key of `rotary.ROTARY_KERNELS`.
+        linear: what `linear` runs: "split-matvec/onednn" or "split-matvec" (CPU fast paths) or "F.linear".
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or any(step % 2 for step in pairs.stride()[:-2]):
-        pairs = pairs.contiguous()
-    rotated = torch.view_as_real(torch.view_as_complex(pairs) * turn).flatten(-2)
-    return rotated.to(x.dtype)
+
+    attention: tuple[str, str]
+    rope: str
+    linear: str
+
+    def describe(self) -> dict[str, str]:
+        """Names for reports, CPU fast paths marked, e.g. {"attention": "sdpa/sdpa", "rope": "complex (cpu fast
+        path)", "linear": "split-matvec/onednn (cpu fast path)"}."""
+        fast = {kernel for kernel, _ in CPU_FAST_PATHS.values()} | {"split-matvec"}
+        named = {"rope": self.rope, "linear": self.linear}
+        return {"attention": "/".join(self.attention),
+                **{kind: f"{name} (cpu fast path)" if name in fast else name for kind, name in named.items()}}
+
+
+def resolve_kernel_plan(requested: tuple[str, str], device: torch.device | str, dtype: torch.dtype, num_heads: int,
+                        head_dim: int) -> KernelPlan:
+    """Resolve the attention backends `requested` (global, local), the RoPE kernel and the linear kernel for a model
+    on (device, dtype) with `num_heads` heads of `head_dim`; see the three `resolve_*` functions."""
+    return KernelPlan(
+        attention=tuple(resolve_attention_implementation(name, device, dtype) for name in requested),
+        rope=resolve_rotary_kernel(device, num_heads, head_dim),
+        linear=resolve_linear_kernel(device, dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,7 +565,8 @@ class PrecisionLinear(nn.Linear):
 
         Raises:
             ValueError: for an unknown precision.
-            RuntimeError: for "int8" when the weight is not a float32 CPU tensor or no int8 engine is available.
+            RuntimeError: for "int8" when the weight is not a float32 CPU tensor, no int8 engine is available, or
+                MOSS_TTS_CPU_FAST_PATHS=0.
         """
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
@@ -582,9 +627,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
     step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
-    two or more rows (and with row_invariant, of one row too) go through oneDNN (see there)."""
+    two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
+    MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or not weight.is_contiguous()):
+            or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
     batched = _BATCHED_PRODUCTS.get()
     if batched and (batched == "row-invariant" or x.numel() > x.shape[-1]) and not _needs_autograd(x, weight) \
@@ -657,15 +703,20 @@ def row_invariant_products() -> contextlib.AbstractContextManager:
 ROW_PROBE_MAX = 64
 
 
-@functools.lru_cache(maxsize=None)
 def row_invariant_limit() -> int:
     """The largest row count R such that oneDNN's float32 linear gives a row the same bits for every row count in
     2..R and every position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 where oneDNN is
-    unusable (see `onednn_linear_usable`) or two rows already differ from three.
+    unusable (see `onednn_linear_usable`), two rows already differ from three, or MOSS_TTS_CPU_FAST_PATHS=0 (plain
+    F.linear, as on an accelerator).
 
     Why a limit: oneDNN switches kernels at a row count that depends on its version and the CPU (16 rows in
     torch 2.3.1's build on AVX-512; none up to 300 rows in torch 2.13's).
     """
+    return _onednn_row_limit() if cpu_fast_paths_enabled() else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_row_limit() -> int:
     if not onednn_linear_usable():
         return 0
     generator = torch.Generator().manual_seed(0)
@@ -718,7 +769,22 @@ def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return out.view(*x.shape[:-1], out_features)
 
 
+def resolve_linear_kernel(device: Union[torch.device, str], dtype: torch.dtype) -> str:
+    """What `linear` runs for a model on (device, dtype): "split-matvec/onednn" (or "split-matvec" where oneDNN is not
+    used) for float32 on CPU with the fast paths on, else "F.linear"."""
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if device_type != "cpu" or dtype != torch.float32:
+        return "F.linear"
+    kernel = cpu_kernel("linear")
+    return "split-matvec" if kernel == "split-matvec/onednn" and not onednn_linear_usable() else kernel
+
+
 def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
+    if cpu_kernel("int8_weights") is None:
+        raise RuntimeError(
+            "int8 weight precision is a CPU fast path and MOSS_TTS_CPU_FAST_PATHS=0 turns the CPU fast paths off "
+            "(the CPU then runs what an accelerator runs); unset MOSS_TTS_CPU_FAST_PATHS or set it to 1 for int8"
+        )
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise RuntimeError(
             f"int8 weight precision needs a float32 CPU model (weight is {weight.dtype} on {weight.device}); "
@@ -764,27 +830,22 @@ class Attention(nn.Module):
         self.scale = scale / (layer_idx + 1) if config.scale_attn_by_inverse_layer_idx else scale
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotation, mask: AttentionMask, attend: AttentionFunction,
+                cache: Optional[KVCache]) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.c_attn(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        turn = torch.complex(*rope).transpose(1, 2).unsqueeze(2)  # (B, T, 1, 1, D/2)
-        q, k = rotate_pairs(qkv[:, :, :2], turn).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        q, k = rope(qkv[:, :, :2]).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         return self.c_proj(attend(q, k, v, mask, self.scale))
 
-    def decode_one(self, x: torch.Tensor, turn: torch.Tensor, mask: AttentionMask, attend: AttentionFunction,
+    def decode_one(self, x: torch.Tensor, rope: Rotation, mask: AttentionMask, attend: AttentionFunction,
                    cache: KVCache) -> torch.Tensor:
-        """`forward` for one new row per batch item, x (B, H) -> (B, H): same operations, fewer of them.
-
-        `turn` is the RoPE rotation of the new position as unit complex numbers (B, 1, D/2).
-        """
+        """`forward` for one new row per batch item, x (B, H) -> (B, H): same operations, fewer of them."""
         batch, hidden = x.shape
         qkv = self.c_attn.forward(x)  # (B, 3H): q, k, v
-        pairs = qkv[:, : 2 * hidden].float().view(batch, 2 * self.num_heads, self.head_dim // 2, 2)
-        qk = torch.view_as_real(torch.view_as_complex(pairs) * turn).to(x.dtype)
+        qk = rope(qkv[:, : 2 * hidden].view(batch, 1, 2, self.num_heads, self.head_dim))  # (B, 1, 2, heads, D)
         qk = qk.view(batch, 2 * self.num_heads, 1, self.head_dim)  # (B, 2 * heads, 1, D): q heads, then k heads
         v = qkv[:, 2 * hidden :].view(batch, self.num_heads, 1, self.head_dim)
         k, v = cache.update(self.layer_idx, qk[:, self.num_heads :], v)
@@ -813,15 +874,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                attend: AttentionFunction, cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: Rotation, mask: AttentionMask, attend: AttentionFunction,
+                cache: Optional[KVCache]) -> torch.Tensor:
         h = h + self.attn(self.ln_1(h), rope, mask, attend, cache)
         return h + self.mlp(self.ln_2(h))
 
-    def decode_one(self, h: torch.Tensor, turn: torch.Tensor, mask: AttentionMask, attend: AttentionFunction,
+    def decode_one(self, h: torch.Tensor, rope: Rotation, mask: AttentionMask, attend: AttentionFunction,
                    cache: KVCache) -> torch.Tensor:
         """`forward` for one new row per batch item, h (B, H); see `GPT2Decoder.forward`."""
-        h = h + self.attn.decode_one(self.ln_1.forward(h), turn, mask, attend, cache)
+        h = h + self.attn.decode_one(self.ln_1.forward(h), rope, mask, attend, cache)
         mlp = self.mlp
         return h + mlp.fc_out.forward(mlp.act(mlp.fc_in.forward(self.ln_2.forward(h))))
 
@@ -848,14 +909,16 @@ class GPT2Decoder(nn.Module):
         return KVCache(len(self.h), batch, self.num_heads, self.head_dim, capacity,
                        dtype=dtype, device=device, track_padding=track_padding)
 
-    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                attend: AttentionFunction, cache: Optional[KVCache] = None,
+    def forward(self, hidden: torch.Tensor, rope: Union[Rotation, tuple[torch.Tensor, torch.Tensor]],
+                mask: AttentionMask, attend: AttentionFunction, cache: Optional[KVCache] = None,
                 collect_hidden: bool = False) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """Run the stack on `hidden` (B, T, H).
 
         Args:
             hidden: input embeddings.
-            rope: (cos, sin) for the T new positions, from `self.rotary.angles`.
+            rope: the RoPE of the T new positions: a `Rotation` from `self.rotary.rotation` (the model passes the
+                kernel it resolved for its device), or (cos, sin) from `self.rotary.angles` (rotated with the
+                portable "real" kernel).
             mask: the attention mask (queries are the last T keys).
             attend: the attention backend.
             cache: when given, keys/values are appended to it and `cache.length` advances by T.
@@ -864,37 +927,37 @@ class GPT2Decoder(nn.Module):
         Returns:
             (output after ln_f (B, T, H), the collected hidden states or None).
         """
+        if not isinstance(rope, Rotation):
+            rope = make_rotation("real", *rope, hidden.dtype)
         if isinstance(cache, KVCache) and hidden.shape[1] == 1 and not collect_hidden:
             return self._decode_one(hidden, rope, mask, attend, cache), None
-        keep = None if mask.query_valid is None else mask.query_valid[..., None]  # (B, T, 1)
-        hidden = _zero_padded(hidden, keep)
+        padded = None if mask.query_valid is None else ~mask.query_valid[..., None]  # (B, T, 1), once per forward
+        hidden = _zero_padded(hidden, padded)
         collected = [hidden] if collect_hidden else None
         for block in self.h:
-            hidden = _zero_padded(block(hidden, rope, mask, attend, cache), keep)
+            hidden = _zero_padded(block(hidden, rope, mask, attend, cache), padded)
             if collected is not None:
                 collected.append(hidden)
         if cache is not None:
             cache.length += hidden.shape[1]
-        hidden = _zero_padded(self.ln_f(hidden), keep)
+        hidden = _zero_padded(self.ln_f(hidden), padded)
         if collected is not None:
             collected[-1] = hidden
         return hidden, (tuple(collected) if collected is not None else None)
 
-    def _decode_one(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                    attend: AttentionFunction, cache: KVCache) -> torch.Tensor:
+    def _decode_one(self, hidden: torch.Tensor, rope: Rotation, mask: AttentionMask, attend: AttentionFunction,
+                    cache: KVCache) -> torch.Tensor:
         """The generation step (one new row per batch item, with a cache): the general path's operations in the same
         order (same results), without its per-layer module calls and reshapes, which add several milliseconds per
         frame at one row per step. Module hooks of the blocks and their Linear/LayerNorm layers are not called."""
         batch, _, width = hidden.shape
-        turn = torch.complex(*rope)  # (B or 1, 1, 1, D/2)
-        turn = turn.view(turn.shape[0], 1, -1)  # (B or 1, 1, D/2)
-        keep = mask.query_valid  # (B, 1) or None
-        h = _zero_padded(hidden.view(batch, width), keep)
+        padded = None if mask.query_valid is None else ~mask.query_valid  # (B, 1)
+        h = _zero_padded(hidden.view(batch, width), padded)
         for block in self.h:
-            h = _zero_padded(block.decode_one(h, turn, mask, attend, cache), keep)
+            h = _zero_padded(block.decode_one(h, rope, mask, attend, cache), padded)
         cache.length += 1
-        return _zero_padded(self.ln_f.forward(h), keep).view(batch, 1, width)
+        return _zero_padded(self.ln_f.forward(h), padded).view(batch, 1, width)
 
 
-def _zero_padded(hidden: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    return hidden if keep is None else hidden.masked_fill(~keep, 0.0)
+def _zero_padded(hidden: torch.Tensor, padded: Optional[torch.Tensor]) -> torch.Tensor:
+    return hidden if padded is None else hidden.masked_fill(padded, 0.0)

@@ -20,19 +20,21 @@ from transformers import PreTrainedModel
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
 try:
     from .configuration_moss_tts_nano import MossTTSNanoConfig
-    from .devices import is_flash_attn_usable  # noqa: F401  (needed by gpt2_decoder; listed for the loader)
+    from .devices import cpu_fast_paths_enabled
     from .generation import GenerationOutput, generate_frames
     from .gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,
         AttentionFunction,
         GPT2Decoder,
+        KernelPlan,
         KVCache,
         PrecisionLinear,
+        Rotation,
         build_attention_mask,
         check_attention_name,
         positions_from_mask,
-        resolve_attention_implementation,
+        resolve_kernel_plan,
     )
     from .prompting import (
         PromptTokenIds,
@@ -42,25 +44,28 @@ try:
         left_pad_batch,
         validate_mode,
     )
+    from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
     from .sampling import SamplingParams
     from .torch_compat import add_load_state_dict_pre_hook
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     from configuration_moss_tts_nano import MossTTSNanoConfig
-    from devices import is_flash_attn_usable  # noqa: F401
+    from devices import cpu_fast_paths_enabled
     from generation import GenerationOutput, generate_frames
     from gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,
         AttentionFunction,
         GPT2Decoder,
+        KernelPlan,
         KVCache,
         PrecisionLinear,
+        Rotation,
         build_attention_mask,
         check_attention_name,
         positions_from_mask,
-        resolve_attention_implementation,
+        resolve_kernel_plan,
     )
     from prompting import (
         PromptTokenIds,
@@ -70,6 +75,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         left_pad_batch,
         validate_mode,
     )
+    from rotary import ROTARY_KERNELS  # noqa: F401
     from sampling import SamplingParams
     from torch_compat import add_load_state_dict_pre_hook
 
@@ -138,7 +144,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         ties = {"text_lm_head.weight": "transformer.wte.weight"}
         ties.update({f"audio_lm_heads.{i}.weight": f"audio_embeddings.{i}.weight" for i in range(config.n_vq)})
         self._tied_weights_keys = ties if _TIES_AS_MAPPING else [rf"^{k}$".replace(".", r"\.") for k in ties]
-        self._resolved_attention: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
+        self._kernel_plans: dict[tuple[torch.device, torch.dtype, bool], KernelPlan] = {}
         add_load_state_dict_pre_hook(self, _drop_local_token_embedding)
         self.post_init()  # ties the heads (transformers 5.x from `_tied_weights_keys`, 4.x through `_tie_weights`)
 
@@ -180,7 +186,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Raises:
             ValueError: for an unknown precision.
-            RuntimeError: for "int8" when the model is not float32 on CPU or torch lacks its x86 int8 engine.
+            RuntimeError: for "int8" when the model is not float32 on CPU, torch lacks its x86 int8 engine, or
+                MOSS_TTS_CPU_FAST_PATHS=0 (int8 is a CPU fast path).
         """
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
@@ -202,7 +209,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             attn_implementation = attn_implementation.get("", None)
         if attn_implementation is not None:
             self.config.attn_implementation = check_attention_name(attn_implementation)
-            getattr(self, "_resolved_attention", {}).clear()
+            getattr(self, "_kernel_plans", {}).clear()
         return self.config.attn_implementation
 
     def set_attn_implementation(self, attn_implementation: Union[str, dict]) -> None:
@@ -226,7 +233,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self.config.attn_implementation = global_impl
         self.config.local_transformer_attn_implementation = local
         self.config._attn_implementation_internal = global_impl
-        self._resolved_attention.clear()
+        self._kernel_plans.clear()
 
     def _set_attention_implementation(self, global_impl: str, local_attn_implementation: Optional[str] = None) -> None:
         """Upstream's name for `set_attention_implementation` (kept for drivers that call it)."""
@@ -236,16 +243,30 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         """The requested (global, local) backend names, as accepted by `set_attention_implementation`."""
         return self.config.attn_implementation, self.config.local_transformer_attn_implementation
 
+    def kernel_plan(self) -> KernelPlan:
+        """The kernels that run for the model's current device and dtype: attention backends, RoPE and linear kernels.
+
+        Resolved once per (device, dtype) and CPU fast-path setting (`devices.cpu_fast_paths_enabled`), then cached;
+        a new attention request clears the cache.
+        """
+        weight = self.transformer.wte.weight
+        key = (weight.device, weight.dtype, cpu_fast_paths_enabled())
+        plan = self._kernel_plans.get(key)
+        if plan is None:
+            gpt2 = self.config.gpt2_config
+            plan = resolve_kernel_plan(self.get_attention_implementation(), weight.device, weight.dtype,
+                                       gpt2.n_head, gpt2.n_embd // gpt2.n_head)
+            self._kernel_plans[key] = plan
+        return plan
+
     def resolved_attention_implementation(self) -> tuple[str, str]:
         """The (global, local) backends that run for the model's current device and dtype."""
+        return self.kernel_plan().attention
+
+    def rotation(self, decoder: nn.Module, positions: torch.Tensor) -> Rotation:
+        """RoPE of `positions` (B, T) for `decoder` (the global or local one), with the planned kernel's tables."""
         weight = self.transformer.wte.weight
-        key = (weight.device, weight.dtype)
-        resolved = self._resolved_attention.get(key)
-        if resolved is None:
-            requested = self.get_attention_implementation()
-            resolved = tuple(resolve_attention_implementation(name, weight.device, weight.dtype) for name in requested)
-            self._resolved_attention[key] = resolved
-        return resolved
+        return decoder.rotary.rotation(positions, self.kernel_plan().rope, weight.dtype)
 
     def attention_functions(self) -> tuple[AttentionFunction, AttentionFunction]:
         """The (global, local) attention backend functions for the current device and dtype (cached)."""
@@ -332,7 +353,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         else:
             key_valid, positions = cache.extend_mask(mask)
         attn_mask = build_attention_mask(key_valid, embeds.shape[1])
-        rope = self.transformer.rotary.angles(positions)
+        rope = self.rotation(self.transformer, positions)
         attend = attend if attend is not None else self.attention_functions()[0]
         return self.transformer(embeds, rope, attn_mask, attend, cache, collect_hidden)
 

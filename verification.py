@@ -686,10 +686,13 @@ def _checks_on_model(model: Any, target: Target, context: _Context) -> list[Chec
 def _load_check(target: Target, context: _Context) -> tuple[CheckResult, Any]:
     def body() -> Outcome:
         model = context.source.load_model(target.device, target.dtype)
-        global_impl, local_impl = model.resolved_attention_implementation()
+        plan = model.kernel_plan()
+        global_impl, local_impl = plan.attention
         parameter = next(model.parameters())
-        metrics = {"attention": {"global": global_impl, "local": local_impl},
-                   "parameter_dtype": dtype_name(parameter.dtype), "parameter_device": str(parameter.device)}
+        kernels = plan.describe()  # which path this device runs, e.g. rope "complex (cpu fast path)" / "real"
+        metrics = {"attention": {"global": global_impl, "local": local_impl}, "rope": kernels["rope"],
+                   "linear": kernels["linear"], "parameter_dtype": dtype_name(parameter.dtype),
+                   "parameter_device": str(parameter.device)}
         return Outcome(parameter.dtype == target.dtype, metrics, value=model)
 
     return run_check("load", target.device, body)

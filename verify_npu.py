@@ -4,7 +4,10 @@
     python verify_npu.py --model-path DIR --prompt-audio-path ref.wav --devices cpu,npu:0 --dtypes float32,float16
 
 For every device and dtype: load, global hidden states, teacher-forced logits, greedy codes and codec decode against
-the CPU float32 reference (each within the dtype's tolerances), and a short sampled inference run. Writes
+the CPU float32 reference (each within the dtype's tolerances), and a short sampled inference run. The load column
+names the kernels each device ran: attention backends, RoPE ("complex (cpu fast path)", "real" or "npu_rotary_mul") and
+linear ("split-matvec/onednn (cpu fast path)" or "F.linear"); MOSS_TTS_CPU_FAST_PATHS=0 makes the CPU reference run the
+accelerator path. Writes
 <output-dir>/npu_verification_report.json and <output-dir>/npu_verification_report.md (also printed), and one short
 WAV per device and dtype under <output-dir>/samples/.
 
@@ -227,7 +230,8 @@ def _cell(check: Optional[dict]) -> str:
     if check.get("error"):
         return f"{status} (error)"
     if name == "load":
-        return f"{status} {check['seconds']:.1f}s {check['attention']['global']}/{check['attention']['local']}"
+        return (f"{status} {check['seconds']:.1f}s {check['attention']['global']}/{check['attention']['local']}, "
+                f"rope: {check.get('rope', '-')}, linear: {check.get('linear', '-')}")
     if name == "hidden_states":
         return f"{status} cos {_number(check['cosine'], '.7f')}"
     if name == "teacher_forced_logits":

@@ -43,3 +43,17 @@ def shared_path(*parts: str) -> pathlib.Path:
             "clone (../shared); set MOSS_TTS_SHARED_DIR to point elsewhere"
         )
     return path
+
+
+@pytest.fixture(params=["cpu fast paths", "accelerator path"])
+def cpu_path(request, monkeypatch):
+    """Run the test twice: with the CPU fast paths, and with MOSS_TTS_CPU_FAST_PATHS=0 (the operations an accelerator
+    runs: real-valued RoPE, F.linear, no int8). Yields whether the fast paths are on."""
+    import devices
+
+    fast = request.param == "cpu fast paths"
+    monkeypatch.setenv("MOSS_TTS_CPU_FAST_PATHS", "1" if fast else "0")
+    devices.clear_caches()  # the variable is read once per process
+    yield fast
+    monkeypatch.undo()
+    devices.clear_caches()

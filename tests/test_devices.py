@@ -521,7 +521,8 @@ def test_simulated_npu_flash_attn_never_usable_but_fusion_kernel_found(monkeypat
     "exception, core id is 12, error code = 0x800000",
     "there is an aivec error exception, core id is 40, error code = 0x800000",
     "ACL stream synchronize failed, error code:507015",
-    "call aclrtSynchronizeStream failed: ACL_ERROR_RT_VECTOR_CORE_EXCEPTION",
+    "NPU function error: c10_npu::acl::AclrtSynchronizeStreamWithTimeout(stream), error code is 507035\n"
+    "[Error]: The vector core execution is abnormal. ",
 ])
 def test_stability_errors_are_recognised(message):
     assert devices.is_stability_error(RuntimeError(message))

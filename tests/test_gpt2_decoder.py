@@ -13,6 +13,7 @@ from transformers import GPT2Config
 
 import devices
 import gpt2_decoder
+import npu_simulation
 from configuration_moss_tts_nano import ATTENTION_NAMES
 from gpt2_decoder import (
     ATTENTION_FUNCTIONS,
@@ -108,26 +109,24 @@ def simulated_flash_attn(monkeypatch):
 
 @pytest.fixture
 def simulated_torch_npu(monkeypatch):
-    calls = []
-    module = types.ModuleType("torch_npu")
-
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                             atten_mask=None, scale=1.0, keep_prob=1.0, sparse_mode=0, **kwargs):
-        assert input_layout == "BNSD" and head_num == query.shape[1] and keep_prob == 1.0
-        assert query.dtype in (torch.float16, torch.bfloat16)
-        calls.append(atten_mask)
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-        if atten_mask is not None:
-            assert atten_mask.dtype == torch.bool
-            scores = scores.masked_fill(atten_mask, float("-inf"))  # the NPU convention: True = masked out
-        out = torch.matmul(torch.softmax(scores, dim=-1), value.float()).to(query.dtype)
-        return out, None, None
-
-    module.npu_fusion_attention = npu_fusion_attention
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    """torch_npu on one Atlas A2 card (Ascend910B3); yields the atten_mask of each fused-attention call."""
+    calls = npu_simulation.install(monkeypatch)
+    masks = _MaskLog(calls["attention"])
+    yield masks
     devices.clear_caches()
-    yield calls
-    devices.clear_caches()
+
+
+class _MaskLog:
+    """The atten_mask argument of each simulated npu_fusion_attention call, indexable like a list."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, index):
+        return self.calls[index][3]
+
+    def __len__(self):
+        return len(self.calls)
 
 
 # ------------------------------------------------------------------------------------------------ backends vs eager
@@ -201,8 +200,8 @@ def test_simulated_npu_fusion_attention_inverts_the_mask(simulated_torch_npu, dt
 def test_simulated_npu_fusion_attention_unpadded_and_float32(simulated_torch_npu):
     q, k, v = _qkv(queries=4, keys=4, dtype=torch.float16)
     out = ATTENTION_FUNCTIONS["npu_fusion_attention"](q, k, v, AttentionMask(), 0.4)
-    causal_dropped = ~torch.ones(4, 4, dtype=torch.bool).tril()  # causal, inverted
-    assert torch.equal(simulated_torch_npu[-1], causal_dropped.expand(2, 1, 4, 4))
+    causal_dropped = ~torch.ones(4, 4, dtype=torch.bool).tril()  # causal, inverted, in the documented [Sq, Skv] shape
+    assert torch.equal(simulated_torch_npu[-1], causal_dropped)
     torch.testing.assert_close(out.float(), _naive_attention(q, k, v, None, 0.4), atol=2e-2, rtol=2e-2)
     ATTENTION_FUNCTIONS["npu_fusion_attention"](*_qkv(queries=1, keys=4, dtype=torch.float16), AttentionMask(), 0.4)
     assert simulated_torch_npu[-1] is None  # one query sees every key: no mask at all

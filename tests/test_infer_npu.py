@@ -12,7 +12,9 @@ import torch
 
 import demo
 import infer_npu
+from gpt2_decoder import resolve_linear_kernel
 from pipeline_assets import TinyAssets
+from rotary import resolve_rotary_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["--do-sample", "false"]
@@ -46,6 +48,8 @@ def test_demo_writes_the_requested_frames(tiny_demo, tmp_path, capsys):
     summary = _summary(capsys)
     assert summary["device"] == "cpu" and summary["dtype"] == "float32" and summary["frames"] == "4"
     assert summary["attention"] == "sdpa/sdpa" and summary["audio"] == "0.32s" and float(summary["rtf"]) > 0
+    assert summary["rope"] == resolve_rotary_kernel("cpu", 4, 16)  # "complex" unless MOSS_TTS_CPU_FAST_PATHS=0
+    assert summary["linear"] == resolve_linear_kernel("cpu", torch.float32)
     assert summary["output"] == str(out)
 
 

@@ -1,4 +1,5 @@
-"""Same numbers as upstream: the golden tts_tiny fixture (float32, CPU), TTS_SPEC §10."""
+"""Same numbers as upstream: the golden tts_tiny fixture (float32, CPU), TTS_SPEC §10, on the CPU fast paths and on the
+accelerator path (MOSS_TTS_CPU_FAST_PATHS=0, the `cpu_path` fixture)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _tensors(golden, prefix):
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_forward_hidden_states(model, golden, backend):
+def test_forward_hidden_states(model, golden, backend, cpu_path):
     model.set_attention_implementation(backend)
+    assert model.kernel_plan().rope == ("complex" if cpu_path else "real")
     input_ids, mask = _tensors(golden, "batch")
     with torch.no_grad():
         hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
@@ -37,7 +39,7 @@ def test_forward_hidden_states(model, golden, backend):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("kv", [0, 1])
-def test_greedy_codes(model, golden, backend, kv):
+def test_greedy_codes(model, golden, backend, kv, cpu_path):
     model.set_attention_implementation(backend)
     input_ids, mask = _tensors(golden, "batch")
     out = model.generate(input_ids, mask, max_new_frames=12, do_sample=False, audio_repetition_penalty=1.2,
@@ -47,7 +49,7 @@ def test_greedy_codes(model, golden, backend, kv):
     assert torch.equal(out.prompt_input_ids, input_ids)
 
 
-def test_greedy_nq8(model, golden):
+def test_greedy_nq8(model, golden, cpu_path):
     model.set_attention_implementation("sdpa")
     input_ids, mask = _tensors(golden, "batch")
     out = model.generate(input_ids, mask, max_new_frames=12, audio_repetition_penalty=1.2, nq=8)
@@ -56,7 +58,7 @@ def test_greedy_nq8(model, golden):
 
 
 @pytest.mark.parametrize("use_kv_cache", [True, False])
-def test_greedy_continuation_without_penalty(model, golden, use_kv_cache):
+def test_greedy_continuation_without_penalty(model, golden, use_kv_cache, cpu_path):
     model.set_attention_implementation("sdpa")
     input_ids, mask = _tensors(golden, "cont")
     out = model.generate(input_ids, mask, max_new_frames=12, use_kv_cache=use_kv_cache)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import demo
+import devices
 import verification
 import verify_npu
 from atomic_files import write_text_atomic
@@ -401,3 +402,16 @@ def test_smoke_run_that_ends_early_says_so(tiny_demo, tmp_path: Path, monkeypatc
     assert not check["passed"] and check["note"] == "the model ended after 0 frames although 3 were forced"
     table = (tmp_path / verification.TABLE_NAME).read_text(encoding="utf-8")
     assert "inference: the model ended after 0 frames" in table and "tolerances" not in table.split("Problems:")[1].split("\n")[1]
+
+
+def test_report_names_the_kernel_path_each_device_ran(tiny_demo, tmp_path: Path, monkeypatch, capsys) -> None:
+    for fast in (True, False):
+        monkeypatch.setenv("MOSS_TTS_CPU_FAST_PATHS", "1" if fast else "0")
+        devices.clear_caches()
+        code, report = _run(tmp_path / str(fast), "--devices", "cpu", "--dtypes", "float32")
+        load = _result(report, "cpu", "float32")["checks"]["load"]
+        assert code == 0
+        assert load["rope"] == ("complex (cpu fast path)" if fast else "real")
+        assert load["linear"].endswith("(cpu fast path)") if fast else load["linear"] == "F.linear"
+        assert f"rope: {load['rope']}, linear: {load['linear']}" in capsys.readouterr().out
+    devices.clear_caches()
