@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import devices
 from pipeline_assets import TinyAssets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,8 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
     assert all(entry["aggregate_vs_without_engine"] > 0 for entry in section["levels"].values())
 
 
+@pytest.mark.skipif(devices.cpu_kernel("int8_weights") is None,
+                    reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 def test_concurrency_section_with_fast_products(tiny_benchmark, tmp_path):
     report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "2",
                   "--concurrency-frames", "2", "--no-batch-invariant", "--weight-precision", "int8",

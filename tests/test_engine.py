@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import devices
 import engine as engine_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
 from generation import SlotGlobal
@@ -21,6 +22,8 @@ SAMPLED = {"do_sample": True, "text_temperature": 1.0, "text_top_p": 1.0, "text_
 TEXTS = ("Hello world, this is the first request.", "A second one.",
          "And a third request, which is longer than the other two by a few words.")
 
+needs_int8 = pytest.mark.skipif(
+    devices.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 needs_row_invariance = pytest.mark.skipif(
     not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see README)")
 
@@ -364,7 +367,8 @@ def test_row_sampler_draws_each_row_from_its_own_generator():
 
 
 @needs_row_invariance
-@pytest.mark.parametrize("block, precision", [(None, "float32"), (2, "float32"), (None, "int8")],
+@pytest.mark.parametrize("block, precision", [(None, "float32"), (2, "float32"),
+                                              pytest.param(None, "int8", marks=needs_int8)],
                          ids=["one-block", "blocks-of-2", "int8"])
 def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monkeypatch, block, precision):
     """The strongest form of the guarantee: not only the codes, every global hidden state a request's frames are
@@ -480,6 +484,7 @@ def test_numerical_failure_on_the_engine_runs_the_call_again_without_it(assets, 
     assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
 
 
+@needs_int8
 def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     """int8 inside batched_products(row_invariant=True): a row's result does not depend on the rows beside it,
     and stays as close to float32 as the one-row int8 product."""
