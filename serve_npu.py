@@ -34,7 +34,8 @@ try:
     from .cli_common import resolve_model_path, sampling_kwargs
     from .engine import SynthesisEngine
     from .pipeline import load_resources
-    from .speech_api import DEFAULT_MAX_BODY_BYTES, ServiceState, Voice, create_app, encode_voice, load_voices
+    from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
+    from .speech_api import load_voices
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -44,7 +45,8 @@ except ImportError:  # not part of a package: imported from the repository root 
     from cli_common import resolve_model_path, sampling_kwargs
     from engine import SynthesisEngine
     from pipeline import load_resources
-    from speech_api import DEFAULT_MAX_BODY_BYTES, ServiceState, Voice, create_app, encode_voice, load_voices
+    from speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
+    from speech_api import load_voices
 
 logger = logging.getLogger("moss_tts_nano.server")
 
@@ -136,6 +138,9 @@ class SpeechServer:
 
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=shutdown_timeout + 5.0)
+        errors = logging.getLogger("uvicorn.error")  # configured by Config just above
+        if not any(isinstance(f, QuietStreamAborted) for f in errors.filters):
+            errors.addFilter(QuietStreamAborted())
         self.uvicorn, self.state, self.sock = _Server(config), state, sock
         self.shutdown_timeout = shutdown_timeout
         self.exit_code = 0

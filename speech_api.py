@@ -446,6 +446,13 @@ class StreamAborted(Exception):
     """Raised to the ASGI server after a response has started, so it drops the connection (an incomplete body)."""
 
 
+class QuietStreamAborted(logging.Filter):
+    """Drops the ASGI server's traceback for a StreamAborted: the request's own log line already says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StreamAborted))
+
+
 class SpeechResponse(Response):
     """Sends one request's audio, streamed or whole; a client disconnect cancels the request at once."""
 
