@@ -11,12 +11,18 @@ import importlib
 import logging
 import math
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    from .atomic_files import write_atomic
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -169,12 +175,6 @@ def check_prompt_waveform(samples: np.ndarray | torch.Tensor, sample_rate: int, 
         raise ValueError(f"{source} is silent (peak amplitude {peak:.2e}); provide a recording of the voice to clone")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndarray, sample_rate: int) -> Path:
     """Write ``[channels, frames]`` (or ``[frames]``) audio; the file appears only once complete.
 
@@ -195,18 +195,8 @@ def write_audio_atomic(path: str | os.PathLike, waveform: torch.Tensor | np.ndar
     if not np.isfinite(data).all():
         raise ValueError("refusing to write audio with NaN or Inf samples")
     frames = data.T if data.ndim == 2 else data  # soundfile wants [frames, channels]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    except OSError as exc:
-        raise RuntimeError(f"cannot write to '{path.parent}': {exc.strerror or exc}; choose a writable location") from exc
-    os.close(handle)
     subtype = "PCM_16" if fmt == "WAV" else None
-    try:
-        _soundfile().write(tmp_name, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp_name, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(
+        path, lambda temporary: _soundfile().write(temporary, np.clip(frames, -1.0, 1.0), sample_rate, format=fmt,
+                                                   subtype=subtype)
+    )

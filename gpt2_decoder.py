@@ -8,6 +8,8 @@ Every backend takes queries/keys/values as (B, heads, T, head_dim) and returns (
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import logging
@@ -15,7 +17,7 @@ import math
 import platform
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -367,6 +369,108 @@ def _grow(tensor: torch.Tensor, capacity: int, dim: int) -> torch.Tensor:
     return grown
 
 
+@dataclass(frozen=True)
+class Segment:
+    """New rows of one slot in a packed forward: `length` rows at positions `start`.. of slot `slot`."""
+
+    slot: int
+    start: int
+    length: int
+
+
+class SlotKVCache:
+    """Keys (already rotated) and values of `slots` independent sequences, (slots, heads, capacity, head_dim) per layer.
+
+    Each slot holds one sequence from position 0 and has its own length (`lengths`), so sequences join, grow and
+    leave independently (the continuous-batching engine). A forward pass runs on packed rows: the new rows of several
+    slots concatenated into one (1, N, H) sequence, described by `Segment`s (`packed`).
+    """
+
+    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, capacity: int, *,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, capacity: int) -> None:
+        """Make every slot hold at least `capacity` rows (grows by copying; call between forward passes)."""
+        if capacity > self.capacity:
+            self.keys = [_grow(t, capacity, dim=2) for t in self.keys]
+            self.values = [_grow(t, capacity, dim=2) for t in self.values]
+
+    def release(self, slot: int) -> None:
+        """Forget the sequence of `slot` (its rows are overwritten by the next one)."""
+        self.lengths[slot] = 0
+
+    def packed(self, segments: Sequence[Segment]) -> "PackedRows":
+        """The cache view of one packed forward over `segments` (their rows in that order)."""
+        for seg in segments:
+            if seg.start != self.lengths[seg.slot] or seg.start + seg.length > self.capacity:
+                raise ValueError(f"{seg} does not continue slot {seg.slot} (length {self.lengths[seg.slot]}) "
+                                 f"within capacity {self.capacity}")
+        return PackedRows(self, segments)
+
+
+class PackedRows:
+    """One packed forward's view of a `SlotKVCache`: `update` writes every segment's new keys/values into its slot,
+    `attention` wraps a backend so that each segment attends to its own slot only, and `commit` advances the lengths.
+
+    Why one backend call per segment: each call has the shapes of that sequence run alone (its queries, its keys, no
+    padding mask), so a row's attention arithmetic never depends on what else is packed beside it.
+    """
+
+    def __init__(self, cache: SlotKVCache, segments: Sequence[Segment]) -> None:
+        self.cache, self.segments = cache, list(segments)
+        device = cache.keys[0].device
+        self.slot_index = torch.tensor([s.slot for s in self.segments for _ in range(s.length)], device=device)
+        self.positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in self.segments]).to(device)
+        bounds = [0]
+        for seg in self.segments:
+            bounds.append(bounds[-1] + seg.length)
+        self.bounds = list(zip(bounds, bounds[1:]))
+        self.length = 0  # GPT2Decoder.forward advances it; `commit` is what counts
+
+    @property
+    def last_rows(self) -> list[int]:
+        """Index of each segment's last row in the packed sequence."""
+        return [end - 1 for _, end in self.bounds]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the packed rows' keys/values (1, heads, N, head_dim) into their slots; return the layer's buffers."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slot_index, :, self.positions] = key[0].transpose(0, 1)  # (N, heads, head_dim)
+        values[self.slot_index, :, self.positions] = value[0].transpose(0, 1)
+        return keys, values
+
+    def attention(self, attend: AttentionFunction) -> AttentionFunction:
+        """`attend` applied per segment: its queries against its slot's rows 0..start + length (causal)."""
+
+        def packed_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionMask,
+                             scale: float) -> torch.Tensor:
+            outputs = []
+            for seg, (first, last) in zip(self.segments, self.bounds):
+                end = seg.start + seg.length
+                k = keys[seg.slot : seg.slot + 1, :, :end]  # (1, heads, end, head_dim)
+                v = values[seg.slot : seg.slot + 1, :, :end]
+                outputs.append(attend(q[:, :, first:last], k, v, _UNPADDED, scale))  # (1, length, heads * head_dim)
+            return torch.cat(outputs, dim=1)
+
+        return packed_attention
+
+    def commit(self) -> None:
+        """Record the written rows (after the forward pass)."""
+        for seg in self.segments:
+            self.cache.lengths[seg.slot] = seg.start + seg.length
+
+
+_UNPADDED = AttentionMask()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Modules
 
@@ -438,9 +542,9 @@ class PrecisionLinear(nn.Linear):
 
 
 # A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
-# F.linear sends them to a single-threaded GEMV (about 11 GB/s on a 2-core EPYC) and to a poor small-GEMM path for
-# 2-16 rows; the same product as a batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all
-# threads (about 19 GB/s there; a released-size frame went from 113 to 97 ms). Same float32 math per output, only
+# F.linear sends them to a single-threaded GEMV and to a poor small-GEMM path for 2-16 rows; the same product as a
+# batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all threads, so a decoding step
+# uses the whole memory bandwidth (figures: benchmarks/measured/ and README). Same float32 math per output, only
 # the summation order inside a dot product can differ (relative ~1e-7). More rows (a prompt) are GEMMs: see `linear`.
 SPLIT_MAX_ROWS = 16
 SPLIT_PARTS = 4
@@ -448,19 +552,26 @@ SPLIT_PARTS = 4
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
-    step) and oneDNN for more (a prompt: 55-65 instead of 35-55 GFLOP/s on a 2-core EPYC, where that is the
-    peak). Same math; the summation order inside a dot product can differ (relative ~1e-7)."""
+    step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
+    the summation order inside a dot product can differ (relative ~1e-7). Inside `row_invariant_products()`, every
+    float32 CPU product goes through oneDNN (see there)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
+    if _ROW_INVARIANT.get() and not _needs_autograd(x, weight) and onednn_rows_invariant():
+        return _onednn_rows(x, weight, bias)
     if x.numel() <= SPLIT_MAX_ROWS * x.shape[-1]:
         if weight.shape[0] % SPLIT_PARTS == 0:
             return split_matvec_linear(x, weight, bias)
         return F.linear(x, weight, bias)
-    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not onednn_linear_usable():
+    if _needs_autograd(x, weight) or not onednn_linear_usable():
         return F.linear(x, weight, bias)  # Why: the oneDNN op has no backward
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -477,6 +588,61 @@ def onednn_linear_usable() -> bool:
         return bool(torch.allclose(out, F.linear(x, weight), rtol=1e-6, atol=1e-6))
     except (AttributeError, RuntimeError, TypeError):  # op missing or not built for this CPU
         return False
+
+
+_ROW_INVARIANT: contextvars.ContextVar[bool] = contextvars.ContextVar("moss_tts_row_invariant", default=False)
+
+
+@contextlib.contextmanager
+def row_invariant_products() -> Iterator[bool]:
+    """Make `linear` give each row the same bits whatever the other rows of the product are (this thread only).
+
+    A row's result then depends only on that row, not on how many rows share the product or where it sits, so a
+    request batched with others computes exactly what it computes alone (the continuous-batching engine runs its
+    steps inside this). How: float32 CPU products go through oneDNN with at least two rows (one row is padded to
+    two): oneDNN's GEMM gives every row of two or more the same bits (`onednn_rows_invariant` probes it once), while
+    the split matvec and MKL's GEMM change a row's summation order with the row count. One-row products cost more
+    this way (the split matvec reads the weights with every thread). Other devices and dtypes run F.linear as
+    usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's low bits may depend on the batch.
+
+    Yields:
+        whether products are row-invariant here (False where oneDNN is unusable or fails the probe).
+    """
+    token = _ROW_INVARIANT.set(True)
+    try:
+        yield onednn_rows_invariant()
+    finally:
+        _ROW_INVARIANT.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_rows_invariant() -> bool:
+    """Whether oneDNN's float32 linear gives a row the same bits for every row count >= 2 and every position (probed
+    once on a released-size weight; x86-64 with oneDNN only, see `onednn_linear_usable`)."""
+    if not onednn_linear_usable():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(768, 768, generator=generator)
+    bias = torch.randn(768, generator=generator)
+    rows = torch.randn(24, 768, generator=generator)
+    reference = _onednn_rows(rows[:2], weight, bias)[0]
+    for count, position in ((3, 2), (5, 4), (8, 3), (17, 16), (24, 9)):
+        probe = rows[1 : count + 1].clone()
+        probe[position] = rows[0]
+        if not torch.equal(_onednn_rows(probe, weight, bias)[position], reference):
+            logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
+                           "differ from solo runs in their last bits")
+            return False
+    return True
+
+
+def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows == 1:
+        flat = flat.expand(2, -1)  # why: oneDNN takes a one-row product down another path (a GEMV)
+    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, bias, "none", [], "")
+    return out[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -628,7 +794,7 @@ class GPT2Decoder(nn.Module):
         Returns:
             (output after ln_f (B, T, H), the collected hidden states or None).
         """
-        if cache is not None and hidden.shape[1] == 1 and not collect_hidden:
+        if isinstance(cache, KVCache) and hidden.shape[1] == 1 and not collect_hidden:
             return self._decode_one(hidden, rope, mask, attend, cache), None
         keep = None if mask.query_valid is None else mask.query_valid[..., None]  # (B, T, 1)
         hidden = _zero_padded(hidden, keep)

@@ -34,6 +34,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     from demo import DEMO_TEXT
 
 DEFAULT_OUTPUT = "generated_audio/npu_output.wav"
+FRAMES_PER_SECOND = 12.5
 DEMO_FRAMES = 50  # 4 s of audio: enough to show the pipeline without a long wait on a CPU
 
 
@@ -71,22 +72,23 @@ def resolve_text(args: argparse.Namespace) -> str:
     raise ValueError("no text given: pass --text or --text-file")
 
 
-def resolve_mode(args: argparse.Namespace, has_prompt_audio: bool) -> str:
-    if args.mode:
-        return args.mode
-    return "continuation" if args.prompt_text or not has_prompt_audio else "voice_clone"
+def demo_prompt_audio_wanted(args: argparse.Namespace) -> bool:
+    """Whether the demo's synthetic reference stands in for --prompt-audio-path: not for plain continuation."""
+    return not args.prompt_audio_path and (args.mode != "continuation" or bool(args.prompt_text))
 
 
 def synthesize(model: Any, resources: dict, args: argparse.Namespace, text: str) -> tuple[dict, float]:
-    """Run inference (streaming or not) and return the result dict and the wall time."""
+    """Run inference (streaming or not) and return the result dict and the wall time.
+
+    The mode is left to `inference` when --mode is not given (one decision: prompting.infer_mode).
+    """
     resources = {k: v for k, v in resources.items() if not k.startswith("_")}
     prompt_audio = resources.pop("prompt_audio", None)
-    has_prompt = bool(args.prompt_audio_path) or prompt_audio is not None
     kwargs: dict[str, Any] = dict(
-        mode=resolve_mode(args, has_prompt),
+        mode=args.mode,
         prompt_text=args.prompt_text,
         prompt_audio_path=args.prompt_audio_path,
-        prompt_audio=None if args.prompt_audio_path else prompt_audio,
+        prompt_audio=prompt_audio if prompt_audio is not None and demo_prompt_audio_wanted(args) else None,
         downmix=args.downmix,
         seed=args.seed,
         voice_clone_max_text_tokens=args.voice_clone_max_text_tokens,
@@ -104,6 +106,19 @@ def synthesize(model: Any, resources: dict, args: argparse.Namespace, text: str)
     return result, time.perf_counter() - start
 
 
+def truncation_warning(args: argparse.Namespace, result: dict) -> str | None:
+    """One line naming the chunks that reached --max-new-frames before the model ended them, and the remedy."""
+    truncated = result["truncated_chunks"]
+    if not truncated:
+        return None
+    frames = sampling_kwargs(args)["max_new_frames"]
+    count = len(result["text_chunks"])
+    which = "the text" if count == 1 else f"text chunk(s) {', '.join(str(i + 1) for i in truncated)} of {count}"
+    return (f"warning: {which} reached --max-new-frames ({frames} frames, {frames / FRAMES_PER_SECOND:.1f} s) before "
+            "the model ended it, so its audio is cut off; raise --max-new-frames or lower "
+            "--voice-clone-max-text-tokens")
+
+
 def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> str:
     device = next(model.parameters()).device
     seconds = result["waveform"].shape[-1] / result["sample_rate"]
@@ -115,6 +130,7 @@ def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> 
         f"threads={torch.get_num_threads()}",
         f"attention={'/'.join(model.resolved_attention_implementation())}",
         f"frames={result['frames']}",
+        f"truncated={len(result['truncated_chunks'])}",
         f"audio={seconds:.2f}s",
         f"wall={wall:.2f}s",
         f"rtf={wall / seconds:.3f}" if seconds > 0 else "rtf=n/a",
@@ -132,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     model, resources = load_model_for_cli(args, path)
     devices.reset_peak_memory(next(model.parameters()).device)
     result, wall = synthesize(model, resources, args, text)
+    warning = truncation_warning(args, result)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.demo:
         print("demo: released architectures with seeded random weights; the audio is noise, not speech")
     print(summary(model, args, result, wall))

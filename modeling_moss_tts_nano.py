@@ -7,6 +7,7 @@ into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). G
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -71,6 +72,9 @@ except ImportError:  # not part of a package: imported from the repository root 
     from sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Upstream's method defaults, written once in SamplingParams; generate / generate_stream take theirs from here.
+_DEFAULTS = SamplingParams()
 
 # transformers 5.x declares tied parameters as {target: source}; 4.x as a list of target patterns.
 _TIES_AS_MAPPING = hasattr(PreTrainedModel, "get_expanded_tied_weights_keys")
@@ -433,17 +437,18 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_frames: int = 300,
-        do_sample: bool = False,
-        text_temperature: float = 1.5,
-        text_top_p: float = 1.0,
-        text_top_k: int = 50,
-        audio_temperature: float = 1.7,
-        audio_top_p: float = 0.8,
-        audio_top_k: int = 25,
-        audio_repetition_penalty: float = 1.0,
-        nq: Optional[int] = None,
+        max_new_frames: int = _DEFAULTS.max_new_frames,
+        do_sample: bool = _DEFAULTS.do_sample,
+        text_temperature: float = _DEFAULTS.text_temperature,
+        text_top_p: float = _DEFAULTS.text_top_p,
+        text_top_k: int = _DEFAULTS.text_top_k,
+        audio_temperature: float = _DEFAULTS.audio_temperature,
+        audio_top_p: float = _DEFAULTS.audio_top_p,
+        audio_top_k: int = _DEFAULTS.audio_top_k,
+        audio_repetition_penalty: float = _DEFAULTS.audio_repetition_penalty,
+        nq: Optional[int] = _DEFAULTS.nq,
         use_kv_cache: bool = True,
+        min_new_frames: int = _DEFAULTS.min_new_frames,
         **extra: Any,
     ) -> Iterator[dict[str, Any]]:
         """Generate frame by frame, yielding each frame as it is produced.
@@ -458,6 +463,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_repetition_penalty: penalty on codes this row already generated in the same channel.
             nq: codebooks to generate (1..n_vq, default all); higher channels hold the pad code.
             use_kv_cache: cached decoding (fast); False recomputes everything each step (reference path).
+            min_new_frames: the first this many steps continue whatever the model decides (not upstream's; 0 by
+                default; verify_npu.py uses it so that a smoke run exercises sampling on the device).
             extra: accepted for drop-in compatibility; `generator` (torch.Generator) is used, others are ignored.
 
         Yields:
@@ -480,6 +487,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             audio_top_k=audio_top_k,
             audio_repetition_penalty=audio_repetition_penalty,
             nq=nq,
+            min_new_frames=min_new_frames,
         )
         generator = extra.pop("generator", None)
         if extra:
@@ -489,23 +497,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        max_new_frames: int = 300,
-        do_sample: bool = False,
-        text_temperature: float = 1.5,
-        text_top_p: float = 1.0,
-        text_top_k: int = 50,
-        audio_temperature: float = 1.7,
-        audio_top_p: float = 0.8,
-        audio_top_k: int = 25,
-        audio_repetition_penalty: float = 1.0,
-        nq: Optional[int] = None,
-        use_kv_cache: bool = True,
-        **extra: Any,
+        self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any
     ) -> GenerationOutput:
-        """Generate audio codes for a batch of prompt rows (same arguments as `generate_stream`).
+        """Generate audio codes for a batch of prompt rows (the arguments and defaults of `generate_stream`).
 
         Returns:
             `GenerationOutput` with `audio_token_ids` (B, frames, n_vq), `prompt_input_ids`,
@@ -515,26 +509,13 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             ValueError: for invalid rows, mask or sampling settings.
             RuntimeError: "Non-finite ..." when text or audio logits are NaN/inf.
         """
-        events = self.generate_stream(
-            input_ids,
-            attention_mask,
-            max_new_frames=max_new_frames,
-            do_sample=do_sample,
-            text_temperature=text_temperature,
-            text_top_p=text_top_p,
-            text_top_k=text_top_k,
-            audio_temperature=audio_temperature,
-            audio_top_p=audio_top_p,
-            audio_top_k=audio_top_k,
-            audio_repetition_penalty=audio_repetition_penalty,
-            nq=nq,
-            use_kv_cache=use_kv_cache,
-            **extra,
-        )
-        for event in events:
+        for event in self.generate_stream(input_ids, attention_mask, *args, **kwargs):
             if event["type"] == "final":
                 return event["generation"]
         raise AssertionError("generate_stream ended without a final event")
+
+    # One parameter list for both entry points: introspection shows generate_stream's (upstream's) signature.
+    generate.__signature__ = inspect.signature(generate_stream).replace(return_annotation="GenerationOutput")
 
     def _check_generation_inputs(
         self, input_ids: Any, attention_mask: Any, params: SamplingParams
@@ -563,10 +544,14 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         """Text (+ prompt audio) to a 48 kHz stereo waveform, optionally written to a file (atomically).
 
         Args:
-            text: what to say. voice_clone text is split into chunks of `voice_clone_max_text_tokens` (50).
+            text: what to say. A text over `voice_clone_max_text_tokens` (50) is normalised and split into chunks
+                within it (TTS_SPEC §8); a text that fits is used as given. voice_clone chunks are generated
+                independently (batched) and joined with short pauses; continuation chunks one after another, each
+                continuing the previous chunk's text and audio, into one continuous waveform.
             output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
-            mode: "voice_clone" (default: prompt audio, no prompt text) or "continuation" (no prompt at all, or
-                prompt_text + prompt audio).
+            mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt at all, or prompt_text +
+                prompt audio). Default: inferred from the prompt like infer_npu.py does (voice_clone for prompt
+                audio without prompt text, else continuation); an explicit mode wins.
             prompt_audio_path / prompt_audio (+ prompt_audio_sample_rate): the reference recording, a file or a
                 [channels, samples] tensor; resampled to 48 kHz, mono duplicated; `downmix=True` for > 2 channels.
             prompt_text: transcript of the prompt audio (continuation).
@@ -577,15 +562,19 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             device: move the model there first ("auto", "npu:0", "cuda", "cpu", ...).
             max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
                 audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
-            voice_clone_max_text_tokens, voice_clone_max_memory_per_sample_gb (1.0),
-                voice_clone_chunk_batch_size (cap), voice_clone_codec_batch_size: long-text chunking and batching.
+            voice_clone_max_text_tokens (token budget of a text chunk, both modes),
+                voice_clone_max_memory_per_sample_gb (1.0), voice_clone_chunk_batch_size (cap),
+                voice_clone_codec_batch_size: long-text chunking and batching.
             seed: seeds torch (and the device) before generation.
             progress: callable receiving progress messages for long texts.
 
         Returns:
-            dict with audio_path, sample_rate (48000), audio_token_ids ([frames, 16], or a list per chunk),
-            waveform ([2, samples] float32), reference_audio_token_ids, voice_clone_text_chunks,
-            voice_clone_chunk_batch_size, voice_clone_codec_batch_size, frames, float32_fallback.
+            dict with audio_path, sample_rate (48000), audio_token_ids (a list with one [frames, 16] tensor per
+            text chunk), waveform ([2, samples] float32), reference_audio_token_ids, text_chunks,
+            voice_clone_text_chunks (None in continuation), truncated_chunks (indices of chunks that reached
+            max_new_frames before the model ended them: their audio is cut off), voice_clone_chunk_batch_size (the
+            batch size used, after any out-of-memory halving), voice_clone_codec_batch_size, frames,
+            float32_fallback (whether a numerical failure was retried in float32).
 
         Raises:
             ValueError: invalid text, prompt, mode combination, sampling value or file.
@@ -606,7 +595,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             Their concatenation equals the non-streaming waveform for the same codes.
 
         Raises:
-            As `inference`. Closing the generator early releases the codec's streaming state.
+            As `inference`. A chunk whose generation fails numerically before its first audio event is retried
+            once in float32 (as `inference` retries); after audio went out, the error is raised. Closing the
+            generator early releases the codec's streaming state.
         """
         return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
 
@@ -619,8 +610,10 @@ def _pipeline_module() -> Any:
     """
     try:
         from . import pipeline
+        from .atomic_files import write_atomic  # noqa: F401
         from .audio_io import write_audio_atomic  # noqa: F401
         from .codec_loading import load_codec  # noqa: F401
+        from .engine import SynthesisEngine  # noqa: F401
         from .pipeline import run_inference  # noqa: F401
         from .text_chunking import split_text_into_chunks  # noqa: F401
         from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,11 +32,12 @@ try:
         build_continuation_rows,
         build_prompt_template,
         build_voice_clone_rows,
+        infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from .sampling import SamplingParams
-    from .text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+    from .text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
     from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
@@ -54,11 +55,12 @@ except ImportError:  # not part of a package: imported from the repository root 
         build_continuation_rows,
         build_prompt_template,
         build_voice_clone_rows,
+        infer_mode,
         left_pad_batch,
         validate_mode,
     )
     from sampling import SamplingParams
-    from text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+    from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
     from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,20 +69,13 @@ SAMPLES_PER_FRAME = 3840
 STREAM_WINDOWS = ((0.25, 1), (0.5, 2), (1.0, 4))  # (audio seconds ahead of wall clock below which, window frames)
 STREAM_MAX_WINDOW = 8
 # Behind the wall clock (generation slower than real time, playback already waiting): decoding frame by frame
-# would not bring the audio in time, and costs the codec about twice as much per frame as 4-frame windows.
+# would not bring the audio in time, and costs the codec more per frame than 4-frame windows.
 STREAM_BEHIND_WINDOW = 4
 
-# Upstream's method defaults (drop-in compatibility); the scripts pass the official CLI values instead.
+# Upstream's method defaults (drop-in compatibility), taken from SamplingParams; the scripts pass the official CLI
+# values instead.
 METHOD_DEFAULTS: dict[str, Any] = {
-    "max_new_frames": 300,
-    "do_sample": False,
-    "text_temperature": 1.5,
-    "text_top_p": 1.0,
-    "text_top_k": 50,
-    "audio_temperature": 1.7,
-    "audio_top_p": 0.8,
-    "audio_top_k": 25,
-    "audio_repetition_penalty": 1.0,
+    **{f.name: f.default for f in fields(SamplingParams) if f.name != "nq"},
     "use_kv_cache": True,
 }
 SAMPLING_KEYS = tuple(k for k in METHOD_DEFAULTS if k != "max_new_frames")
@@ -109,13 +104,14 @@ class SynthesisRequest:
     """One call's inputs, validated once."""
 
     text: str
-    mode: str = "voice_clone"
+    mode: str | None = None  # None: inferred from the prompt (prompting.infer_mode)
     prompt_text: str | None = None
     prompt_audio_path: str | None = None
     prompt_audio: torch.Tensor | None = None
     prompt_audio_sample_rate: int = TARGET_SAMPLE_RATE
+    prompt_audio_codes: torch.Tensor | None = None
     nq: int | None = None
-    max_new_frames: int = 300
+    max_new_frames: int = METHOD_DEFAULTS["max_new_frames"]
     generation: dict[str, Any] = field(default_factory=dict)
     voice_clone_max_text_tokens: int = 50
     voice_clone_max_memory_per_sample_gb: float = 1.0
@@ -128,9 +124,9 @@ class SynthesisRequest:
         if not isinstance(self.text, str):
             raise ValueError(f"text must be a string, got {type(self.text).__name__}")
         normalize_text(self.text)  # validation only: raises on empty / whitespace / control-only text
-        # voice_clone chunking normalises on its own; continuation keeps the caller's exact string (spec §5 builds
-        # the effective text as a plain concatenation of prompt_text and text)
-        has_audio = self.prompt_audio_path is not None or self.prompt_audio is not None
+        has_audio = any(getattr(self, name) is not None
+                        for name in ("prompt_audio_path", "prompt_audio", "prompt_audio_codes"))
+        self.mode = infer_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
         validate_mode(self.mode, has_prompt_audio=has_audio, has_prompt_text=bool(self.prompt_text))
         # the generator's own validation, run before any audio is read or encoded
         sampling = {k: v for k, v in self.generation.items() if k != "use_kv_cache"}
@@ -248,6 +244,22 @@ def float32_fallback(model: Any, device: torch.device) -> Iterator[None]:
         model.to(dtype)
 
 
+def _generation_kwargs(request: SynthesisRequest) -> dict[str, Any]:
+    return dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+
+
+def _warn_retry(first: BaseException) -> None:
+    logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
+
+
+def _failed_twice(first: BaseException, second: BaseException, device: torch.device) -> RuntimeError:
+    return RuntimeError(
+        f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
+        f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
+        f"({str(second).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
+    )
+
+
 def generate_robust(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest
 ) -> tuple[Any, bool]:
@@ -256,44 +268,75 @@ def generate_robust(
     Returns:
         ``(generation output, whether the float32 retry was needed)``.
     """
-    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    kwargs = _generation_kwargs(request)
     try:
         return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), False
     except RuntimeError as exc:
         if not devices.is_stability_error(exc):
             raise
         first = exc
-    device = input_ids.device
-    logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
-    with float32_fallback(model, device):
+    _warn_retry(first)
+    with float32_fallback(model, input_ids.device):
         try:
             return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
         except RuntimeError as exc:
             if not devices.is_stability_error(exc):
                 raise
-            raise RuntimeError(
-                f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
-                f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
-                f"({str(exc).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
-            ) from exc
+            raise _failed_twice(first, exc, input_ids.device) from exc
+
+
+def stream_robust(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest, emitted: Callable[[], bool]
+) -> Iterator[dict]:
+    """``model.generate_stream`` with one float32 / fallback-backend retry on numerical failure, as long as
+    ``emitted()`` says no audio of this generation reached the caller yet (audio already yielded cannot be taken
+    back). A retry is announced by a ``{"type": "retry"}`` event: frames before it are to be discarded.
+    """
+    kwargs = _generation_kwargs(request)
+    try:
+        yield from model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return
+    except RuntimeError as exc:
+        if not devices.is_stability_error(exc) or emitted():
+            raise
+        first = exc
+    _warn_retry(first)
+    yield {"type": "retry"}
+    with float32_fallback(model, input_ids.device):
+        try:
+            yield from model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
+        except RuntimeError as exc:
+            if not devices.is_stability_error(exc):
+                raise
+            raise _failed_twice(first, exc, input_ids.device) from exc
+
+
+@dataclass
+class Generated:
+    """What generation produced for a call's text chunks."""
+
+    codes: list[torch.Tensor] = field(default_factory=list)  # per chunk: [frames, n_vq] on the CPU
+    truncated: list[int] = field(default_factory=list)  # chunks that reached max_new_frames without audio_end
+    chunk_batch: int = 1  # voice-clone chunks per generate call, after any out-of-memory halving
+    float32_retry: bool = False
+
+    def add(self, codes: torch.Tensor, finished: bool) -> None:
+        if not finished:
+            self.truncated.append(len(self.codes))
+        self.codes.append(codes)
 
 
 def generate_chunks(
     model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None
-) -> tuple[list[torch.Tensor], int, bool]:
-    """Generate every chunk's rows, batched from free memory, halving the batch on out-of-memory errors.
-
-    Returns:
-        ``(codes per chunk [frames, n_vq], first batch size, whether any batch needed the float32 retry)``.
-    """
+) -> Generated:
+    """Generate every voice-clone chunk's rows, batched from free memory, halving the batch on out-of-memory errors."""
     device = next(model.parameters()).device
+    generated = Generated()
     batch = devices.chunk_batch_size(
         len(rows), device, request.voice_clone_max_memory_per_sample_gb, request.voice_clone_chunk_batch_size
     )
-    first_batch, retried = batch, False
-    results: list[torch.Tensor] = []
-    while len(results) < len(rows):
-        part = rows[len(results) : len(results) + batch]
+    while len(generated.codes) < len(rows):
+        part = rows[len(generated.codes) : len(generated.codes) + batch]
         input_ids, mask = left_pad_batch(part, resources.ids)
         try:
             out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request)
@@ -308,19 +351,66 @@ def generate_chunks(
             batch = max(1, batch // 2)
             logger.warning("out of device memory; retrying with a chunk batch of %d", batch)
             continue
-        retried = retried or fallback
-        for codes, frames in zip(out.audio_token_ids, out.num_frames.tolist()):
-            results.append(codes[:frames].cpu())
+        generated.float32_retry = generated.float32_retry or fallback
+        for codes, frames, finished in zip(out.audio_token_ids, out.num_frames.tolist(), out.finished_mask.tolist()):
+            generated.add(codes[:frames].cpu(), finished)
         if progress is not None and len(rows) > 1:
-            progress(f"generated {len(results)}/{len(rows)} text chunks")
-    return results, first_batch, retried
+            progress(f"generated {len(generated.codes)}/{len(rows)} text chunks")
+    generated.chunk_batch = batch
+    return generated
+
+
+@dataclass
+class Context:
+    """What a continuation chunk continues: the text spoken in ``codes`` and those codes (None: no audio)."""
+
+    text: str
+    codes: torch.Tensor | None
+
+
+def continuation_rows(plan: "Plan", index: int, context: Context) -> torch.Tensor:
+    """Rows of continuation chunk ``index``: ``context.text + separator + chunk`` after ``context.codes``."""
+    resources = plan.resources
+    text = context.text + plan.separators[index] + plan.chunks[index]
+    return build_continuation_rows(resources.template, resources.ids, resources.encode_text(text), context.codes,
+                                   plan.request.nq)
+
+
+def next_context(plan: "Plan", index: int, codes: torch.Tensor, context: Context) -> Context:
+    """The next chunk continues this chunk's audio, or the same context when this chunk produced no frame."""
+    return Context(plan.chunks[index], codes) if codes.shape[0] else context
+
+
+def generate_continuation(model: Any, plan: "Plan") -> Generated:
+    """Generate continuation chunks one after another, each continuing the previous chunk's text and audio."""
+    device = next(model.parameters()).device
+    generated, context = Generated(), plan.first_context
+    for index in range(len(plan.chunks)):
+        input_ids, mask = left_pad_batch([continuation_rows(plan, index, context)], plan.resources.ids)
+        out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), plan.request)
+        generated.float32_retry = generated.float32_retry or fallback
+        codes = out.audio_token_ids[0, : int(out.num_frames[0])].cpu()
+        generated.add(codes, bool(out.finished_mask[0]))
+        context = next_context(plan, index, codes, context)
+        if plan.progress is not None and len(plan.chunks) > 1:
+            plan.progress(f"generated {index + 1}/{len(plan.chunks)} text chunks")
+    return generated
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
 def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Tensor | None:
-    """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio)."""
+    """Read / check the prompt audio and encode it into ``[T_ref, n_vq]`` codes (None without prompt audio).
+
+    ``prompt_audio_codes`` (codes the caller already encoded) are used as they are (the row builders check them).
+    """
+    if request.prompt_audio_codes is not None:
+        codes = torch.as_tensor(request.prompt_audio_codes)
+        if codes.dim() != 2 or codes.shape[1] != resources.ids.n_vq or codes.is_floating_point():
+            raise ValueError(f"prompt_audio_codes must be an integer tensor [T_ref, {resources.ids.n_vq}], "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+        return codes.long().cpu()
     if request.prompt_audio is not None:
         wav = torch.as_tensor(request.prompt_audio, dtype=torch.float32).detach().cpu()
         wav = wav.unsqueeze(0) if wav.dim() == 1 else wav
@@ -334,17 +424,31 @@ def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Ten
     return encode_prompt_audio(resources.codec, wav)
 
 
-def plan_rows(request: SynthesisRequest, resources: Resources, prompt_codes: torch.Tensor | None) -> tuple[list, list]:
-    """Return ``(text chunks, rows per chunk)`` for the request's mode."""
-    ids, template, enc = resources.ids, resources.template, resources.encode_text
+def plan_chunks(request: SynthesisRequest, resources: Resources) -> tuple[list[str], list[str]]:
+    """Return ``(text chunks, separator before each chunk)``: the text split within the token budget.
+
+    A text that fits one chunk is kept as it is: voice clone speaks it stripped (TTS_SPEC §8), continuation
+    exactly as given (its effective text is a plain concatenation, TTS_SPEC §5). A longer continuation text is
+    normalised and chunked like voice-clone text; its first chunk keeps one space after prompt_text when the text
+    started with whitespace.
+    """
+    chunks = split_text_into_chunks(
+        request.text, lambda text: len(resources.encode_text(text)), request.voice_clone_max_text_tokens
+    )
     if request.mode == "voice_clone":
-        chunks = split_text_into_chunks(
-            request.text, lambda s: len(enc(s)), request.voice_clone_max_text_tokens
-        )
-        rows = [build_voice_clone_rows(template, ids, enc(c), prompt_codes, request.nq) for c in chunks]
-        return chunks, rows
-    effective = (request.prompt_text or "") + request.text
-    return [request.text], [build_continuation_rows(template, ids, enc(effective), prompt_codes, request.nq)]
+        return chunks, chunk_separators(request.text, chunks)
+    if len(chunks) == 1:
+        return [request.text], [""]
+    separators = chunk_separators(request.text, chunks)
+    separators[0] = " " if request.prompt_text and request.text[:1].isspace() else ""
+    return chunks, separators
+
+
+def voice_clone_rows(plan: "Plan") -> list[torch.Tensor]:
+    resources, request = plan.resources, plan.request
+    enc = resources.encode_text
+    return [build_voice_clone_rows(resources.template, resources.ids, enc(chunk), plan.prompt_codes, request.nq)
+            for chunk in plan.chunks]
 
 
 def join_with_pauses(waves: list[torch.Tensor], chunks: list[str]) -> torch.Tensor:
@@ -364,11 +468,12 @@ def pause_waveform(chunk: str) -> torch.Tensor:
 def decode_generated(
     codec: Any, codes: list[torch.Tensor], request: SynthesisRequest, prompt_codes: torch.Tensor | None, nq: int
 ) -> list[torch.Tensor]:
-    """Decode each chunk's codes. Continuation with prompt audio decodes prompt + generated and drops the prompt."""
-    if request.mode == "continuation" and prompt_codes is not None:
-        joined = torch.cat([prompt_codes.cpu(), codes[0]], dim=0)
-        wave = decode_frames(codec, [joined], nq)[0]
-        return [wave[:, prompt_codes.shape[0] * SAMPLES_PER_FRAME :]]
+    """Decode each voice-clone chunk's codes. Continuation is one continuous waveform: prompt codes (if any) and
+    every chunk's codes are decoded together and the prompt's audio is dropped."""
+    if request.mode == "continuation":
+        prompt = prompt_codes.cpu() if prompt_codes is not None else torch.zeros(0, codes[0].shape[1], dtype=torch.long)
+        wave = decode_frames(codec, [torch.cat([prompt, *codes], dim=0)], nq)[0]
+        return [wave[:, prompt.shape[0] * SAMPLES_PER_FRAME :]]
     return decode_frames(codec, codes, nq, request.voice_clone_codec_batch_size)
 
 
@@ -388,18 +493,23 @@ def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | Non
 
 @dataclass
 class Plan:
-    """A validated call: its request, resources, prompt codes, text chunks and their prompt rows."""
+    """A validated call: its request, resources, prompt codes, text chunks and the separator before each."""
 
     request: SynthesisRequest
     resources: Resources
     prompt_codes: torch.Tensor | None
     chunks: list[str]
-    rows: list[torch.Tensor]
+    separators: list[str]
     progress: Callable | None
 
     @property
     def nq(self) -> int:
         return self.request.nq or self.resources.ids.n_vq
+
+    @property
+    def first_context(self) -> Context:
+        """What the first continuation chunk continues: the caller's prompt (text and audio), if any."""
+        return Context(self.request.prompt_text or "", self.prompt_codes)
 
 
 def prepare_call(model: Any, text: str, kwargs: dict) -> Plan:
@@ -410,21 +520,28 @@ def prepare_call(model: Any, text: str, kwargs: dict) -> Plan:
     if request.seed is not None:
         devices.seed_everything(request.seed, next(model.parameters()).device)
     prompt_codes = prepare_prompt(request, resources)
-    chunks, rows = plan_rows(request, resources, prompt_codes)
-    return Plan(request, resources, prompt_codes, chunks, rows, progress)
+    chunks, separators = plan_chunks(request, resources)
+    return Plan(request, resources, prompt_codes, chunks, separators, progress)
 
 
-def finish_result(plan: Plan, codes: list[torch.Tensor], waveform: torch.Tensor, output_audio_path: Any,
+def finish_result(plan: Plan, generated: Generated, waveform: torch.Tensor, output_audio_path: Any,
                   **extra: Any) -> dict:
     """The result dict of both entry points; writes the file (atomically) when a path is given."""
+    voice_clone = plan.request.mode == "voice_clone"
     result = {
         "audio_path": None,
         "sample_rate": TARGET_SAMPLE_RATE,
-        "audio_token_ids": codes[0] if len(codes) == 1 else codes,
+        "audio_token_ids": generated.codes,  # one [frames, n_vq] tensor per text chunk, whatever their number
         "waveform": waveform,
         "reference_audio_token_ids": plan.prompt_codes,
-        "voice_clone_text_chunks": plan.chunks if plan.request.mode == "voice_clone" else None,
-        "frames": sum(int(c.shape[0]) for c in codes),
+        "text_chunks": plan.chunks,
+        "voice_clone_text_chunks": plan.chunks if voice_clone else None,
+        "truncated_chunks": generated.truncated,
+        "frames": sum(int(c.shape[0]) for c in generated.codes),
+        "voice_clone_chunk_batch_size": generated.chunk_batch,
+        "voice_clone_codec_batch_size": (plan.request.voice_clone_codec_batch_size or len(generated.codes))
+        if voice_clone else 1,
+        "float32_fallback": generated.float32_retry,
         **extra,
     }
     if output_audio_path is not None:
@@ -435,14 +552,12 @@ def finish_result(plan: Plan, codes: list[torch.Tensor], waveform: torch.Tensor,
 def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
     plan = prepare_call(model, text, kwargs)
-    codes, chunk_batch, float32_retry = generate_chunks(model, plan.rows, plan.request, plan.resources, plan.progress)
-    waves = decode_generated(plan.resources.codec, codes, plan.request, plan.prompt_codes, plan.nq)
-    return finish_result(
-        plan, codes, join_with_pauses(waves, plan.chunks), output_audio_path,
-        voice_clone_chunk_batch_size=chunk_batch,
-        voice_clone_codec_batch_size=plan.request.voice_clone_codec_batch_size or len(codes),
-        float32_fallback=float32_retry,
-    )
+    if plan.request.mode == "voice_clone":
+        generated = generate_chunks(model, voice_clone_rows(plan), plan.request, plan.resources, plan.progress)
+    else:
+        generated = generate_continuation(model, plan)
+    waves = decode_generated(plan.resources.codec, generated.codes, plan.request, plan.prompt_codes, plan.nq)
+    return finish_result(plan, generated, join_with_pauses(waves, plan.chunks), output_audio_path)
 
 
 _RESOURCE_KEYS = (
@@ -463,7 +578,7 @@ class StreamDecoder:
     The first frame is decoded alone (first audio as early as possible). While little audio is ahead of the wall
     clock, frames are decoded one or two at a time (low latency); once audio is comfortably ahead, in windows of up
     to 8 frames (less per-call overhead). Behind the wall clock (generation slower than real time), in 4-frame
-    windows: on a 2-core CPU that cut the end-to-end real-time factor from 1.51 to 1.24.
+    windows: the codec's per-call overhead then matters more than latency (measured effect: README, Performance).
     """
 
     def __init__(self, codec: Any, nq: int) -> None:
@@ -521,29 +636,61 @@ def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> d
 
 
 def _stream_chunk(
-    model: Any, rows: torch.Tensor, request: SynthesisRequest, resources: Resources, decoder: StreamDecoder, sink: list
-) -> Iterator[dict]:
-    """Generate one chunk and yield its audio as it is decoded; the chunk's codes are appended to ``sink``."""
+    model: Any, rows: torch.Tensor, plan: Plan, decoder: StreamDecoder, generated: Generated
+) -> Iterator[torch.Tensor]:
+    """Generate one chunk and yield its audio as it is decoded; its codes (and whether it reached the frame limit)
+    go to ``generated``. A numerical failure before the chunk's first audio is retried once in float32."""
     device = next(model.parameters()).device
-    nq = request.nq or resources.ids.n_vq
-    input_ids, mask = left_pad_batch([rows], resources.ids)
-    kwargs = dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq)
+    ids = plan.resources.ids
+    input_ids, mask = left_pad_batch([rows], ids)
     frames: list[torch.Tensor] = []
-    for event in model.generate_stream(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs):
-        if event["type"] != "frame":
-            continue
-        frame = event["audio_token_ids"][0]
-        if bool((frame[:nq] == resources.ids.audio_pad).all()):
-            continue  # the row finished at this step
-        frame = frame.reshape(1, -1).cpu()
-        frames.append(frame)
-        wave = decoder.push(frame)
-        if wave is not None:
-            yield wave
+    finished, emitted = True, False
+    for event in stream_robust(model, input_ids.to(device), mask.to(device), plan.request, lambda: emitted):
+        if event["type"] == "retry":  # nothing of this chunk was decoded yet: start it again
+            frames.clear()
+            decoder.pending.clear()
+            generated.float32_retry = True
+        elif event["type"] == "final":
+            finished = bool(event["generation"].finished_mask[0])
+        elif not bool((event["audio_token_ids"][0, : plan.nq] == ids.audio_pad).all()):  # all pad: the row ended
+            frame = event["audio_token_ids"][0].reshape(1, -1).cpu()
+            frames.append(frame)
+            wave = decoder.push(frame)
+            if wave is not None:
+                emitted = True
+                yield wave
     wave = decoder.flush()
     if wave is not None:
         yield wave
-    sink.append(torch.cat(frames, dim=0) if frames else torch.zeros(0, resources.ids.n_vq, dtype=torch.long))
+    generated.add(torch.cat(frames, dim=0) if frames else torch.zeros(0, ids.n_vq, dtype=torch.long), finished)
+
+
+def _voice_clone_waves(model: Any, plan: Plan, generated: Generated) -> Iterator[tuple[int, torch.Tensor, str]]:
+    """(chunk index, waveform, "audio" or "pause") per chunk; each chunk has its own codec decode session."""
+    for index, (chunk, rows) in enumerate(zip(plan.chunks, voice_clone_rows(plan))):
+        decoder = StreamDecoder(plan.resources.codec, plan.nq)
+        try:
+            for wave in _stream_chunk(model, rows, plan, decoder, generated):
+                yield index, wave, "audio"
+        finally:
+            decoder.close()
+        if index + 1 < len(plan.chunks):
+            yield index, pause_waveform(chunk), "pause"
+
+
+def _continuation_waves(model: Any, plan: Plan, generated: Generated) -> Iterator[tuple[int, torch.Tensor, str]]:
+    """(chunk index, waveform, "audio"): one decode session for the call, continuation is one continuous waveform."""
+    decoder = StreamDecoder(plan.resources.codec, plan.nq)
+    context = plan.first_context
+    try:
+        if plan.prompt_codes is not None:
+            decoder.prime(plan.prompt_codes)
+        for index in range(len(plan.chunks)):
+            for wave in _stream_chunk(model, continuation_rows(plan, index, context), plan, decoder, generated):
+                yield index, wave, "audio"
+            context = next_context(plan, index, generated.codes[-1], context)
+    finally:
+        decoder.close()
 
 
 def run_inference_stream(
@@ -551,32 +698,17 @@ def run_inference_stream(
 ) -> Iterator[dict]:
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
     plan = prepare_call(model, text, kwargs)
-    request, resources = plan.request, plan.resources
     started = time.perf_counter()
     first_audio: float | None = None
     parts: list[torch.Tensor] = []
-    codes: list[torch.Tensor] = []
-    for index, (chunk, chunk_rows) in enumerate(zip(plan.chunks, plan.rows)):
-        decoder = StreamDecoder(resources.codec, plan.nq)
-        try:
-            if request.mode == "continuation" and plan.prompt_codes is not None:
-                decoder.prime(plan.prompt_codes)
-            for wave in _stream_chunk(model, chunk_rows, request, resources, decoder, codes):
-                first_audio = first_audio if first_audio is not None else time.perf_counter() - started
-                parts.append(wave)
-                yield _audio_event(wave, index)
-        finally:
-            decoder.close()
-        if index + 1 < len(plan.chunks):
-            pause = pause_waveform(chunk)
-            parts.append(pause)
-            yield _audio_event(pause, index, kind="pause")
+    generated = Generated()
+    waves = _voice_clone_waves if plan.request.mode == "voice_clone" else _continuation_waves
+    with contextlib.closing(waves(model, plan, generated)) as stream:  # closing the call closes the decode session
+        for index, wave, kind in stream:
+            if kind == "audio" and first_audio is None:
+                first_audio = time.perf_counter() - started
+            parts.append(wave)
+            yield _audio_event(wave, index, kind)
     waveform = torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
-    yield finish_result(
-        plan, codes, waveform, output_audio_path,
-        type="result",
-        voice_clone_chunk_batch_size=1,
-        voice_clone_codec_batch_size=1,
-        float32_fallback=False,  # streaming has no retry: audio already yielded cannot be taken back
-        first_audio_latency_s=first_audio,
-    )
+    yield finish_result(plan, generated, waveform, output_audio_path, type="result",
+                        voice_clone_codec_batch_size=1, first_audio_latency_s=first_audio)

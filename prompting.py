@@ -13,6 +13,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+try:
+    from .sampling import resolve_nq
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from sampling import resolve_nq
+
 MODES = ("voice_clone", "continuation")
 
 USER_TEXT = "user\n"
@@ -143,19 +150,6 @@ def build_prompt_template(encode: Callable[[str], list[int]], ids: PromptTokenId
     )
 
 
-def resolve_nq(nq: int | None, ids: PromptTokenIds) -> int:
-    """Return the number of codebooks in use: `nq`, or all `ids.n_vq` when None.
-
-    Raises:
-        ValueError: when nq is not an integer within 1..n_vq.
-    """
-    if nq is None:
-        return ids.n_vq
-    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= ids.n_vq:
-        raise ValueError(f"nq={nq!r} must be an integer within 1..{ids.n_vq} (n_vq), or None for all codebooks")
-    return nq
-
-
 def text_rows(token_ids: Sequence[int], ids: PromptTokenIds) -> torch.LongTensor:
     """Rows `[id, audio_pad x n_vq]` for each token id.
 
@@ -192,7 +186,7 @@ def audio_rows(codes: Any, slot_id: int, ids: PromptTokenIds, nq: int | None = N
     Raises:
         ValueError: on a wrong shape, non-integer codes, or a code outside [0, size) that is not audio_pad.
     """
-    nq = resolve_nq(nq, ids)
+    nq = resolve_nq(nq, ids.n_vq)
     codes = _as_code_tensor(codes, ids)
     _check_code_ranges(codes, ids)
     rows = torch.empty((codes.shape[0], ids.n_vq + 1), dtype=torch.long)  # (T, n_vq + 1)
@@ -238,6 +232,17 @@ def _check_code_ranges(codes: torch.Tensor, ids: PromptTokenIds) -> None:
             )
 
 
+def infer_mode(mode: str | None, *, has_prompt_audio: bool, has_prompt_text: bool) -> str:
+    """The mode of a request: `mode` when given, else voice_clone for prompt audio without a transcript, else
+    continuation (no prompt at all, or prompt text with or without audio; `validate_mode` judges the rest).
+
+    The one decision used by `inference`, `inference_stream`, infer_npu.py and verify_npu.py.
+    """
+    if mode is not None:
+        return mode
+    return "voice_clone" if has_prompt_audio and not has_prompt_text else "continuation"
+
+
 def validate_mode(mode: str, *, has_prompt_audio: bool, has_prompt_text: bool) -> None:
     """Check the TTS_SPEC §5 mode rules.
 
@@ -275,7 +280,7 @@ def _check_text_ids(text_ids: Sequence[int]) -> list[int]:
 
 
 def _check_prompt_codes(prompt_codes: Any, ids: PromptTokenIds, nq: int | None) -> torch.LongTensor:
-    nq = resolve_nq(nq, ids)
+    nq = resolve_nq(nq, ids.n_vq)
     try:
         rows = audio_rows(prompt_codes, 0, ids, nq)
     except ValueError as error:
@@ -344,7 +349,7 @@ def build_continuation_rows(
         ValueError: for empty text_ids, bad codes or an invalid nq.
     """
     text_ids = _check_text_ids(text_ids)
-    nq = resolve_nq(nq, ids)
+    nq = resolve_nq(nq, ids.n_vq)
     head = [
         *template.user_prefix,
         *template.none_text,

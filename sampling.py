@@ -7,9 +7,10 @@ race (argmax of p / Exp(1)), which needs no cumulative sums and no host synchron
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -45,6 +46,7 @@ class SamplingParams:
     audio_top_k: int = 25
     audio_repetition_penalty: float = 1.0
     nq: Optional[int] = None
+    min_new_frames: int = 0  # not upstream's: frames during which "continue" is forced (0: the model decides)
 
     def __post_init__(self) -> None:
         _check_int("max_new_frames", self.max_new_frames)
@@ -66,36 +68,46 @@ class SamplingParams:
             raise ValueError(
                 f"audio_repetition_penalty={self.audio_repetition_penalty} must be > 0 (1.0 disables it)"
             )
+        _check_int("min_new_frames", self.min_new_frames)
+        if not 0 <= self.min_new_frames <= self.max_new_frames:
+            raise ValueError(f"min_new_frames={self.min_new_frames} must be within 0..max_new_frames "
+                             f"({self.max_new_frames})")
         if self.nq is not None:
             _check_int("nq", self.nq)
             if self.nq < 1:
                 raise ValueError(f"nq={self.nq} must be >= 1 (or None for all codebooks)")
 
     def resolve_nq(self, n_vq: int) -> int:
-        """The number of codebooks to generate: `nq`, or all `n_vq` when None.
-
-        Raises:
-            ValueError: when nq > n_vq.
-        """
-        if self.nq is None:
-            return n_vq
-        if self.nq > n_vq:
-            raise ValueError(f"nq={self.nq} must be within 1..{n_vq} (n_vq), or None for all codebooks")
-        return self.nq
+        """The number of codebooks to generate: `nq`, or all `n_vq` when None (see `resolve_nq`)."""
+        return resolve_nq(self.nq, n_vq)
 
 
-def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def resolve_nq(nq: Optional[int], n_vq: int) -> int:
+    """The number of codebooks in use: `nq`, or all `n_vq` when None.
+
+    Raises:
+        ValueError: when nq is not an integer within 1..n_vq.
+    """
+    if nq is None:
+        return n_vq
+    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n_vq:
+        raise ValueError(f"nq={nq!r} must be an integer within 1..{n_vq} (n_vq), or None for all codebooks")
+    return nq
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor,
+                             penalty: Union[float, torch.Tensor]) -> torch.Tensor:
     """Penalise the ids a row has seen: score < 0 -> score * penalty, else score / penalty.
 
     Args:
         scores: (B, V) logits.
         seen: (B, V) bool, True for ids to penalise.
-        penalty: > 0; 1.0 returns `scores` unchanged.
+        penalty: > 0, one for every row or a (B, 1) tensor of per-row values; 1.0 leaves a row unchanged.
 
     Returns:
         (B, V) penalised logits.
     """
-    if penalty == 1.0:
+    if not isinstance(penalty, torch.Tensor) and penalty == 1.0:
         return scores
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalised, scores)
@@ -141,7 +153,7 @@ def select_tokens(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, Sequence[Optional[torch.Generator]], None] = None,
 ) -> torch.Tensor:
     """Pick one id per row: argmax (first index on ties) when greedy, else a draw after temperature/top-k/top-p.
 
@@ -149,7 +161,8 @@ def select_tokens(
         scores: (B, V) logits (repetition penalty already applied).
         do_sample: sample instead of argmax.
         temperature, top_k, top_p: sampling settings (validated by `SamplingParams`).
-        generator: optional torch.Generator for the draw.
+        generator: a torch.Generator for every row's draw, or one per row (each row then draws exactly what it
+            would draw alone), or None (the default generator).
 
     Returns:
         (B,) int64 ids.
@@ -158,5 +171,83 @@ def select_tokens(
         return scores.argmax(dim=-1)
     scores = filter_top_k_top_p(scores.float() / temperature, top_k, top_p)
     probs = torch.softmax(scores, dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:
+        race = torch.cat([torch.empty_like(probs[:1]).exponential_(1.0, generator=g) for g in generator])
     return (probs / race).argmax(dim=-1)
+
+
+class RowSampler:
+    """Sampling of a batch of rows where each row has its own settings and random generator (one per request).
+
+    Rows with equal settings are filtered together (top-k, top-p and softmax work row by row, so a row's result does
+    not depend on its neighbours); each draws from its own generator, exactly what it would draw alone. Rows use
+    only their own `nq` codebooks: a row skips (draws nothing for) the channels at or above its `nq`.
+
+    Args:
+        params: one `SamplingParams` per row.
+        generators: one generator per row, a generator for every row, or None.
+        n_vq: the model's number of codebooks (resolves `nq=None`).
+    """
+
+    def __init__(self, params: Sequence[SamplingParams],
+                 generators: Union[torch.Generator, Sequence[Optional[torch.Generator]], None], n_vq: int) -> None:
+        self.batch = len(params)
+        shared = generators is None or isinstance(generators, torch.Generator)
+        self._groups: list[tuple[SamplingParams, Optional[list[int]], Any]] = []
+        params = [dataclasses.replace(item, max_new_frames=1, min_new_frames=0) for item in params]  # group keys
+        by_params: dict[SamplingParams, list[int]] = {}
+        for row, item in enumerate(params):
+            by_params.setdefault(item, []).append(row)
+        for item, rows in by_params.items():
+            gens = generators if shared else [generators[row] for row in rows]
+            self._groups.append((item, None if len(rows) == self.batch else rows, gens))
+        self._nq = {item: item.resolve_nq(n_vq) for item in by_params}
+        self.nq = max(self._nq.values())
+        self.row_nq = [self._nq[item] for item in params]
+        penalties = [item.audio_repetition_penalty for item in params]
+        self.tracks_repetition = any(p != 1.0 for p in penalties)
+        self._penalties = penalties[0] if len(set(penalties)) == 1 else torch.tensor(penalties)[:, None]
+
+    @classmethod
+    def uniform(cls, params: SamplingParams, batch: int, generator: Optional[torch.Generator],
+                n_vq: int) -> "RowSampler":
+        """Every row with `params`, drawing from one `generator` (plain batched generation)."""
+        return cls([params] * batch, generator, n_vq)
+
+    def penalty(self, device: torch.device) -> Union[float, torch.Tensor]:
+        """The repetition penalty: one float, or (B, 1) per-row values."""
+        if isinstance(self._penalties, torch.Tensor):
+            self._penalties = self._penalties.to(device)
+        return self._penalties
+
+    def uses(self, channel: int) -> Optional[list[bool]]:
+        """Which rows generate codebook `channel`, or None when all of them do."""
+        if all(n > channel for n in self.row_nq):
+            return None
+        return [n > channel for n in self.row_nq]
+
+    def text(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) continue/audio_end choices from (B, 2) candidate logits (text settings)."""
+        return self._select(scores, "text", None)
+
+    def audio(self, scores: torch.Tensor, channel: int) -> torch.Tensor:
+        """(B,) codes of codebook `channel` (audio settings); rows that skip the channel get 0."""
+        return self._select(scores, "audio", channel)
+
+    def _select(self, scores: torch.Tensor, kind: str, channel: Optional[int]) -> torch.Tensor:
+        out = None
+        for params, rows, gens in self._groups:
+            if channel is not None and self._nq[params] <= channel:
+                continue
+            settings = dict(do_sample=params.do_sample, temperature=getattr(params, f"{kind}_temperature"),
+                            top_k=getattr(params, f"{kind}_top_k"), top_p=getattr(params, f"{kind}_top_p"),
+                            generator=gens)
+            if rows is None:
+                return select_tokens(scores, **settings)
+            if out is None:
+                out = torch.zeros(self.batch, dtype=torch.long, device=scores.device)
+            index = torch.tensor(rows, device=scores.device)
+            out[index] = select_tokens(scores.index_select(0, index), **settings)
+        return out if out is not None else torch.zeros(self.batch, dtype=torch.long, device=scores.device)

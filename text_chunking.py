@@ -1,6 +1,7 @@
 """Voice-clone text chunking (TTS_SPEC §8): normalise the text, then cut it into chunks within a token budget.
 
-Chunks are spans of the normalised text. Cutting only ever happens at a position of the normalised text, and a
+A text that fits the budget is returned as it is (stripped), like upstream. Otherwise chunks are spans of the
+normalised text. Cutting only ever happens at a position of the normalised text, and a
 single space at a cut is dropped; nothing is inserted, reordered or repeated. So for the normalised text N and the
 chunks c0..ck:
 
@@ -144,8 +145,11 @@ def split_text_into_chunks(text: str, count_tokens: Callable[[str], int], max_to
         max_tokens: the budget per chunk (>= 1).
 
     Returns:
-        The chunks in order; `[normalize_text(text)]` when it fits the budget. See the module docstring for the
-        exact no-loss guarantee and the one exception to the budget (a single code point over budget).
+        The chunks in order. When the normalised text fits in one chunk, `[text.strip()]`: upstream (TTS_SPEC §8)
+        speaks the original text then, so short inputs get the same prompt tokens as upstream; only when the
+        original text alone exceeds the budget (a whitespace or control-character run) is the normalised one used.
+        See the module docstring for the exact no-loss guarantee of several chunks and the one exception to the
+        budget (a single code point over budget).
 
     Raises:
         ValueError: for an empty text (see `normalize_text`), a non-callable `count_tokens`, or `max_tokens` < 1.
@@ -154,8 +158,26 @@ def split_text_into_chunks(text: str, count_tokens: Callable[[str], int], max_to
         raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1")
     if not callable(count_tokens):
         raise ValueError(f"count_tokens={count_tokens!r} must be a callable str -> int")
-    normalized = normalize_text(text)
-    return _Chunker(normalized, count_tokens, max_tokens).run()
+    chunks = _Chunker(normalize_text(text), count_tokens, max_tokens).run()
+    if len(chunks) == 1 and count_tokens(text.strip()) <= max_tokens:
+        return [text.strip()]
+    return chunks
+
+
+def chunk_separators(text: str, chunks: list[str]) -> list[str]:
+    """The separator before each chunk of `split_text_into_chunks(text, ...)`: " " where the normalised text has a
+    space at the cut, "" at the first chunk and where it has none (between CJK characters, inside a long word).
+
+    Joining `separators[i] + chunks[i]` rebuilds the normalised text (for one chunk: the chunk itself).
+    """
+    if len(chunks) <= 1:
+        return [""] * len(chunks)
+    normalized, position, separators = normalize_text(text), 0, []
+    for index, chunk in enumerate(chunks):
+        separator = " " if index and normalized.startswith(" ", position) else ""
+        separators.append(separator)
+        position += len(separator) + len(chunk)
+    return separators
 
 
 class _Chunker:

@@ -20,6 +20,13 @@ from typing import Any
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
+try:
+    from .atomic_files import write_bytes_atomic
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from atomic_files import write_bytes_atomic
+
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
 # Control pieces (never produced from text by SentencePiece) and their released ids.
@@ -303,16 +310,9 @@ def build_demo_tokenizer(
     """
     os.makedirs(directory, exist_ok=True)
     model_path = os.path.join(directory, VOCAB_FILES_NAMES["vocab_file"])
-    _write_atomic(model_path, train_demo_sentencepiece(vocab_size))
+    write_bytes_atomic(model_path, train_demo_sentencepiece(vocab_size))
     config, special_map = tokenizer_metadata()
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
         text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(os.path.join(directory, name), text.encode("utf-8"))
+        write_bytes_atomic(os.path.join(directory, name), text.encode("utf-8"))
     return MossTTSNanoSentencePieceTokenizer(vocab_file=model_path)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)

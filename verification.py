@@ -4,8 +4,9 @@ Only deterministic work is compared (sampled audio legitimately differs between 
 the prompt rows; teacher-forced logits (the reference prompt rows plus the reference greedy frames through the
 global and local decoders: the two text-candidate logits and every codebook's audio logits per frame); greedy codes
 (agreement, first divergent frame); codec decode of identical codes (SNR, max abs difference / peak, CODEC_SPEC §7).
-A short sampled `model.inference(...)` run must finish with a finite waveform and without a float32 retry. Every
-check captures its own exceptions (device-side errors included), so one failure never ends the run.
+A short sampled `model.inference(...)` run (its first frames forced, so that the model's decision to stop cannot end
+it) must give finite audio without a float32 retry. Every check captures its own exceptions (device-side errors
+included), so one failure never ends the run.
 """
 
 from __future__ import annotations
@@ -20,22 +21,24 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 try:
     from . import devices
-    from .gpt2_decoder import AttentionMask
+    from .generation import LocalRunner, audio_logits, frame_constants, text_logits
     from .pipeline import decode_frames, encode_prompt_audio
+    from .prompting import infer_mode
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     import devices
-    from gpt2_decoder import AttentionMask
+    from generation import LocalRunner, audio_logits, frame_constants, text_logits
     from pipeline import decode_frames, encode_prompt_audio
+    from prompting import infer_mode
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "moss-tts-nano-verification/1"
+SMOKE_MIN_FRAMES = 4  # the smoke run generates at least this many frames (fewer only when max_new_frames is lower)
 JSON_NAME = "npu_verification_report.json"
 TABLE_NAME = "npu_verification_report.md"
 REFERENCE_DEVICE = torch.device("cpu")
@@ -301,21 +304,18 @@ def teacher_forced_logits(
 
 def _local_logits(model: Any, h: torch.Tensor, codes: torch.Tensor, nq: int, attend: Any) -> TeacherForcedLogits:
     """Run the local decoder teacher-forced for every frame at once: (B, F, H) states, (B, F, n_vq) codes."""
-    config = model.config
     batch, frames, hidden = h.shape
-    slot = model.transformer.wte.weight[config.audio_assistant_slot_token_id].expand(batch, frames, hidden)
+    consts = frame_constants(model)
+    slot = consts.continue_embedding.expand(batch, frames, hidden)
     inputs = [h, slot] + [model.audio_embeddings[i](codes[..., i]) for i in range(nq - 1)]
     sequence = torch.stack(inputs, dim=2).reshape(batch * frames, nq + 1, hidden)  # (B * F, nq + 1, H)
-    local = model.local_transformer
-    positions = torch.arange(nq + 1, device=h.device)[None]
-    out, _ = local(sequence, local.rotary.angles(positions), AttentionMask(), attend, None)
-    candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id], device=h.device)
-    text = F.linear(out[:, 0], model.text_lm_head.weight.index_select(0, candidates))  # (B * F, 2)
-    audio = torch.stack([model.audio_lm_heads[i](out[:, i + 1]) for i in range(nq)], dim=1)  # (B * F, nq, V)
+    out = LocalRunner(model, batch * frames, nq, attend, use_kv_cache=False).run(sequence)
+    text = text_logits(out[:, 0], consts)  # (B * F, 2)
+    audio = torch.stack([audio_logits(model, out[:, i + 1], i) for i in range(nq)], dim=1)  # (B * F, nq, V)
     return TeacherForcedLogits(
         text=text.reshape(batch, frames, 2),
         audio=audio.reshape(batch, frames, nq, -1),
-        codebook_sizes=tuple(config.audio_codebook_sizes[:nq]),
+        codebook_sizes=tuple(model.config.audio_codebook_sizes[:nq]),
     )
 
 
@@ -420,7 +420,7 @@ def compute_reference(model: Any, tokenizer: Any, codec: Any, prompt_audio: Opti
     """
     codec.to(REFERENCE_DEVICE)
     prompt_codes = None if prompt_audio is None else encode_prompt_audio(codec, prompt_audio)
-    mode = "continuation" if prompt_codes is None else "voice_clone"
+    mode = infer_mode(None, has_prompt_audio=prompt_codes is not None, has_prompt_text=False)
     input_ids, mask = model.build_inference_input_ids(tokenizer, settings.text, mode=mode,
                                                       prompt_audio_codes=prompt_codes, nq=settings.nq)
     input_ids, mask = input_ids.cpu(), mask.cpu()
@@ -500,19 +500,34 @@ def _judge_codec(waveform: torch.Tensor, reference: Reference, tol: Tolerance) -
 
 def run_inference_smoke(model: Any, tokenizer: Any, codec: Any, prompt_audio: Optional[torch.Tensor],
                         settings: VerificationSettings, label: str) -> Outcome:
-    """A short sampled `model.inference` run: it must finish with a finite waveform and without a float32 retry."""
+    """A short sampled `model.inference` run: it must give its frames as finite audio without a float32 retry.
+
+    It checks that sampling and decoding work on the device, not when the model chooses to stop: the first
+    `smoke_frames(settings)` frames are forced (min_new_frames), so a checkpoint that ends at once still runs.
+    """
     path = None if settings.sample_dir is None else settings.sample_dir / f"{label}.wav"
-    mode = "continuation" if prompt_audio is None else "voice_clone"
+    minimum = smoke_frames(settings)
     result = model.inference(settings.text, path, text_tokenizer=tokenizer, audio_tokenizer=codec,
-                             prompt_audio=prompt_audio, mode=mode, max_new_frames=settings.max_new_frames,
-                             seed=settings.seed, nq=settings.nq, **settings.inference_kwargs)
-    waveform = result["waveform"]
+                             prompt_audio=prompt_audio, max_new_frames=settings.max_new_frames,
+                             seed=settings.seed, nq=settings.nq, min_new_frames=minimum, **settings.inference_kwargs)
+    waveform, frames = result["waveform"], int(result["frames"])
     finite = all_finite(waveform)
     fallback = bool(result["float32_fallback"])  # a retry means the dtype itself failed numerically
-    metrics = {"frames": int(result["frames"]), "seconds_of_audio": waveform.shape[-1] / result["sample_rate"],
+    metrics = {"frames": frames, "min_frames": minimum, "seconds_of_audio": waveform.shape[-1] / result["sample_rate"],
                "waveform_finite": finite, "float32_fallback": fallback, "audio_path": result["audio_path"]}
-    note = "generation failed numerically and only the float32 retry succeeded" if fallback else None
-    return Outcome(finite and not fallback and result["frames"] > 0, metrics, note)
+    problems = []
+    if frames < minimum:
+        problems.append(f"the model ended after {frames} frames although {minimum} were forced")
+    if not finite:
+        problems.append("the waveform has NaN or Inf samples")
+    if fallback:
+        problems.append("generation failed numerically and only the float32 retry succeeded")
+    return Outcome(not problems, metrics, "; ".join(problems) or None)
+
+
+def smoke_frames(settings: VerificationSettings) -> int:
+    """Frames the smoke run always generates: a few, never more than it may generate."""
+    return min(SMOKE_MIN_FRAMES, settings.max_new_frames)
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -19,9 +19,7 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,6 +27,7 @@ import torch
 
 try:
     from . import devices
+    from .atomic_files import write_text_atomic
     from .audio_io import load_prompt_audio
     from .cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
     from .cli_common import resolve_model_path, run_cli
@@ -42,6 +41,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
     import devices
+    from atomic_files import write_text_atomic
     from audio_io import load_prompt_audio
     from cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
     from cli_common import resolve_model_path, run_cli
@@ -307,22 +307,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     return value
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it into place (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
+from engine import SynthesisEngine  # noqa: E402
 from gpt2_decoder import WEIGHT_PRECISIONS  # noqa: E402
+from pipeline import encode_prompt_audio  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 
 PROMPT_ROWS = 150
@@ -149,6 +152,110 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
     }
 
 
+def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int,
+                      prompt_seconds: float = E2E_PROMPT_SECONDS) -> dict[str, Any]:
+    """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine, in one run.
+
+    Every stream clones the same reference (encoded once, passed as codes as a server does), speaks E2E_TEXT with the
+    CLI sampling settings and its own seed, and generates `frames` frames (the demo weights never stop early).
+    """
+    prompt_codes = encode_prompt_audio(assets.codec, demo_prompt_audio(seconds=prompt_seconds).to(device))
+    kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames, prompt_audio_codes=prompt_codes)
+    resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec}
+    report: dict[str, Any] = {"frames_per_stream": frames, "prompt_seconds": prompt_seconds, "levels": {}}
+    with SynthesisEngine(assets.model, **resources, max_batch_size=max(levels), max_queue=max(levels)) as engine:
+        engine.submit(E2E_TEXT, **dict(kwargs, max_new_frames=2, seed=0)).result()  # warm-up
+        for level in levels:
+            window = _reset_rss_peak() if device.type == "cpu" else devices.reset_peak_memory(device) or True
+            entry = report["levels"][str(level)] = _measure_level(engine, level, kwargs)
+            # on CPU: the peak RSS of this level alone where Linux lets it be reset, else of the process so far
+            entry["peak_memory_bytes"] = _rss_peak_bytes() if device.type == "cpu" and window else \
+                devices.peak_memory_bytes(device)
+            entry["peak_memory_window"] = "this level" if window else "process so far"
+    base = report["levels"][str(levels[0])]["aggregate_frames_per_s"]
+    for entry in report["levels"].values():
+        entry["aggregate_vs_first_level"] = entry["aggregate_frames_per_s"] / base
+    return report
+
+
+def _measure_level(engine: Any, level: int, kwargs: dict) -> dict[str, Any]:
+    timelines: list[list[tuple[float, float]]] = [[] for _ in range(level)]
+    results: list[dict] = [{} for _ in range(level)]
+    start = time.perf_counter()
+    handles = [engine.submit(E2E_TEXT, **dict(kwargs, seed=index)) for index in range(level)]
+
+    def consume(index: int) -> None:
+        for event in handles[index].events():
+            if event["type"] == "result":
+                results[index] = event
+            else:  # (arrival time, seconds of audio in it)
+                timelines[index].append((time.perf_counter(), event["waveform"].shape[-1] / 48000))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(level)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    streams = [_stream_timing(timeline, start) for timeline in timelines]
+    latencies = sorted(s["first_audio_s"] for s in streams)
+    return {
+        "streams": level,
+        "wall_s": wall,
+        "frames": sum(int(r["frames"]) for r in results),
+        "aggregate_frames_per_s": sum(int(r["frames"]) for r in results) / wall,
+        "first_audio_p50_s": _percentile(latencies, 50),
+        "first_audio_p95_s": _percentile(latencies, 95),
+        "rtf_after_first_audio": {"median": statistics.median(s["rtf_after_first_audio"] for s in streams),
+                                  "max": max(s["rtf_after_first_audio"] for s in streams)},
+        "every_stream_ahead_of_real_time": all(s["ahead_of_real_time"] for s in streams),
+        "streams_detail": streams,
+    }
+
+
+def _stream_timing(timeline: list[tuple[float, float]], start: float) -> dict[str, Any]:
+    """First-audio latency, and from the first audio on: the real-time factor and whether playback ever ran dry."""
+    first_at = timeline[0][0]
+    played = 0.0  # audio delivered before each event, played from the first audio on
+    ahead = True
+    for arrived, seconds in timeline:
+        ahead = ahead and arrived - first_at <= played + 1e-9
+        played += seconds
+    after_first = played - timeline[0][1]
+    return {
+        "first_audio_s": first_at - start,
+        "audio_s": played,
+        "rtf_after_first_audio": (timeline[-1][0] - first_at) / after_first if after_first > 0 else 0.0,
+        "ahead_of_real_time": ahead,
+    }
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    return values[min(len(values) - 1, max(0, -(-len(values) * percent // 100) - 1))]
+
+
+def _reset_rss_peak() -> bool:
+    """Start a new peak-RSS window (Linux: /proc/self/clear_refs, then VmHWM); False where the OS offers none."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _rss_peak_bytes() is not None
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def environment(device: torch.device, dtype: torch.dtype, weight_precision: str) -> dict[str, Any]:
     env = devices.describe_environment(device)
     env.update(
@@ -184,7 +291,7 @@ def _load_average() -> list[float] | None:
         return None
 
 
-SECTIONS = {"generation", "codec", "e2e"}
+SECTIONS = {"generation", "codec", "e2e", "concurrency"}
 
 
 def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
@@ -204,9 +311,22 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     if "e2e" not in skip:
         report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats,
                                                           args.e2e_prompt_seconds)
+    if "concurrency" not in skip and args.concurrency:
+        report["concurrency"] = bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
+                                                  args.e2e_prompt_seconds)
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: stream counts must be integers >= 1")
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--weight-precision", default="float32", choices=WEIGHT_PRECISIONS,
                         help="decoder Linear weights: float32, or the opt-in int8 mode (CPU only)")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e")
+    parser.add_argument("--concurrency", type=_levels, default=[],
+                        help="comma list of stream counts for the continuous-batching section, e.g. 1,2,4,8")
+    parser.add_argument("--concurrency-frames", type=int, default=50, help="frames per stream in that section")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
-    for name in ("repeats", "frames", "e2e_frames", "threads"):
+    for name in ("repeats", "frames", "e2e_frames", "threads", "concurrency_frames"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")

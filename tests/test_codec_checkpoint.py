@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel
 
-import audio_tokenizer
 from audio_tokenizer.codec_checkpoint import rename_legacy_key
 from audio_tokenizer.configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
 from audio_tokenizer.modeling_moss_audio_tokenizer import MossAudioTokenizerModel
@@ -81,7 +80,7 @@ def test_save_pretrained_round_trip_through_auto_model(tmp_path):
     model = tiny_model(seed=3)
     source, target = tmp_path / "source", tmp_path / "target"
     model.save_pretrained(source)  # writes auto_map and copies the code: a complete remote-code folder
-    expected_code = {p.name for p in (ROOT / "audio_tokenizer").glob("*.py")} - {"__init__.py", "loading.py"}
+    expected_code = {p.name for p in (ROOT / "audio_tokenizer").glob("*.py")} - {"__init__.py"}
     assert expected_code <= {p.name for p in source.glob("*.py")}
     keys = _saved_keys(source / "model.safetensors")
     assert "quantizer.input_proj.parametrizations.weight.original0" in keys and len(keys) == 214
@@ -165,21 +164,6 @@ def test_weight_norm_matches_torch_parametrization():
     conv.load_state_dict(module.state_dict())
     weight, bias = module.effective_parameters()
     assert torch.equal(weight, conv.weight.detach().squeeze(-1)) and torch.equal(bias, conv.bias.detach())
-
-
-def test_load_codec_from_directory(tmp_path):
-    model = tiny_model(seed=13)
-    model.save_pretrained(tmp_path)
-    loaded = audio_tokenizer.load_codec_from_directory(tmp_path, device="cpu", dtype=torch.float32,
-                                                       compute_dtype="bf16", attention_implementation="sdpa")
-    assert loaded.compute_dtype_name == "bf16" and not loaded.training and loaded.device.type == "cpu"
-    package = audio_tokenizer.import_codec_package(ROOT / "audio_tokenizer")
-    by_path = package.load_codec_from_directory(tmp_path)
-    assert type(by_path).__module__.startswith(package.__name__)
-    codes = random_codes(2, seed=14)
-    assert torch.equal(by_path.batch_decode([codes]).audio, model.batch_decode([codes]).audio)
-    with pytest.raises(ValueError, match="no codec package"):
-        audio_tokenizer.import_codec_package(tmp_path)
 
 
 def test_importing_the_package_is_light():

@@ -25,7 +25,11 @@ from gpt2_decoder import (
     resolve_attention_implementation,
 )
 
-BACKENDS = tuple(ATTENTION_FUNCTIONS)
+# The backends that run their own code on a CPU. flash_attention_2 and npu_fusion_attention need their kernels
+# (CUDA / Ascend): here they are tested for what they really do on a CPU (resolution, delegation to sdpa) and,
+# with simulated kernels, for how they call those kernels (tests named "simulated").
+CPU_BACKENDS = ("eager", "sdpa")
+KERNEL_BACKENDS = tuple(name for name in ATTENTION_FUNCTIONS if name not in CPU_BACKENDS)
 
 
 def _qkv(batch=2, heads=3, queries=5, keys=5, dim=8, dtype=torch.float32, seed=0):
@@ -129,7 +133,7 @@ def simulated_torch_npu(monkeypatch):
 # ------------------------------------------------------------------------------------------------ backends vs eager
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", ["square_padded", "decode_padded", "square_unpadded", "decode_unpadded", "chunk"])
 def test_backend_matches_eager_and_naive(backend, case):
     shapes = {"square_padded": (5, 5), "decode_padded": (1, 7), "square_unpadded": (6, 6),
@@ -153,7 +157,7 @@ def _fully_masked_case():
     return q, k, v, build_attention_mask(key_valid, 4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fully_masked_query_rows_stay_finite(backend):
     q, k, v, mask = _fully_masked_case()
     out = ATTENTION_FUNCTIONS[backend](q, k, v, mask, 0.5)
@@ -205,6 +209,34 @@ def test_simulated_npu_fusion_attention_unpadded_and_float32(simulated_torch_npu
     count = len(simulated_torch_npu)
     ATTENTION_FUNCTIONS["npu_fusion_attention"](*_qkv(), AttentionMask(), 0.4)  # float32 -> SDPA inside
     assert len(simulated_torch_npu) == count
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_backends_without_their_kernel_run_sdpa(backend, dtype, monkeypatch):
+    monkeypatch.setattr(gpt2_decoder, "_flash_attn_module", lambda: None)  # as on a machine without flash-attn
+    monkeypatch.setattr(gpt2_decoder, "npu_fusion_attention_fn", lambda: None)  # ... and without torch_npu
+    calls = []
+    real = gpt2_decoder.sdpa_attention
+
+    def recording(*args):
+        calls.append(args[0].dtype)
+        return real(*args)
+
+    monkeypatch.setattr(gpt2_decoder, "sdpa_attention", recording)
+    q, k, v = _qkv(dtype=dtype)
+    mask = build_attention_mask(_left_padded([5, 3], 5), 5)
+    out = ATTENTION_FUNCTIONS[backend](q, k, v, mask, 0.3)
+    assert calls == [dtype]  # delegated to sdpa, once, in the model's dtype
+    assert torch.equal(out, real(q, k, v, mask, 0.3))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_backends_requested_on_cpu_resolve_to_sdpa(backend, dtype, monkeypatch):
+    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
+    assert resolve_attention_implementation(backend, "cpu", dtype) == "sdpa"
+    assert resolve_attention_implementation(backend, torch.device("cpu"), dtype) == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------ resolution
@@ -305,7 +337,7 @@ def _full(decoder, x, mask, backend):
     return decoder(x, decoder.rotary.angles(positions_from_mask(mask)), attn_mask, ATTENTION_FUNCTIONS[backend])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cached_decoding_matches_full_recompute(backend):
     decoder = _decoder()
     x = torch.randn(2, 9, 32)

@@ -230,3 +230,33 @@ def test_incomplete_checkpoints_are_refused_not_run_with_random_weights(checkpoi
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lacks 1 weight(s)" in err and where in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_demo_with_explicit_continuation_runs_plain_continuation(tiny_demo, tmp_path, monkeypatch, capsys):
+    seen = []
+    real = tiny_demo.model.inference
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(tiny_demo.model, "inference", recording)
+    argv = ["--demo", "--mode", "continuation", "--max-new-frames", "3", "--output-path", str(tmp_path / "c.wav")]
+    assert infer_npu.main([*argv, *GREEDY]) == 0
+    assert seen[-1]["reference_audio_token_ids"] is None  # the demo's synthetic reference was not injected
+    assert infer_npu.main(["--demo", "--max-new-frames", "2", "--output-path", str(tmp_path / "v.wav"), *GREEDY]) == 0
+    assert seen[-1]["voice_clone_text_chunks"] is not None  # without --mode the demo still clones its reference
+
+
+def test_truncated_chunks_are_warned_about_with_the_remedy_and_counted(tiny_demo, tmp_path, capsys):
+    # The tiny model never chooses audio_end, so each of the 2 chunks runs into --max-new-frames.
+    argv = ["--demo", "--max-new-frames", "3", "--text", "One two three four five six. Seven eight nine ten eleven.",
+            "--voice-clone-max-text-tokens", "20", "--output-path", str(tmp_path / "t.wav"), *GREEDY]
+    assert infer_npu.main(argv) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: text chunk(s) 1, 2 of 2 reached --max-new-frames (3 frames, 0.2 s) before the model "
+                       "ended it, so its audio is cut off; raise --max-new-frames or lower --voice-clone-max-text-tokens"]
+    line = [x for x in captured.out.splitlines() if x.startswith("summary: ")][-1]
+    assert "truncated=2" in line.split()

@@ -33,7 +33,7 @@ def _stream(assets, text="Hello world.", **kwargs):
 def test_voice_clone_writes_48k_stereo_of_the_generated_length(assets, tmp_path):
     out = tmp_path / "out.wav"
     result = _run(assets, output_audio_path=out)
-    assert result["audio_token_ids"].shape == (6, 16)
+    assert [codes.shape for codes in result["audio_token_ids"]] == [(6, 16)]  # a list, one tensor per chunk
     assert result["waveform"].shape == (2, 6 * 3840)
     data, rate = soundfile.read(str(out), always_2d=True)
     assert rate == 48000 and data.shape == (6 * 3840, 2)
@@ -94,21 +94,25 @@ def test_abandoned_stream_releases_the_codec_session(assets):
     assert _run(assets)["waveform"].shape == (2, 6 * 3840)  # a decode session would make this raise
 
 
-def test_out_of_memory_halves_the_chunk_batch_down_to_one(assets, monkeypatch):
+@pytest.mark.parametrize(("fits", "expected_calls", "used"), [(3, [6, 3, 3], 3), (1, [6, 3, 1, 1, 1, 1, 1, 1], 1)])
+def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, monkeypatch, fits, expected_calls,
+                                                                        used):
     calls = []
     real = assets.model.generate
 
     def flaky(*args, **kwargs):
         calls.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 1:
+        if kwargs["input_ids"].shape[0] > fits:
             raise torch.OutOfMemoryError("simulated: NPU out of memory")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(assets.model, "generate", flaky)
-    text = "One two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
-    result = _run(assets, text, voice_clone_max_text_tokens=30, voice_clone_chunk_batch_size=4, max_new_frames=2)
-    assert calls[:3] == [3, 1, 1] or calls[0] > 1 and 1 in calls
-    assert len(result["audio_token_ids"]) == len(result["voice_clone_text_chunks"])
+    text = "One two. Three four. Five six. Seven eight. Nine ten. Eleven twelve."
+    result = _run(assets, text, voice_clone_max_text_tokens=9, voice_clone_chunk_batch_size=8, max_new_frames=2)
+    assert len(result["voice_clone_text_chunks"]) == 6
+    assert calls == expected_calls  # 6 -> 3 (-> 1): halved at each out-of-memory error, never grown again
+    assert result["voice_clone_chunk_batch_size"] == used  # the batch size actually used, not the first one tried
+    assert len(result["audio_token_ids"]) == 6
 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
@@ -195,7 +199,7 @@ def test_codec_from_a_directory_by_upstream_keyword_and_device_argument(assets, 
         audio_tokenizer_pretrained_name_or_path=str(codec_dir), device="cpu", max_new_frames=3, **GREEDY,
     )
     reference = _run(assets, max_new_frames=3)
-    assert torch.equal(result["audio_token_ids"], reference["audio_token_ids"])
+    assert torch.equal(result["audio_token_ids"][0], reference["audio_token_ids"][0])
     assert torch.allclose(result["waveform"], reference["waveform"], atol=1e-6)
 
 

@@ -176,7 +176,7 @@ def test_nq_outside_range_is_rejected(nq) -> None:
     template = PromptTemplate((4,), (5,), (6,), (7,))
     with pytest.raises(ValueError, match="nq="):
         build_continuation_rows(template, IDS, [1], None, nq=nq)
-    assert resolve_nq(None, IDS) == 16
+    assert resolve_nq(None, IDS.n_vq) == 16
 
 
 @pytest.mark.parametrize(

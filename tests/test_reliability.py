@@ -34,7 +34,8 @@ def test_any_unicode_gives_valid_chunks_and_rows_or_a_value_error(tokenizer, tex
         return
     chunks = pipeline.split_text_into_chunks(request_text, lambda s: len(enc(s)), budget)
     assert chunks and all(len(enc(c)) <= budget or len(c) == 1 for c in chunks)
-    assert "".join(chunks).replace(" ", "") == normalized.replace(" ", "")
+    if chunks != [request_text.strip()]:  # one chunk is upstream's original text, several span the normalised one
+        assert "".join(chunks).replace(" ", "") == normalized.replace(" ", "")
     template = build_prompt_template(enc, IDS)
     for chunk in chunks:
         rows = build_voice_clone_rows(template, IDS, enc(chunk), PROMPT_CODES)

@@ -7,7 +7,7 @@ from conftest import shared_path
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from text_chunking import normalize_text, pause_seconds_after, split_text_into_chunks
+from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
 
 
 def reassembles(chunks: list[str], normalized: str) -> bool:
@@ -27,10 +27,15 @@ def reassembles(chunks: list[str], normalized: str) -> bool:
 def check_chunks(text: str, count_tokens, max_tokens: int) -> list[str]:
     """Split and assert the three rules that must always hold; return the chunks."""
     chunks = split_text_into_chunks(text, count_tokens, max_tokens)
-    assert chunks and reassembles(chunks, normalize_text(text))
+    assert chunks == [text.strip()] or reassembles(chunks, normalize_text(text))
+    if len(chunks) == 1 and count_tokens(text.strip()) <= max_tokens:
+        assert chunks == [text.strip()]  # one chunk: upstream speaks the original text
     for chunk in chunks:
         assert count_tokens(chunk) <= max_tokens or len(chunk) == 1, (chunk, count_tokens(chunk))
     assert split_text_into_chunks(text, count_tokens, max_tokens) == chunks  # deterministic
+    separators = chunk_separators(text, chunks)
+    if len(chunks) > 1:
+        assert "".join(s + c for s, c in zip(separators, chunks)) == normalize_text(text)
     return chunks
 
 
@@ -105,8 +110,13 @@ def test_normalize_text_is_idempotent(text: str) -> None:
 # ------------------------------------------------------------------------------------------------ chunk examples
 
 
-def test_text_within_budget_is_one_normalized_chunk() -> None:
-    assert split_text_into_chunks("hello   world", len, 100) == ["Hello world."]
+@pytest.mark.parametrize("text", ["hello   world", "hi", "今天天气真好", "Hello world.", "  wait\n"])
+def test_text_within_budget_is_the_original_text(text: str) -> None:
+    assert split_text_into_chunks(text, len, 100) == [text.strip()]  # upstream: no normalisation for one chunk
+
+
+def test_original_text_over_budget_only_through_whitespace_is_normalized() -> None:
+    assert split_text_into_chunks("a" + " " * 20 + "b", len, 10) == ["A b."]
 
 
 def test_sentences_are_merged_greedily_within_budget() -> None:

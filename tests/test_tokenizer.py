@@ -28,11 +28,11 @@ RELEASED_PIECES = list(CONTROL_PIECES) + list(USER_DEFINED_PIECES)
 
 
 def _remote_code_dir(directory: pathlib.Path, model: pathlib.Path | None) -> pathlib.Path:
-    """A tokenizer directory as released: tokenizer.model + the repository's json metadata + this .py file."""
+    """A tokenizer directory: tokenizer.model + the repository's json metadata + the tokenizer's .py files."""
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
         shutil.copyfile(model, directory / "tokenizer.model")
-    for name in (*METADATA_FILES, "tokenization_moss_tts_nano.py"):
+    for name in (*METADATA_FILES, "tokenization_moss_tts_nano.py", "atomic_files.py"):
         shutil.copyfile(ROOT / name, directory / name)
     return directory
 
@@ -172,7 +172,8 @@ def test_demo_tokenizer_is_deterministic_and_auto_loadable(tmp_path: pathlib.Pat
     config, special_map = tokenizer_metadata()
     assert json.loads((tmp_path / "a" / "tokenizer_config.json").read_text(encoding="utf-8")) == config
     assert json.loads((tmp_path / "a" / "special_tokens_map.json").read_text(encoding="utf-8")) == special_map
-    shutil.copyfile(ROOT / "tokenization_moss_tts_nano.py", tmp_path / "a" / "tokenization_moss_tts_nano.py")
+    for name in ("tokenization_moss_tts_nano.py", "atomic_files.py"):
+        shutil.copyfile(ROOT / name, tmp_path / "a" / name)
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "a"), trust_remote_code=True)
     text = "Hello world. 你好，世界！"
     assert loaded.encode(text, add_special_tokens=False) == first.encode(text, add_special_tokens=False)

@@ -17,6 +17,7 @@ import torch
 import demo
 import verification
 import verify_npu
+from atomic_files import write_text_atomic
 from audio_io import write_audio_atomic
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from tokenization_moss_tts_nano import build_demo_tokenizer
@@ -366,6 +367,37 @@ def test_device_flag_is_an_alias_of_devices(tiny_demo, tmp_path: Path) -> None:
 def test_report_writing_is_strict_json_and_atomic(tmp_path: Path) -> None:
     report = {"value": math.inf, "nested": [{"x": -math.inf, "y": math.nan}], "ok": 1.5}
     assert verify_npu._json_safe(report) == {"value": "inf", "nested": [{"x": "-inf", "y": "nan"}], "ok": 1.5}
-    path = verify_npu.write_text_atomic(tmp_path / "sub" / "a.txt", "first")
-    verify_npu.write_text_atomic(path, "second")
+    path = write_text_atomic(tmp_path / "sub" / "a.txt", "first")
+    write_text_atomic(path, "second")
     assert path.read_text() == "second" and [p.name for p in path.parent.iterdir()] == ["a.txt"]
+
+
+def test_smoke_run_forces_a_few_frames_so_a_model_that_ends_at_once_still_runs(tiny_assets, tmp_path: Path) -> None:
+    from pipeline_assets import tiny_tts
+
+    ends_at_once = tiny_tts(push=-40.0)
+    assert ends_at_once.inference("Hi.", text_tokenizer=tiny_assets.tokenizer, audio_tokenizer=tiny_assets.codec,
+                                  max_new_frames=6, do_sample=False)["frames"] == 0
+    settings = verification.VerificationSettings(text="Hi.", max_new_frames=6, inference_kwargs={"do_sample": True})
+    outcome = verification.run_inference_smoke(ends_at_once, tiny_assets.tokenizer, tiny_assets.codec, None, settings,
+                                               "cpu_float32")
+    assert outcome.passed and outcome.metrics["frames"] >= verification.SMOKE_MIN_FRAMES == 4
+    assert outcome.metrics["min_frames"] == 4 and outcome.note is None
+
+
+def test_smoke_run_that_ends_early_says_so(tiny_demo, tmp_path: Path, monkeypatch) -> None:
+    real = verification.run_inference_smoke
+
+    def ends_at_once(model, *args, **kwargs):
+        monkeypatch.setattr(model, "inference", lambda *a, **k: {
+            "waveform": torch.zeros(2, 0), "frames": 0, "sample_rate": 48000, "float32_fallback": False,
+            "audio_path": None})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(verification, "run_inference_smoke", ends_at_once)
+    code, report = _run(tmp_path, "--devices", "cpu", "--dtypes", "float32")
+    assert code == 1
+    check = _result(report, "cpu", "float32")["checks"]["inference"]
+    assert not check["passed"] and check["note"] == "the model ended after 0 frames although 3 were forced"
+    table = (tmp_path / verification.TABLE_NAME).read_text(encoding="utf-8")
+    assert "inference: the model ended after 0 frames" in table and "tolerances" not in table.split("Problems:")[1].split("\n")[1]

@@ -1,0 +1,380 @@
+"""The continuous-batching engine on tiny assets: every request gets its solo output whatever runs beside it, joins and
+leaves at frame boundaries, back-pressure, cancellation from other threads, shutdown, and the event shapes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import engine as engine_module
+from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
+from generation import SlotGlobal
+from gpt2_decoder import linear, onednn_rows_invariant, row_invariant_products
+from pipeline_assets import TinyAssets
+from sampling import RowSampler, SamplingParams, select_tokens
+
+SAMPLED = {"do_sample": True, "text_temperature": 1.0, "text_top_p": 1.0, "text_top_k": 50, "audio_temperature": 0.8,
+           "audio_top_p": 0.95, "audio_top_k": 25, "audio_repetition_penalty": 1.2}
+TEXTS = ("Hello world, this is the first request.", "A second one.",
+         "And a third request, which is longer than the other two by a few words.")
+
+needs_row_invariance = pytest.mark.skipif(
+    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see README)")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return TinyAssets(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def engine(assets):
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4, max_queue=8) as eng:
+        yield eng
+
+
+def _request(assets, index: int, **kwargs) -> dict:
+    kwargs.setdefault("prompt_audio", assets.prompt_audio)
+    kwargs.setdefault("max_new_frames", (6, 11, 8)[index % 3])
+    return kwargs
+
+
+def _solo(engine, text, **kwargs) -> dict:
+    return engine.submit(text, **kwargs).result(timeout=120)
+
+
+def _assert_same_output(result: dict, solo: dict) -> None:
+    codes, expected = result["audio_token_ids"], solo["audio_token_ids"]
+    if isinstance(expected, list):
+        assert len(codes) == len(expected) and all(torch.equal(a, b) for a, b in zip(codes, expected))
+    else:
+        assert torch.equal(codes, expected)
+    assert result["waveform"].shape == solo["waveform"].shape
+    peak = solo["waveform"].abs().max()
+    assert (result["waveform"] - solo["waveform"]).abs().max() <= 1e-6 * peak
+
+
+def _staggered(engine, requests: list[tuple[str, dict]]) -> list[dict]:
+    """Submit each request once the previous one has produced audio (joins mid-way); return the results."""
+    handles, events = [], []
+    for text, kwargs in requests:
+        handle = engine.submit(text, **kwargs)
+        stream = handle.events(timeout=120)
+        first = next(stream)
+        assert first["type"] == "audio"
+        handles.append(handle)
+        events.append(stream)
+    overlapped = [not h.done for h in handles[:-1]]
+    results = [list(stream)[-1] for stream in events]
+    assert any(overlapped), "the requests never ran together"
+    return results
+
+
+# ------------------------------------------------------------------------------------------- solo equality
+
+
+@needs_row_invariance
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, dict(SAMPLED, seed=1234)], ids=["greedy", "sampled"])
+def test_staggered_requests_equal_their_solo_runs(engine, assets, sampling):
+    requests = [(text, _request(assets, i, **sampling)) for i, text in enumerate(TEXTS)]
+    solos = [_solo(engine, text, **kwargs) for text, kwargs in requests]
+    for result, solo in zip(_staggered(engine, requests), solos):
+        _assert_same_output(result, solo)
+    assert len({int(s["frames"]) for s in solos}) > 1  # they leave at different frames
+
+
+@needs_row_invariance
+def test_mixed_settings_modes_and_codebooks_share_frames(engine, assets):
+    prompt = assets.prompt_audio
+    requests = [
+        ("Greedy voice clone.", {"prompt_audio": prompt, "max_new_frames": 7}),
+        ("Sampled voice clone.", dict(SAMPLED, prompt_audio=prompt, max_new_frames=9, seed=7)),
+        ("Eight codebooks.", dict(SAMPLED, prompt_audio=prompt, max_new_frames=5, nq=8, seed=3)),
+        ("Plain continuation.", {"mode": "continuation", "max_new_frames": 6, "audio_repetition_penalty": 1.5}),
+        (" continued.", {"mode": "continuation", "prompt_text": "Prompt", "prompt_audio": prompt,
+                         "max_new_frames": 8}),
+    ]
+    solos = [_solo(engine, text, **kwargs) for text, kwargs in requests]
+    handles = [engine.submit(text, **kwargs) for text, kwargs in requests]
+    for handle, solo in zip(handles, solos):
+        _assert_same_output(handle.result(timeout=120), solo)
+    assert solos[2]["audio_token_ids"][0][:, 8:].eq(assets.model.config.audio_pad_token_id).all()
+
+
+@needs_row_invariance
+def test_threads_submitting_at_once_each_get_their_solo_output(engine, assets):
+    requests = [(TEXTS[i % 3], _request(assets, i, **dict(SAMPLED, seed=100 + i))) for i in range(6)]
+    solos = [_solo(engine, text, **kwargs) for text, kwargs in requests]
+    results: list = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def client(index: int) -> None:
+        barrier.wait()
+        text, kwargs = requests[index]
+        results[index] = engine.submit(text, **kwargs).result(timeout=120)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for result, solo in zip(results, solos):
+        _assert_same_output(result, solo)
+
+
+def test_long_text_chunks_run_in_order_with_pauses_like_inference_stream(engine, assets):
+    text = "One two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
+    kwargs = {"prompt_audio": assets.prompt_audio, "max_new_frames": 4, "voice_clone_max_text_tokens": 30}
+    events = list(engine.submit(text, **kwargs).events(timeout=120))
+    reference = list(assets.model.inference_stream(text, **assets.resources(), **kwargs))
+    kinds = [e["type"] for e in events]
+    assert kinds.count("pause") == len(events[-1]["voice_clone_text_chunks"]) - 1 >= 1
+    assert [e["chunk_index"] for e in events if e["type"] == "pause"] == \
+        [e["chunk_index"] for e in reference if e["type"] == "pause"]
+    result, expected = events[-1], reference[-1]
+    assert result["voice_clone_text_chunks"] == expected["voice_clone_text_chunks"]
+    assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
+    assert result["waveform"].shape == expected["waveform"].shape
+    assert torch.allclose(result["waveform"], expected["waveform"], atol=1e-5)
+
+
+def test_long_continuation_continues_one_stream_like_inference_stream(engine, assets):
+    text = " one two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
+    kwargs = {"prompt_text": "Zero", "prompt_audio": assets.prompt_audio, "max_new_frames": 4,
+              "voice_clone_max_text_tokens": 30}
+    events = list(engine.submit(text, **kwargs).events(timeout=120))
+    reference = list(assets.model.inference_stream(text, **assets.resources(), **kwargs))
+    result, expected = events[-1], reference[-1]
+    assert len(result["text_chunks"]) >= 2 and result["text_chunks"] == expected["text_chunks"]
+    assert not any(e["type"] == "pause" for e in events)  # one continuous waveform
+    assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
+    assert torch.allclose(result["waveform"], expected["waveform"], atol=1e-5)
+
+
+def test_min_new_frames_and_truncation_are_per_request(engine, assets):
+    stop_early = {"prompt_audio": assets.prompt_audio, "max_new_frames": 6}
+    with torch.no_grad():  # make the tiny model choose audio_end at once, unless forced to continue
+        bias = assets.model.local_transformer.ln_f.bias
+        saved = bias.clone()
+        wte = assets.model.transformer.wte.weight
+        bias -= 200 * (wte[9] - wte[7]) / (wte[9] - wte[7]).pow(2).sum()
+    try:
+        forced = engine.submit("Forced.", min_new_frames=3, **stop_early)
+        free = engine.submit("Free.", **stop_early)
+        forced, free = forced.result(timeout=120), free.result(timeout=120)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert forced["frames"] == 3 and free["frames"] == 0
+    assert forced["truncated_chunks"] == [] and free["truncated_chunks"] == []
+    longer = engine.submit("Hello.", **stop_early).result(timeout=120)
+    assert longer["frames"] == 6 and longer["truncated_chunks"] == [0]
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+def test_events_have_inference_stream_shapes(engine, assets, tmp_path):
+    out = tmp_path / "engine.wav"
+    events = list(engine.submit("Hello world.", prompt_audio=assets.prompt_audio, max_new_frames=6,
+                                output_audio_path=out).events(timeout=120))
+    reference = list(assets.model.inference_stream("Hello world.", **assets.resources(),
+                                                   prompt_audio=assets.prompt_audio, max_new_frames=6))
+    *audio, result = events
+    assert audio and all(e["type"] == "audio" and e["sample_rate"] == 48000 and e["chunk_index"] == 0 for e in audio)
+    for event in audio:
+        wave = event["waveform"]
+        assert wave.dtype == torch.float32 and wave.device.type == "cpu" and wave.dim() == 2 and wave.shape[0] == 2
+    assert result["type"] == "result" and set(reference[-1]) <= set(result)
+    assert torch.equal(torch.cat([e["waveform"] for e in audio], dim=-1), result["waveform"])
+    assert result["waveform"].shape == (2, 6 * 3840) and result["first_audio_latency_s"] > 0
+    assert result["audio_path"] == str(out) and out.is_file()
+
+
+def test_submit_validates_like_inference(engine, assets):
+    with pytest.raises(ValueError, match="needs prompt audio"):
+        engine.submit("Hello.", mode="voice_clone")
+    with pytest.raises(ValueError, match="audio_top_p"):
+        engine.submit("Hello.", prompt_audio=assets.prompt_audio, audio_top_p=0.0)
+    with pytest.raises(ValueError, match="SynthesisEngine"):
+        engine.submit("Hello.", prompt_audio=assets.prompt_audio, text_tokenizer=assets.tokenizer)
+    with pytest.raises(ValueError, match="prompt_audio_codes"):
+        engine.submit("Hello.", prompt_audio_codes=torch.zeros(4, 3, dtype=torch.long))
+    assert engine.stats() == {"active": 0, "queued": 0, "max_batch_size": 4, "max_queue": 8}
+
+
+@needs_row_invariance
+def test_prompt_codes_stand_for_the_prompt_audio(engine, assets):
+    from audio_io import prepare_prompt_waveform
+    from pipeline import encode_prompt_audio
+
+    codes = encode_prompt_audio(assets.codec, prepare_prompt_waveform(assets.prompt_audio.numpy(), 48000))
+    by_audio = _solo(engine, "Hello.", prompt_audio=assets.prompt_audio, max_new_frames=5)
+    by_codes = _solo(engine, "Hello.", prompt_audio_codes=codes, max_new_frames=5)
+    _assert_same_output(by_codes, by_audio)
+
+
+# ------------------------------------------------------------------------------------------- back-pressure
+
+
+def test_queue_limit_raises_engine_full_and_shutdown_cancels_waiting(assets):
+    eng = SynthesisEngine(assets.model, **assets.resources(), max_batch_size=1, max_queue=2)  # not started
+    waiting = [eng.submit("Hello.", prompt_audio=assets.prompt_audio) for _ in range(2)]
+    with pytest.raises(EngineFull, match="max_queue=2"):
+        eng.submit("Hello.", prompt_audio=assets.prompt_audio)
+    assert eng.stats()["queued"] == 2 and isinstance(EngineFull("x"), RuntimeError)
+    eng.shutdown(cancel_running=True)
+    for handle in waiting:
+        assert handle.done
+        with pytest.raises(RequestCancelled):
+            handle.result(timeout=1)
+    with pytest.raises(EngineClosed):
+        eng.submit("Hello.", prompt_audio=assets.prompt_audio)
+    eng.shutdown()  # idempotent
+
+
+@needs_row_invariance
+def test_cancel_waiting_request_from_another_thread(assets):
+    kwargs = {"prompt_audio": assets.prompt_audio, "max_new_frames": 10}
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=1) as eng:
+        solo = _solo(eng, "Keep going.", **kwargs)
+        running = eng.submit("Keep going.", **kwargs)
+        waiting = eng.submit("Never runs.", **kwargs)
+        thread = threading.Thread(target=waiting.cancel)
+        thread.start()
+        thread.join()
+        assert waiting.done and eng.stats()["queued"] == 0
+        with pytest.raises(RequestCancelled):
+            list(waiting.events(timeout=1))
+        waiting.cancel()  # idempotent
+        _assert_same_output(running.result(timeout=120), solo)
+
+
+@needs_row_invariance
+def test_cancel_running_request_frees_its_slot_for_the_next(assets):
+    kwargs = {"prompt_audio": assets.prompt_audio, "max_new_frames": 6}
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=1) as eng:
+        solo = _solo(eng, "The next one.", **kwargs)
+        long_running = eng.submit("A long one.", prompt_audio=assets.prompt_audio, max_new_frames=500)
+        waiting = eng.submit("The next one.", **kwargs)
+        stream = long_running.events(timeout=120)
+        assert next(stream)["type"] == "audio" and eng.stats()["queued"] == 1
+        threading.Thread(target=long_running.cancel).start()
+        _assert_same_output(waiting.result(timeout=120), solo)  # it got the only slot
+        with pytest.raises(RequestCancelled):
+            list(stream)
+        assert long_running.done and eng.stats()["active"] == 0
+
+
+def test_failing_request_raises_its_error_and_the_others_finish(assets, monkeypatch):
+    real = engine_module.sample_frame
+
+    def poisoned(model, h, local, sampler, *args, **kwargs):
+        frame = real(model, h, local, sampler, *args, **kwargs)
+        frame.audio_finite = frame.audio_finite & (torch.tensor(sampler.row_nq) != 7)  # the nq=7 request fails
+        return frame
+
+    monkeypatch.setattr(engine_module, "sample_frame", poisoned)
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4) as eng:
+        bad = eng.submit("Bad.", prompt_audio=assets.prompt_audio, nq=7, max_new_frames=5)
+        good = eng.submit("Good.", prompt_audio=assets.prompt_audio, max_new_frames=5)
+        with pytest.raises(RuntimeError, match="Non-finite audio logits"):
+            bad.result(timeout=120)
+        assert good.result(timeout=120)["frames"] == 5
+
+
+def test_shutdown_finishes_running_requests_then_refuses(assets):
+    eng = SynthesisEngine(assets.model, **assets.resources(), max_batch_size=2).start()
+    handles = [eng.submit(text, prompt_audio=assets.prompt_audio, max_new_frames=4) for text in TEXTS]
+    eng.shutdown(timeout=120)
+    assert all(h.result(timeout=1)["frames"] == 4 for h in handles)
+    with pytest.raises(EngineClosed):
+        eng.submit("Late.", prompt_audio=assets.prompt_audio)
+    assert eng.stats()["active"] == 0
+
+
+# ------------------------------------------------------------------------------------------- the pieces
+
+
+@needs_row_invariance
+@pytest.mark.parametrize("shape", [(96, 32), (64, 32), (32, 64), (2, 32), (1024, 32), (2304, 768)])
+def test_row_invariant_products_do_not_depend_on_the_other_rows(shape):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator)
+    bias = torch.randn(shape[0], generator=generator)
+    rows = torch.randn(41, shape[1], generator=generator)
+    with row_invariant_products() as invariant:
+        assert invariant
+        alone = linear(rows[:1], weight, bias)
+        for count, position in ((2, 1), (3, 0), (7, 5), (16, 15), (17, 3), (40, 39)):
+            batch = rows[1 : count + 1].clone()
+            batch[position] = rows[0]
+            assert torch.equal(linear(batch, weight, bias)[position], alone[0])
+    assert torch.allclose(linear(rows[:1], weight, bias), alone, rtol=1e-5, atol=1e-4)  # the usual path
+
+
+@needs_row_invariance
+def test_packed_global_forward_equals_each_sequence_alone(assets):
+    model = assets.model
+    hidden = model.config.hidden_size
+    prompts = [torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)) for n in (5, 9, 3)]
+    steps = [torch.randn(1, hidden, generator=torch.Generator().manual_seed(50 + i)) for i in range(3)]
+    attend = model.attention_functions()[0]
+
+    def alone(i: int) -> list[torch.Tensor]:
+        runner = SlotGlobal(model, 1, 16, attend)
+        return [runner.run([(0, prompts[i])]), runner.run([(0, steps[i])])]
+
+    with torch.inference_mode(), row_invariant_products():
+        expected = [alone(i) for i in range(3)]
+        runner = SlotGlobal(model, 4, 10, attend)
+        first = runner.run([(3, prompts[0]), (1, prompts[1])])  # two prefills packed
+        runner.cache.reserve(16)  # grows between forwards
+        second = runner.run([(1, steps[1]), (0, prompts[2]), (3, steps[0])])  # steps and a newcomer packed
+        third = runner.run([(0, steps[2])])
+    assert torch.equal(first[0], expected[0][0][0]) and torch.equal(first[1], expected[1][0][0])
+    assert torch.equal(second[0], expected[1][1][0]) and torch.equal(second[2], expected[0][1][0])
+    assert torch.equal(second[1], expected[2][0][0]) and torch.equal(third[0], expected[2][1][0])
+    assert runner.cache.lengths == [4, 10, 0, 6]
+
+
+def test_row_sampler_draws_each_row_from_its_own_generator():
+    scores = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(do_sample=True, audio_top_k=10), SamplingParams(), SamplingParams(do_sample=True),
+              SamplingParams(do_sample=True, audio_top_k=10), SamplingParams(do_sample=True, nq=2)]
+    seeds = [1, None, 2, 3, 4]
+    make = [lambda s=s: None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    codes = RowSampler(params, [m() for m in make], n_vq=4).audio(scores, channel=1)
+    for row, (item, new) in enumerate(zip(params, make)):
+        alone = select_tokens(scores[row : row + 1], do_sample=item.do_sample, temperature=item.audio_temperature,
+                              top_k=item.audio_top_k, top_p=item.audio_top_p, generator=new())
+        assert int(codes[row]) == int(alone[0])
+    sampler = RowSampler(params, None, n_vq=4)
+    assert sampler.nq == 4 and sampler.uses(1) is None and sampler.uses(2) == [True, True, True, True, False]
+    assert int(sampler.audio(scores, channel=3)[4]) == 0  # a row past its nq draws nothing
+
+
+@needs_row_invariance
+def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monkeypatch):
+    """The strongest form of the guarantee: not only the codes, every global hidden state a request's frames are
+    sampled from is the same bits batched as alone (requests are told apart by their nq)."""
+    real, seen = engine_module.sample_frame, {}
+
+    def recording(model, h, local, sampler, *args, **kwargs):
+        for row, nq in enumerate(sampler.row_nq):
+            seen.setdefault(nq, []).append(h[row].clone())
+        return real(model, h, local, sampler, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_frame", recording)
+    requests = [(TEXTS[i % 3], _request(assets, i, nq=16 - i, **dict(SAMPLED, seed=i))) for i in range(6)]
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=6) as eng:
+        for text, kwargs in requests:
+            _solo(eng, text, **kwargs)
+        solo, seen = seen, {}
+        for handle in [eng.submit(text, **kwargs) for text, kwargs in requests]:
+            handle.result(timeout=120)
+    assert seen.keys() == solo.keys()
+    for nq, states in seen.items():
+        assert len(states) == len(solo[nq]) and all(torch.equal(a, b) for a, b in zip(states, solo[nq]))

@@ -1,0 +1,83 @@
+"""Pieces written once: sampling defaults, the nq rule, the mode decision, atomic writes (issue 11)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+import pipeline
+import prompting
+import sampling
+from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from sampling import SamplingParams
+
+
+def test_generate_signatures_and_pipeline_defaults_are_the_sampling_params_defaults():
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    for method in (MossTTSNanoForCausalLM.generate, MossTTSNanoForCausalLM.generate_stream):
+        parameters = inspect.signature(method).parameters
+        assert {name: parameters[name].default for name in defaults} == defaults, method.__name__
+        assert parameters["use_kv_cache"].default is True
+    assert pipeline.METHOD_DEFAULTS == {**{k: v for k, v in defaults.items() if k != "nq"}, "use_kv_cache": True}
+    assert pipeline.SynthesisRequest.__dataclass_fields__["max_new_frames"].default == defaults["max_new_frames"]
+
+
+def test_one_nq_rule_for_prompts_and_generation():
+    assert prompting.resolve_nq is sampling.resolve_nq
+    for nq in (0, 17, True, 2.0):
+        with pytest.raises(ValueError, match=r"must be an integer within 1\.\.16"):
+            sampling.resolve_nq(nq, 16)
+    assert SamplingParams(nq=3).resolve_nq(16) == 3 and sampling.resolve_nq(None, 16) == 16
+
+
+@pytest.mark.parametrize(("mode", "audio", "text", "expected"), [
+    (None, True, False, "voice_clone"),
+    (None, False, False, "continuation"),
+    (None, True, True, "continuation"),
+    (None, False, True, "continuation"),  # validate_mode then says what is missing
+    ("voice_clone", False, False, "voice_clone"),  # an explicit mode wins
+    ("continuation", True, False, "continuation"),
+])
+def test_one_mode_decision(mode, audio, text, expected):
+    assert prompting.infer_mode(mode, has_prompt_audio=audio, has_prompt_text=text) == expected
+
+
+def test_one_atomic_write_and_the_demo_tokenizer_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import os
+
+    import audio_io
+    import tokenization_moss_tts_nano
+    import verify_npu
+
+    assert audio_io.write_atomic is verify_npu.write_text_atomic.__globals__["write_atomic"]
+    assert tokenization_moss_tts_nano.write_bytes_atomic.__globals__["write_atomic"] is audio_io.write_atomic
+
+    def failing_replace(*args, **kwargs):
+        raise OSError("simulated: disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        tokenization_moss_tts_nano.build_demo_tokenizer(str(tmp_path / "tok"))
+    assert list((tmp_path / "tok").iterdir()) == []  # no tokenizer.model.tmp or partial file left behind
+
+
+def test_one_local_decoder_loop_for_generation_recompute_and_teacher_forcing():
+    """Issue 11: the cached and recomputing local steps and verification's teacher forcing are one runner."""
+    import generation
+    import verification
+    from pipeline_assets import tiny_tts
+
+    assert verification._local_logits.__globals__["LocalRunner"] is generation.LocalRunner
+    assert not hasattr(generation, "_CachedLocal") and not hasattr(generation, "_RecomputeLocal")
+    model = tiny_tts()
+    attend = model.attention_functions()[1]
+    inputs = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = generation.LocalRunner(model, 3, 4, attend, use_kv_cache=False).run(inputs)
+        for use_kv_cache in (True, False):
+            runner = generation.LocalRunner(model, 3, 4, attend, use_kv_cache=use_kv_cache)
+            steps = torch.stack([runner.step(inputs[:, p]) for p in range(5)], dim=1)
+            assert torch.allclose(steps, whole, atol=1e-5)
