@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import soundfile
-import threading
 
 import serve_npu
 import speech_api
