@@ -40,6 +40,17 @@ CLI_SAMPLING_DEFAULTS = {
     "audio_repetition_penalty": 1.2,
 }
 CLI_MAX_NEW_FRAMES = 375
+# (type, low, high, low_open) of each generation setting: the flags and the speech server check the same ranges.
+SAMPLING_BOUNDS: dict[str, tuple] = {
+    "text_temperature": (float, 0, None, True),
+    "text_top_p": (float, 0, 1, True),
+    "text_top_k": (int, 0),
+    "audio_temperature": (float, 0, None, True),
+    "audio_top_p": (float, 0, 1, True),
+    "audio_top_k": (int, 0),
+    "audio_repetition_penalty": (float, 0, None, True),
+    "max_new_frames": (int, 1),
+}
 CLI_VOICE_CLONE_MAX_TEXT_TOKENS = 75
 
 
@@ -54,16 +65,26 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def bound_error(value: float, low: float | None = None, high: float | None = None, low_open: bool = False,
+                shown: str | None = None) -> str | None:
+    """Why ``value`` is outside [low, high] (``(low, high]`` with ``low_open``), or None when it is inside."""
+    shown = str(value) if shown is None else shown
+    if low is not None and (value < low or (low_open and value == low)):
+        return f"must be {'>' if low_open else '>='} {low}, got {shown}"
+    if high is not None and value > high:
+        return f"must be <= {high}, got {shown}"
+    return None
+
+
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        problem = bound_error(value, low, high, low_open, shown=text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     return parse
@@ -96,18 +117,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     d = CLI_SAMPLING_DEFAULTS
+    bounded = {name: _bounded(*bounds) for name, bounds in SAMPLING_BOUNDS.items()}
     group = parser.add_argument_group("generation (defaults: the official CLI values)")
     group.add_argument("--do-sample", type=_boolean, nargs="?", const=True, default=d["do_sample"],
                        help="sample (true, default) or decode greedily (false)")
-    group.add_argument("--text-temperature", type=_bounded(float, 0, low_open=True), default=d["text_temperature"])
-    group.add_argument("--text-top-p", type=_bounded(float, 0, 1, low_open=True), default=d["text_top_p"])
-    group.add_argument("--text-top-k", type=_bounded(int, 0), default=d["text_top_k"])
-    group.add_argument("--audio-temperature", type=_bounded(float, 0, low_open=True), default=d["audio_temperature"])
-    group.add_argument("--audio-top-p", type=_bounded(float, 0, 1, low_open=True), default=d["audio_top_p"])
-    group.add_argument("--audio-top-k", type=_bounded(int, 0), default=d["audio_top_k"])
-    group.add_argument("--audio-repetition-penalty", type=_bounded(float, 0, low_open=True),
-                       default=d["audio_repetition_penalty"])
-    group.add_argument("--max-new-frames", type=_bounded(int, 1), default=None,
+    for name in ("text_temperature", "text_top_p", "text_top_k", "audio_temperature", "audio_top_p", "audio_top_k",
+                 "audio_repetition_penalty"):
+        group.add_argument("--" + name.replace("_", "-"), type=bounded[name], default=d[name])
+    group.add_argument("--max-new-frames", type=bounded["max_new_frames"], default=None,
                        help=f"frames to generate at most (12.5 per second; default {CLI_MAX_NEW_FRAMES})")
     group.add_argument("--nq", type=_bounded(int, 1, 16), default=None, help="codebooks to use (1..16, default all)")
     group.add_argument("--voice-clone-max-text-tokens", type=_bounded(int, 1),

@@ -1,0 +1,257 @@
+"""An OpenAI-compatible speech server for MOSS-TTS-Nano on Ascend NPU, CUDA or CPU (FastAPI + uvicorn).
+
+    python serve_npu.py --demo                                   # no download: random weights, noise output
+    python serve_npu.py --model-path DIR --voices voices/ --port 8000
+    curl -s localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \
+        -d '{"input": "Hello world.", "voice": "alice"}' -o hello.wav
+
+Endpoints: POST /v1/audio/speech, GET /v1/audio/voices, GET /v1/models, GET /health (503 until loaded).
+Requests share the continuous-batching engine (--max-batch-size slots, --max-queue waiting). The generation flags
+below are the server's defaults; each request may override them. Ctrl-C / SIGTERM: stop accepting, let running
+requests finish for --shutdown-timeout seconds, cancel the rest, exit 0.
+
+Exit codes: 0 success, 1 environment or runtime failure, 2 invalid input (usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+try:
+    from . import devices
+    from .cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
+    from .cli_common import classify_failure, load_model_for_cli, run_cli
+    from .cli_common import resolve_model_path, sampling_kwargs
+    from .engine import SynthesisEngine
+    from .pipeline import load_resources
+    from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
+    from .speech_api import load_voices
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    import devices
+    from cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
+    from cli_common import classify_failure, load_model_for_cli, run_cli
+    from cli_common import resolve_model_path, sampling_kwargs
+    from engine import SynthesisEngine
+    from pipeline import load_resources
+    from speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
+    from speech_api import load_voices
+
+logger = logging.getLogger("moss_tts_nano.server")
+
+DEMO_VOICE = "demo"  # --demo registers the synthetic reference of infer_npu.py --demo under this name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=_bounded(int, 0, 65535), default=8000, help="port (default 8000; 0: any free)")
+    server.add_argument("--max-batch-size", type=_bounded(int, 1), default=8,
+                        help="requests generated together (default 8)")
+    server.add_argument("--max-queue", type=_bounded(int, 0), default=64,
+                        help="requests waiting for a slot; beyond it 429 (default 64)")
+    server.add_argument("--voices", help="directory of NAME.wav reference voices (NAME.txt: transcript)")
+    server.add_argument("--max-body-mb", type=_bounded(float, 0, low_open=True),
+                        default=DEFAULT_MAX_BODY_BYTES / 2**20, help="request body limit in MiB; beyond it 413 (25)")
+    server.add_argument("--shutdown-timeout", type=_bounded(float, 0), default=5.0,
+                        help="seconds running requests get to finish on Ctrl-C / SIGTERM before cancellation (5)")
+    add_sampling_arguments(parser)
+    add_performance_arguments(parser)
+    return parser
+
+
+def generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The server-wide engine keywords (the official CLI values unless flags change them)."""
+    return {**sampling_kwargs(args), "voice_clone_max_text_tokens": args.voice_clone_max_text_tokens}
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen on ``host:port`` now, so a busy port fails before the model loads (port 0 picks a free one)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host '{host}' cannot be resolved: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or "
+                           "--host") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class SpeechServer:
+    """uvicorn serving the app; signals drain the engine, then the process exits 0."""
+
+    def __init__(self, app: Any, state: ServiceState, sock: socket.socket, shutdown_timeout: float = 5.0,
+                 loader: Callable[[], None] | None = None) -> None:
+        import uvicorn
+
+        server = self
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets=sockets)
+                if loader is not None and not self.should_exit:
+                    threading.Thread(target=server._load, args=(loader,), name="model-loader", daemon=True).start()
+
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                # why: uvicorn re-raises a captured signal after its shutdown, which would end the process with
+                # that signal instead of exit code 0 once the requests are drained
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                server.begin_shutdown()
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=shutdown_timeout + 5.0)
+        errors = logging.getLogger("uvicorn.error")  # configured by Config just above
+        if not any(isinstance(f, QuietStreamAborted) for f in errors.filters):
+            errors.addFilter(QuietStreamAborted())
+        self.uvicorn, self.state, self.sock = _Server(config), state, sock
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._drain: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return socket_url(self.sock)
+
+    @property
+    def started(self) -> bool:
+        return self.uvicorn.started
+
+    def run(self) -> int:
+        """Serve until shut down (a signal, ``stop()`` or a failed load); return the exit code."""
+        self.uvicorn.run(sockets=[self.sock])
+        self.begin_shutdown(grace=0.0)
+        if self._drain is not None:
+            self._drain.join()
+        return self.exit_code
+
+    def begin_shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting requests and drain the engine in the background (idempotent)."""
+        if self._drain is None:
+            wait = self.shutdown_timeout if grace is None else grace
+            self._drain = threading.Thread(target=self.state.drain, args=(wait,), name="drain", daemon=True)
+            self._drain.start()
+
+    def stop(self) -> None:
+        """Shut down as a signal would (any thread)."""
+        self.begin_shutdown()
+        self.uvicorn.should_exit = True
+
+    def _load(self, loader: Callable[[], None]) -> None:
+        try:
+            loader()
+        except BaseException as exc:  # a failed load ends the server with the CLI's one line and exit code
+            self.exit_code, message = classify_failure(exc)
+            self.state.status, self.state.error = "failed", message
+            logger.debug("loading failed", exc_info=exc)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            self.uvicorn.should_exit = True
+
+
+def load_service(args: argparse.Namespace, path: Path | None, state: ServiceState) -> Any:
+    """Load the model, codec and voices, start the engine, and mark the state ready; return the model."""
+    model, resources = load_model_for_cli(args, path)
+    state.keep.append(resources.pop("_demo_workdir", None))
+    demo_prompt = resources.pop("prompt_audio", None)
+    loaded = load_resources(model, **resources)
+    voices = load_voices(args.voices, loaded.codec) if args.voices else {}
+    if demo_prompt is not None:
+        voices.setdefault(DEMO_VOICE, Voice(DEMO_VOICE, encode_voice(demo_prompt, loaded.codec)))
+    engine = SynthesisEngine(model, text_tokenizer=loaded.tokenizer, audio_tokenizer=loaded.codec,
+                             max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine.start()
+    state.ready(engine, voices)
+    return model
+
+
+def startup_line(url: str, model: Any, args: argparse.Namespace, voices: dict) -> str:
+    parameter = next(model.parameters())
+    parts = [f"serving {url}", f"device={parameter.device}", f"dtype={str(parameter.dtype).replace('torch.', '')}",
+             f"attention={'/'.join(model.resolved_attention_implementation())}",
+             f"weights={args.weight_precision}", f"max_batch_size={args.max_batch_size}",
+             f"voices={','.join(voices) or '-'}"]
+    if args.demo:
+        parts.append("(demo: random weights, the audio is noise)")
+    return " ".join(parts)
+
+
+def setup_logging(verbose: bool) -> None:
+    """One line per request on stderr (once per process, however often main() runs)."""
+    if not any(getattr(h, "_moss_server", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler._moss_server = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    path = None if args.demo else resolve_model_path(args.model_path, args.local_files_only)
+    if args.voices and not Path(args.voices).is_dir():
+        raise ValueError(f"--voices '{args.voices}' is not a directory")
+    state = ServiceState(model_id=Path(args.model_path).name if args.model_path else "MOSS-TTS-Nano-demo",
+                         defaults=generation_defaults(args))
+    sock = bind_socket(args.host, args.port)
+    app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20))
+
+    def loader() -> None:
+        model = load_service(args, path, state)
+        print(startup_line(socket_url(sock), model, args, state.voices), flush=True)
+
+    return SpeechServer(app, state, sock, args.shutdown_timeout, loader).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.verbose)
+        devices.apply_npu_environment_defaults()
+        return run(args)
+
+    return run_cli(body, verbose="--verbose" in argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_grad_enabled(False)
+    sys.exit(main())
