@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 try:
+    from . import devices
     from .generation import LocalRunner, SlotGlobal, frame_constants, non_finite_message, sample_frame
     from .gpt2_decoder import batched_products, row_invariant_limit
     from .pipeline import (
@@ -59,6 +60,7 @@ try:
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
+    import devices
     from generation import LocalRunner, SlotGlobal, frame_constants, non_finite_message, sample_frame
     from gpt2_decoder import batched_products, row_invariant_limit
     from pipeline import (
@@ -355,7 +357,7 @@ class SynthesisEngine:
                 raise ValueError(f"{key} is set once for the engine: pass it to SynthesisEngine(...), not submit()")
         device = next(self.model.parameters()).device
         requested = kwargs.pop("device", None)
-        if requested is not None and torch.device(requested) != device and str(requested) != "auto":
+        if requested is not None and not _same_device(devices.resolve_device(requested), device):
             raise ValueError(f"device={requested!r}: this engine's model is on {device}")
         for key in _NO_EFFECT_KEYS:
             kwargs.pop(key, None)
@@ -665,6 +667,10 @@ class _CodecStreams:
         _, audio, audio_lengths = session.step(ids, batch.to(self.device), lengths)
         return {stream: audio[row, :, : int(audio_lengths[row])].float().cpu()
                 for row, stream in enumerate(ids) if stream in codes}
+
+
+def _same_device(requested: torch.device, device: torch.device) -> bool:
+    return requested.type == device.type and requested.index in (None, device.index)
 
 
 def _separate_codec_sessions(codec: Any) -> bool:

@@ -206,6 +206,9 @@ def test_submit_validates_like_inference(engine, assets):
         engine.submit("Hello.", prompt_audio=assets.prompt_audio, text_tokenizer=assets.tokenizer)
     with pytest.raises(ValueError, match="prompt_audio_codes"):
         engine.submit("Hello.", prompt_audio_codes=torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="device='meta' is not supported"):
+        engine.submit("Hello.", prompt_audio=assets.prompt_audio, device="meta")
+    assert engine.submit("Hello.", prompt_audio=assets.prompt_audio, device="cpu", max_new_frames=1).result(120)
     assert engine.stats() == {"active": 0, "queued": 0, "max_batch_size": 4, "max_queue": 8}
 
 
