@@ -236,6 +236,7 @@ def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tu
     """
     devices.apply_npu_environment_defaults()
     device = devices.resolve_device(args.device)
+    devices.use_device_in_this_thread(device)  # the script's own thread: streams and workspaces on that card
     dtype = devices.resolve_dtype(args.dtype, device)
     if args.demo:
         try:

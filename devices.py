@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 try:
+    from . import npu_probes
     from .torch_compat import OutOfMemoryError, cuda_bf16_supported
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
+    import npu_probes
     from torch_compat import OutOfMemoryError, cuda_bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ def clear_caches() -> None:
     for probe in (_torch_npu_import, _npu_availability, _cuda_availability, _flash_attn_importable, _npu_soc,
                   npu_fusion_attention_fn, npu_rotary_mul_fn, cpu_fast_paths_enabled):
         probe.cache_clear()
+    npu_probes.clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,8 +375,9 @@ def resolve_dtype(dtype: DtypeLike, device: DeviceLike) -> torch.dtype:
 
 
 def _npu_bf16_supported() -> bool:
-    """``torch.npu.is_bf16_supported()`` (no arguments in every torch_npu release); True when the NPU is unusable,
-    so that the device request itself reports that problem."""
+    """``torch.npu.is_bf16_supported()``, called without arguments (it takes none through torch_npu 2.10.0 and an
+    unused ``including_emulation=False`` from 2.11.0); True when the NPU is unusable, so that the device request
+    itself reports that problem."""
     if _npu_availability().problem is not None:
         return True
     probe = getattr(torch.npu, "is_bf16_supported", None)
@@ -400,6 +404,25 @@ def synchronize(device: DeviceLike) -> None:
     """Wait for queued kernels on ``device`` (no-op on CPU), e.g. before reading a timer."""
     ops, index = _target(device)
     ops.synchronize(index)
+
+
+def use_device_in_this_thread(device: DeviceLike) -> None:
+    """Make ``device`` the current accelerator of the calling thread (``torch.npu.set_device`` /
+    ``torch.cuda.set_device``); nothing for the CPU or an unindexed device.
+
+    Why: the current device is per thread (ACL, like CUDA). torch_npu's op wrappers switch to a tensor's device for
+    the op (NPUGuardImpl), but streams, workspaces and the guard's restore step use the thread's current device, which
+    a fresh thread has never set: on releases without lazy device setting ("MaybeSetDevice" is absent from the
+    libtorch_npu.so of 2.1.0.post8, 2.3.1.post2 and 2.5.1, present in 2.14.0) that initialises card 0 as well. Only
+    for threads the caller owns: the scripts' main threads and the engine's worker thread; library calls never
+    change the current device of a caller's thread.
+
+    Raises:
+        ValueError: unsupported ``device``.
+    """
+    kind, index = _parse_device(device)
+    if kind != "cpu" and index is not None:
+        _module(kind).set_device(index)
 
 
 def reset_peak_memory(device: DeviceLike) -> None:
@@ -538,11 +561,13 @@ def _npu_soc() -> tuple[Optional[int], Optional[str]]:
 
 
 def npu_fused_kernel_problem() -> Optional[str]:
-    """Why torch_npu's Atlas A2/A3-only kernels (``npu_fusion_attention``, ``npu_rotary_mul``'s interleave mode)
-    cannot run here, or None when they can.
+    """Why torch_npu's fused kernels (``npu_fusion_attention``, ``npu_rotary_mul``'s interleave mode) cannot run
+    here, or None when they can: on an Atlas A2 or A3 card.
 
-    torch_npu re-exports every op whatever the card (``hasattr`` says nothing about the hardware), and its
-    documentation lists these kernels for Atlas A2/A3 only, so the SoC decides.
+    torch_npu re-exports every op whatever the card (``hasattr`` says nothing about the hardware), so the SoC decides.
+    The docs list ``npu_rotary_mul``'s interleave mode for Atlas A2 and A3, ``npu_fusion_attention`` for Atlas A2
+    only (the 2.1.0.post8 / 2.3.1-2.3.1.post4 / 2.4.0-2.4.0.post2 docs: also the first Atlas training series, with
+    stricter shapes); A3 runs the opt-in fused attention undocumented, which only a card can settle.
     """
     problem = _npu_availability().problem
     if problem is not None:

@@ -392,6 +392,7 @@ class SynthesisEngine:
     # -------------------------------------------------------------------------------------------- the worker
 
     def _work(self) -> None:
+        devices.use_device_in_this_thread(next(self.model.parameters()).device)  # the worker's own thread
         while True:
             with self._cond:
                 while not self._active and not self._queue and not self._closing:

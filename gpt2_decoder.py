@@ -37,11 +37,13 @@ try:
         RotaryEmbedding,
         Rotation,
         apply_rotary,
+        choose_rotary_kernel,
         make_rotation,
         resolve_rotary_kernel,
         rotate_pairs,
         rotate_real,
     )
+    from .npu_probes import fusion_attention_limits, fusion_attention_shape_problem
     from .torch_compat import sdpa_mask
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
@@ -58,11 +60,13 @@ except ImportError:  # not part of a package: imported from the repository root 
         RotaryEmbedding,
         Rotation,
         apply_rotary,
+        choose_rotary_kernel,
         make_rotation,
         resolve_rotary_kernel,
         rotate_pairs,
         rotate_real,
     )
+    from npu_probes import fusion_attention_limits, fusion_attention_shape_problem
     from torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
@@ -214,14 +218,17 @@ def _flash_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """Ascend fused kernel `torch_npu.npu_fusion_attention` (BNSD layout, fp16/bf16 on Atlas A2/A3; otherwise SDPA).
+    """Ascend fused kernel `torch_npu.npu_fusion_attention` (BNSD layout, fp16/bf16 on Atlas A2/A3, shapes the installed
+    release documents, see `npu_probes.fusion_attention_limits`; otherwise SDPA).
 
     The kernel's `atten_mask` marks positions to DROP (True = masked out), the opposite of SDPA: `mask.dropped` builds
     that once per forward. Why no `.contiguous()`: torch_npu hands the kernel views with their strides and storage
     offset (op_api's ConvertType -> aclCreateTensor), so the permuted queries and the KV-cache views go in as they are.
     """
     kernel = npu_fusion_attention_fn()
-    if q.dtype not in _HALF_DTYPES or kernel is None:
+    # Shapes outside what the installed torch_npu documents (e.g. one-row decode steps where S must be a multiple of
+    # 16) run SDPA: decided from the shape before the call, never by catching a kernel error.
+    if q.dtype not in _HALF_DTYPES or kernel is None or fusion_attention_shape_problem(q, k) is not None:
         return sdpa_attention(q, k, v, mask, scale)
     dropped = mask.dropped(q.shape[2], k.shape[2], q.device)  # [B,1,Sq,Skv] or [Sq,Skv]: both documented shapes
     out = kernel(
@@ -321,6 +328,7 @@ class KernelPlan:
     attention: tuple[str, str]
     rope: str
     linear: str
+    reasons: dict[str, str] = field(default_factory=dict, compare=False)  # why each choice (reports; not compared)
 
     def describe(self) -> dict[str, str]:
         """Names for reports, CPU fast paths marked, e.g. {"attention": "sdpa/sdpa", "rope": "complex (cpu fast
@@ -335,11 +343,26 @@ def resolve_kernel_plan(requested: tuple[str, str], device: torch.device | str, 
                         head_dim: int) -> KernelPlan:
     """Resolve the attention backends `requested` (global, local), the RoPE kernel and the linear kernel for a model
     on (device, dtype) with `num_heads` heads of `head_dim`; see the three `resolve_*` functions."""
-    return KernelPlan(
-        attention=tuple(resolve_attention_implementation(name, device, dtype) for name in requested),
-        rope=resolve_rotary_kernel(device, num_heads, head_dim),
-        linear=resolve_linear_kernel(device, dtype),
-    )
+    attention = tuple(resolve_attention_implementation(name, device, dtype) for name in requested)
+    rope, rope_reason = choose_rotary_kernel(device, num_heads, head_dim, dtype)
+    return KernelPlan(attention=attention, rope=rope, linear=resolve_linear_kernel(device, dtype),
+                      reasons={"rope": rope_reason, "attention": _attention_reason(requested, attention, device, dtype)})
+
+
+def _attention_reason(requested: tuple[str, str], resolved: tuple[str, str], device: torch.device | str,
+                      dtype: torch.dtype) -> str:
+    """Why the attention backends are what they are, for reports (the fused NPU kernel names its shape limits)."""
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if "npu_fusion_attention" in resolved:
+        limits = fusion_attention_limits()
+        shapes = (f"query and key lengths multiples of {limits.sequence_multiple} up to {limits.max_sequence} "
+                  "(other calls, such as one-row decode steps, run sdpa)" if limits.sequence_multiple > 1
+                  else f"lengths up to {limits.max_sequence}, head_dim up to {limits.max_head_dim}")
+        return f"requested {'/'.join(requested)}; fused for {shapes}, per the {limits.docs}"
+    if resolved == requested:
+        return f"requested {'/'.join(requested)}"
+    problem = _fused_attention_problem(device_type, dtype) if "npu_fusion_attention" in requested else None
+    return f"requested {'/'.join(requested)}" + (f"; sdpa because {problem}" if problem else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -119,6 +119,13 @@ def truncation_warning(args: argparse.Namespace, result: dict) -> str | None:
             "--voice-clone-max-text-tokens")
 
 
+def kernel_reasons(model: Any) -> str:
+    """One line: why the planned RoPE and attention kernels were chosen (e.g. why not the NPU fused ones)."""
+    plan = model.kernel_plan()
+    return (f"kernels: rope={plan.rope} ({plan.reasons.get('rope', 'n/a')}); attention={'/'.join(plan.attention)} "
+            f"({plan.reasons.get('attention', 'n/a')})")
+
+
 def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> str:
     device = next(model.parameters()).device
     seconds = result["waveform"].shape[-1] / result["sample_rate"]
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     if args.demo:
         print("demo: released architectures with seeded random weights; the audio is noise, not speech")
+    print(kernel_reasons(model))
     print(summary(model, args, result, wall))
     return 0
 

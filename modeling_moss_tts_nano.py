@@ -22,6 +22,7 @@ try:
     from .configuration_moss_tts_nano import MossTTSNanoConfig
     from .devices import cpu_fast_paths_enabled
     from .generation import GenerationOutput, generate_frames
+    from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
     from .gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,
@@ -53,6 +54,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     from configuration_moss_tts_nano import MossTTSNanoConfig
     from devices import cpu_fast_paths_enabled
     from generation import GenerationOutput, generate_frames
+    from npu_probes import fusion_attention_limits  # noqa: F401
     from gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,

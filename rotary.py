@@ -9,16 +9,18 @@ tables once per forward (`Rotation`), shared by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 try:
-    from .devices import cpu_kernel, npu_rotary_mul_fn
+    from .devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
+    from .npu_probes import probe_tensor_device, rotary_interleave_problem
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from devices import cpu_kernel, npu_rotary_mul_fn
+    from devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
+    from npu_probes import probe_tensor_device, rotary_interleave_problem
 
 
 class RotaryEmbedding:
@@ -149,14 +151,58 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotate_real(x, torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
 
 
-def resolve_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_dim: int) -> str:
-    """The RoPE kernel for a device: "complex" on CPU (a fast path; "real" with MOSS_TTS_CPU_FAST_PATHS=0),
-    "npu_rotary_mul" on an NPU where `devices.npu_rotary_mul_fn` finds the interleave mode and the shape fits it,
-    "real" everywhere else."""
+def resolve_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_dim: int,
+                          dtype: torch.dtype = torch.float16) -> str:
+    """The RoPE kernel for a device (see `choose_rotary_kernel`, which also says why)."""
+    return choose_rotary_kernel(device, num_heads, head_dim, dtype)[0]
+
+
+def choose_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_dim: int,
+                         dtype: torch.dtype = torch.float16) -> tuple[str, str]:
+    """(kernel, why) for a model with `num_heads` heads of `head_dim` in `dtype` on `device`.
+
+    "complex" on CPU (a fast path; "real" with MOSS_TTS_CPU_FAST_PATHS=0); "npu_rotary_mul" on an NPU where
+    `devices.npu_rotary_mul_fn` finds the interleave mode, the shape fits its documented limits, JIT compilation is
+    off and one tiny call matches the real-valued kernel (`npu_probes.rotary_interleave_problem`); "real" elsewhere.
+    The model calls this once per (device, dtype) and caches the plan.
+    """
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device_type == "cpu":
-        return cpu_kernel("rope")
-    fits = 2 * num_heads < _NPU_ROTARY_MAX_HEADS_TIMES_TWO and head_dim < _NPU_ROTARY_MAX_HEAD_DIM and head_dim % 2 == 0
-    if device_type == "npu" and fits and npu_rotary_mul_fn() is not None:
-        return "npu_rotary_mul"
-    return "real"
+        kernel = cpu_kernel("rope")
+        return kernel, ("CPU fast path" if kernel == "complex" else "MOSS_TTS_CPU_FAST_PATHS=0: the accelerator path")
+    if device_type != "npu":
+        return "real", f"the portable kernel ({device_type} has no fused interleaved RoPE here)"
+    problem = _npu_rotary_problem(device, num_heads, head_dim, dtype)
+    return ("real", problem) if problem else ("npu_rotary_mul", "interleave mode: schema, SoC, jit_compile off and a "
+                                                                "probe call matching the real-valued kernel")
+
+
+def _npu_rotary_problem(device: Union[torch.device, str], num_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> Optional[str]:
+    if not (2 * num_heads < _NPU_ROTARY_MAX_HEADS_TIMES_TWO and head_dim < _NPU_ROTARY_MAX_HEAD_DIM
+            and head_dim % 2 == 0):
+        return (f"{num_heads} heads of {head_dim} are outside the interleave mode's documented shapes "
+                "(B*N < 1000 with N = 2 * heads, head_dim even and < 896)")
+    if npu_rotary_mul_fn() is None:
+        problem = npu_fused_kernel_problem()
+        return problem or "this torch_npu's npu_rotary_mul has no rotary_mode argument (rotate-half only)"
+    tolerance = _PROBE_TOLERANCE.get(dtype, 1e-2)
+    return rotary_interleave_problem(torch.npu, lambda: _probe_difference(device, num_heads, head_dim, dtype),
+                                     tolerance)
+
+
+# Largest |fused - real| accepted by the probe for inputs in [-1, 1): a few units in the last place of the dtype.
+_PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def _probe_difference(device: Union[torch.device, str], num_heads: int, head_dim: int, dtype: torch.dtype) -> float:
+    """max |npu_rotary_mul - real| of one tiny rotation (B=1, T=3, the model's heads and head_dim) on `device`."""
+    target = probe_tensor_device(device)
+    generator = torch.Generator().manual_seed(0)
+    qk = (torch.rand(1, 3, 2, num_heads, head_dim, generator=generator) * 2 - 1).to(target).to(dtype)
+    embedding = RotaryEmbedding(head_dim, 10000.0)
+    positions = torch.arange(5, 8, device=target)[None]  # (1, 3)
+    with torch.no_grad():
+        fused = embedding.rotation(positions, "npu_rotary_mul", dtype)(qk)
+        real = embedding.rotation(positions, "real", dtype)(qk)
+    return float((fused.cpu().float() - real.cpu().float()).abs().max())

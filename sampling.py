@@ -175,6 +175,10 @@ def select_tokens(
         race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     else:
         race = torch.cat([torch.empty_like(probs[:1]).exponential_(1.0, generator=g) for g in generator])
+    # Why the floor: an accelerator's float32 draw is -log(u) with u in (0, 1], so u = 1.0 gives exactly 0 (about
+    # once in 2**24 draws); p / 0 would make a zero-probability token NaN (0 / 0) and win argmax. Dividing by the
+    # smallest normal float instead keeps zero-probability tokens at 0 and every other p / race finite.
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
     return (probs / race).argmax(dim=-1)
 
 

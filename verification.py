@@ -128,7 +128,9 @@ def tolerance_for(dtype: str | torch.dtype) -> Tolerance:
 
 
 def _flat64(tensor: Any) -> torch.Tensor:
-    return torch.as_tensor(tensor).detach().to("cpu", torch.float64).flatten()
+    # Why copy first, then widen: `.to("cpu", torch.float64)` converts on the source device before the copy, and an
+    # NPU has no float64 kernels for most ops (and would hold a 4x larger temporary).
+    return torch.as_tensor(tensor).detach().cpu().to(torch.float64).flatten()
 
 
 def _same_shape(reference: torch.Tensor, other: torch.Tensor, what: str) -> None:
@@ -240,7 +242,8 @@ class TeacherForcedLogits:
         return torch.stack(columns, dim=-1)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "TeacherForcedLogits":
-        return TeacherForcedLogits(self.text.to(device, dtype), self.audio.to(device, dtype), self.codebook_sizes)
+        # Copy first, then widen (see `_flat64`): the cast runs where the tensors arrive, not on the accelerator.
+        return TeacherForcedLogits(self.text.to(device).to(dtype), self.audio.to(device).to(dtype), self.codebook_sizes)
 
 
 def _frame_rows(model: Any, audio_token_ids: torch.Tensor, nq: int, batch: int) -> torch.Tensor:
@@ -328,7 +331,7 @@ def measure_hidden(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> t
     with torch.no_grad():
         out = model(input_ids.to(device), mask.to(device), output_hidden_states=True)
     finite = all_finite(*out.hidden_states)
-    return out.last_hidden_state.float().cpu(), finite
+    return out.last_hidden_state.cpu().float(), finite
 
 
 def measure_greedy(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, frames: int, nq: int) -> torch.Tensor:
@@ -691,7 +694,8 @@ def _load_check(target: Target, context: _Context) -> tuple[CheckResult, Any]:
         parameter = next(model.parameters())
         kernels = plan.describe()  # which path this device runs, e.g. rope "complex (cpu fast path)" / "real"
         metrics = {"attention": {"global": global_impl, "local": local_impl}, "rope": kernels["rope"],
-                   "linear": kernels["linear"], "parameter_dtype": dtype_name(parameter.dtype),
+                   "linear": kernels["linear"], "rope_reason": plan.reasons.get("rope"),
+                   "attention_reason": plan.reasons.get("attention"), "parameter_dtype": dtype_name(parameter.dtype),
                    "parameter_device": str(parameter.device)}
         return Outcome(parameter.dtype == target.dtype, metrics, value=model)
 

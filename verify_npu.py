@@ -177,6 +177,7 @@ def demo_source(args: argparse.Namespace, prompt_audio: Optional[torch.Tensor]) 
     attention = args.attn_implementation
 
     def load_model(device: torch.device, dtype: torch.dtype) -> Any:
+        devices.use_device_in_this_thread(device)  # this script's thread works on that card (npu:N, cuda:N)
         model = copy.deepcopy(assets().model).to(device=device, dtype=dtype).eval()
         model.set_attention_implementation(attention)
         return model
@@ -199,6 +200,7 @@ def checkpoint_source(args: argparse.Namespace, prompt_audio: Optional[torch.Ten
     attention = args.attn_implementation
 
     def load_model(device: torch.device, dtype: torch.dtype) -> Any:
+        devices.use_device_in_this_thread(device)  # this script's thread works on that card (npu:N, cuda:N)
         model = load_checkpoint(path, dtype).to(device)
         model.set_attention_implementation(attention)
         return model
@@ -277,6 +279,17 @@ def _problems_and_notes(report: dict) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+def _kernel_plan_lines(report: dict) -> list[str]:
+    lines = []
+    for result in report["results"]:
+        load = result["checks"].get("load") or {}
+        if load.get("rope_reason"):
+            lines.append(f"- {result['device']} {result['dtype']}: rope {load['rope']} ({load['rope_reason']}); "
+                         f"attention {load['attention']['global']}/{load['attention']['local']} "
+                         f"({load.get('attention_reason')})")
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The report as Markdown: results table, problems, tolerances, environment."""
     env = report["environment"]
@@ -289,6 +302,9 @@ def format_table(report: dict) -> str:
         lines += ["", "Problems:", *problems]
     if notes:
         lines += ["", "Notes:", *notes]
+    plans = _kernel_plan_lines(report)
+    if plans:
+        lines += ["", "Kernel plan (why each RoPE / attention kernel was chosen):", *plans]
     lines += ["", "Tolerances (against the CPU float32 reference):", "",
               "| dtype | min cosine | max abs rel | min argmax agreement | min greedy divergence fraction | "
               "codec max abs rel | codec min SNR dB |", "|---|---|---|---|---|---|---|"]

@@ -364,6 +364,7 @@ SECTIONS = {"generation", "codec", "e2e", "concurrency"}
 
 def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     device = devices.resolve_device(args.device)
+    devices.use_device_in_this_thread(device)  # the script's own thread: streams and workspaces on that card
     dtype = devices.resolve_dtype(args.dtype, device)
     devices.seed_everything(0, device)
     assets = build_demo_assets(seed=0)

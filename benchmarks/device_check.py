@@ -163,9 +163,19 @@ def run_subprocess(step: Step, log: Path) -> Optional[int]:
 
 def _verify_summary(report: dict) -> tuple[bool, dict[str, Any]]:
     results = [{"device": r["device"], "dtype": r["dtype"], "passed": r["passed"],
-                "failed_checks": [name for name, check in r["checks"].items() if not check.get("passed", False)]}
+                "failed_checks": [name for name, check in r["checks"].items() if not check.get("passed", False)],
+                "kernel_plan": _kernel_plan(r["checks"].get("load") or {})}
                for r in report["results"]]
     return bool(report["overall_pass"]), {"targets": results}
+
+
+def _kernel_plan(load: dict[str, Any]) -> Optional[str]:
+    """The RoPE and attention kernels verify_npu's load check planned, and why (None when it did not load)."""
+    if "rope" not in load:
+        return None
+    attention = load.get("attention") or {}
+    return (f"rope {load['rope']} ({load.get('rope_reason')}); attention {attention.get('global')}/"
+            f"{attention.get('local')} ({load.get('attention_reason')})")
 
 
 def _benchmark_summary(report: dict) -> tuple[bool, dict[str, Any]]:
@@ -252,6 +262,10 @@ def format_markdown(report: dict, verify_table: Optional[str]) -> str:
              "| step | result | seconds | summary | log |", "|---|---|---|---|---|"]
     lines += [f"| {step['name']} | {'PASS' if step['passed'] else 'FAIL'} | {step['seconds']} | "
               f"{_summary_cell(step['summary'])} | {step['log']} |" for step in report["steps"]]
+    plans = [f"- {t['device']} {t['dtype']}: {t['kernel_plan']}" for step in report["steps"] if step["name"] == "verify"
+             for t in step["summary"].get("targets", []) if t.get("kernel_plan")]
+    if plans:
+        lines += ["", "## Kernel plan (RoPE and attention, and why)", "", *plans]
     if verify_table:
         lines += ["", "## verify_npu.py", "", verify_table.strip()]
     return "\n".join(lines) + "\n"

@@ -150,8 +150,11 @@ def test_dry_run_on_cpu_with_the_accelerator_absent_runs_every_step_and_reports(
     assert report["dtypes"] == ["float32"]
     steps = {step["name"]: step for step in report["steps"]}
     assert list(steps) == ["verify", "benchmark", "device_tests"] and all(s["passed"] for s in steps.values())
-    assert steps["verify"]["summary"]["targets"] == [{"device": "cpu", "dtype": "float32", "passed": True,
-                                                     "failed_checks": []}]
+    target, = steps["verify"]["summary"]["targets"]
+    plan = target.pop("kernel_plan")
+    assert target == {"device": "cpu", "dtype": "float32", "passed": True, "failed_checks": []}
+    assert plan.startswith("rope ") and "attention sdpa/sdpa (requested " in plan  # the plan and why
+    assert f"- cpu float32: {plan}" in out  # printed under "Kernel plan"
     assert steps["benchmark"]["summary"]["generation_frames_per_s"] > 0
     tests = steps["device_tests"]["summary"]
     assert tests["passed"] >= 5 and tests["failures"] == tests["errors"] == 0  # the device tests ran, on the CPU
