@@ -1,8 +1,10 @@
-"""Write model.safetensors next to a checkpoint folder's pytorch_model.bin, for machines with torch < 2.6.
+"""Write model.safetensors next to a checkpoint folder's pytorch_model.bin.
 
 Before torch 2.6, torch.load can run code from a crafted file even with weights_only=True (CVE-2025-32434), so
-transformers and this repository refuse pickled checkpoints there; the released MOSS-TTS-Nano ships one. Run this
-once on any machine with torch >= 2.6 (a CPU install is enough), then copy the folders to the older machine:
+transformers refuses pickled checkpoints there; the released MOSS-TTS-Nano ships one. This repository reads a
+single zip-format pytorch_model.bin there with safe_checkpoint.py (no unpickling), so converting is optional; a
+safetensors file loads faster and needs no pickle parsing at all. It runs on any torch (before 2.6 through the same
+reader):
 
     python convert_to_safetensors.py ./MOSS-TTS-Nano ./MOSS-Audio-Tokenizer-Nano
 
@@ -39,7 +41,7 @@ def convert_directory(directory: Path) -> Optional[Path]:
 
     Raises:
         ValueError: when the folder has neither a single-file pytorch_model.bin nor model.safetensors.
-        RuntimeError: on torch < 2.6 (the .bin cannot be read safely there).
+        UnsafeCheckpointError (a ValueError): on torch < 2.6, a .bin that is not a plain zip-format state dict.
     """
     source, target = directory / "pytorch_model.bin", directory / "model.safetensors"
     if not source.is_file() and target.is_file():

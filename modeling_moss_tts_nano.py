@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 # Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
@@ -46,8 +46,9 @@ try:
         validate_mode,
     )
     from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+    from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
     from .sampling import SamplingParams
-    from .torch_compat import add_load_state_dict_pre_hook
+    from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -78,8 +79,9 @@ except ImportError:  # not part of a package: imported from the repository root 
         validate_mode,
     )
     from rotary import ROTARY_KERNELS  # noqa: F401
+    from safe_checkpoint import UnsafeCheckpointError  # noqa: F401
     from sampling import SamplingParams
-    from torch_compat import add_load_state_dict_pre_hook
+    from torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,29 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self.post_init()  # ties the heads (transformers 5.x from `_tied_weights_keys`, 4.x through `_tie_weights`)
 
     # ------------------------------------------------------------------------------------------------ weights
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, plus the released ``pytorch_model.bin`` on torch < 2.6.
+
+        There transformers refuses to torch.load a .bin (CVE-2025-32434). A checkpoint whose only weights are a single
+        ``pytorch_model.bin`` is then read by ``safe_checkpoint.py`` (a plain state dict, without unpickling) and
+        handed over as ``state_dict``; anything else in the file raises ``UnsafeCheckpointError``. The Auto classes
+        (``trust_remote_code=True``) come through here too.
+        """
+        path = pretrained_model_name_or_path
+        pickled = None if kwargs.get("state_dict") is not None else pickled_only_weights(path, **kwargs)
+        if pickled is None:
+            return super().from_pretrained(path, *model_args, **kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(config or path, **{
+                k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision", "subfolder") if k in kwargs})
+        kwargs.update(config=config, state_dict=load_pickled_weights(pickled))
+        result = super().from_pretrained(None, *model_args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # a tuple with output_loading_info=True
+        model.name_or_path = model.config._name_or_path = str(path)  # where tokenizer and codec are looked for
+        return result
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte

@@ -2,10 +2,11 @@
 
 torch 2.3.1 is the oldest torch this repository supports: it is the torch of the torch_npu 2.3.1 / CANN stack
 that Ascend machines run with upstream's transformers 4.57.1. Here are a fallback for each newer API the code
-uses, the workaround for torch 2.3's CPU attention defect (``sdpa_mask``), and the refusal of pickled checkpoints
-before torch 2.6 (``load_pickled_weights``). tests/test_torch_compat.py scans the sources for direct uses of newer
-APIs and proves every fallback with the newer API removed. The codec (``audio_tokenizer/``) is its own
-remote-code package and has its own copy of what it needs (``audio_tokenizer/torch_compat.py``).
+uses, the workaround for torch 2.3's CPU attention defect (``sdpa_mask``), and pickled checkpoints before torch
+2.6 (``load_pickled_weights``: safe_checkpoint.py reads them without unpickling). tests/test_torch_compat.py scans
+the sources for direct uses of newer APIs and proves every fallback with the newer API removed. The codec
+(``audio_tokenizer/``) is its own remote-code package and has its own copy of what it needs
+(``audio_tokenizer/torch_compat.py``, ``audio_tokenizer/safe_checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+try:
+    from .safe_checkpoint import load_state_dict as read_zip_state_dict
+except ImportError:  # not part of a package: imported from the repository root or run as a script
+    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
+        raise
+    from safe_checkpoint import load_state_dict as read_zip_state_dict
 
 
 def torch_version() -> tuple[int, int]:
@@ -96,36 +104,68 @@ def sdpa_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
 
 
 # Why 2.6: before it, torch.load can run code from a crafted file even with weights_only=True (CVE-2025-32434), so
-# transformers refuses .bin checkpoints there, and this repository's own torch.load calls refuse them too.
+# transformers refuses .bin checkpoints there. This code reads a zip-format pytorch_model.bin there with
+# safe_checkpoint.py instead (no unpickling: a plain state dict or a refusal), and torch.load from 2.6 on.
 SAFE_TORCH_LOAD_VERSION = (2, 6)
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 
 def pickled_weights_refusal(path: "str | os.PathLike") -> str:
-    """Why ``path`` (a pickled checkpoint) is not loaded with this torch, and what to do instead."""
-    return (f"'{path}' is a pickled checkpoint, which torch {torch.__version__} cannot load safely (before torch "
-            "2.6, torch.load can run code from a crafted file even with weights_only=True: CVE-2025-32434; "
-            "transformers refuses it too): convert it once to model.safetensors on a machine with torch >= 2.6 "
-            "(`python convert_to_safetensors.py DIR` in the MOSS-TTS-Nano repository), or upgrade torch")
-
-
-def pickled_weights_problem(directory: "str | os.PathLike") -> "str | None":
-    """The refusal for a checkpoint folder whose only weights are pickled and this torch predates 2.6, else None."""
-    if torch_version() >= SAFE_TORCH_LOAD_VERSION:
-        return None
-    if any(os.path.isfile(os.path.join(directory, name)) for name in SAFETENSORS_WEIGHTS):
-        return None
-    pickled = [name for name in PICKLED_WEIGHTS if os.path.isfile(os.path.join(directory, name))]
-    return pickled_weights_refusal(os.path.join(directory, pickled[0])) if pickled else None
+    """Why ``path`` (a sharded pickled checkpoint) is not loaded with this torch, and what to do instead."""
+    return (f"'{path}' is a sharded pickled checkpoint, which torch {torch.__version__} cannot load safely (before "
+            "torch 2.6, torch.load can run code from a crafted file even with weights_only=True: CVE-2025-32434; "
+            "transformers refuses it too, and only a single pytorch_model.bin is read without torch.load): convert "
+            "it once to model.safetensors on a machine with torch >= 2.6, or upgrade torch")
 
 
 def load_pickled_weights(path: "str | os.PathLike", **kwargs: Any) -> Any:
-    """``torch.load(path, weights_only=True, **kwargs)``, refused with the remedy where torch predates 2.6.
+    """``torch.load(path, weights_only=True, **kwargs)``; before torch 2.6 ``safe_checkpoint.load_state_dict(path,
+    map_location)`` instead (other keywords, such as ``mmap``, are then ignored).
 
     Raises:
-        RuntimeError: on torch < 2.6 (see ``pickled_weights_refusal``).
+        UnsafeCheckpointError: (torch < 2.6) anything but a plain zip-format state dict.
     """
     if torch_version() < SAFE_TORCH_LOAD_VERSION:
-        raise RuntimeError(pickled_weights_refusal(path))
+        return read_zip_state_dict(path, map_location=kwargs.get("map_location", "cpu"))
     return torch.load(path, weights_only=True, **kwargs)
+
+
+def pickled_only_weights(path: "str | os.PathLike | None", **hub_kwargs: Any) -> "str | None":
+    """The ``pytorch_model.bin`` that ``from_pretrained`` must read with ``load_pickled_weights`` because transformers
+    refuses it (torch < 2.6, no safetensors weights beside it), else None.
+
+    Args:
+        path: a checkpoint folder or hub id (None and file paths: None).
+        hub_kwargs: ``from_pretrained``'s download arguments (the names in ``HUB_ARGUMENTS``; others ignored).
+    """
+    if torch_version() >= SAFE_TORCH_LOAD_VERSION or path is None or os.path.isfile(path):
+        return None
+    hub = {name: hub_kwargs[name] for name in HUB_ARGUMENTS if hub_kwargs.get(name) is not None}
+    if os.path.isdir(path):
+        folder = os.path.join(path, hub.get("subfolder", ""))
+        if any(os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_WEIGHTS):
+            return None
+        candidate = os.path.join(folder, PICKLED_WEIGHTS[0])
+        return candidate if os.path.isfile(candidate) else None
+    from transformers.utils import cached_file  # a hub id: the files transformers itself would look for
+
+    def find(name: str) -> "str | None":
+        return cached_file(str(path), name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+
+    if any(find(name) for name in SAFETENSORS_WEIGHTS):
+        return None
+    return find(PICKLED_WEIGHTS[0])
+
+
+def pickled_weights_problem(directory: "str | os.PathLike") -> "str | None":
+    """The refusal for a checkpoint folder whose only weights are a sharded .bin and this torch predates 2.6, else
+    None (a single pytorch_model.bin is read with safe_checkpoint.py there)."""
+    if torch_version() >= SAFE_TORCH_LOAD_VERSION:
+        return None
+    present = {name for name in (*SAFETENSORS_WEIGHTS, *PICKLED_WEIGHTS) if os.path.isfile(os.path.join(directory, name))}
+    if present & {*SAFETENSORS_WEIGHTS, PICKLED_WEIGHTS[0]} or PICKLED_WEIGHTS[1] not in present:
+        return None
+    return pickled_weights_refusal(os.path.join(directory, PICKLED_WEIGHTS[1]))

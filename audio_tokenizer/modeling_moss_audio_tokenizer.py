@@ -43,7 +43,8 @@ from .configuration_moss_audio_tokenizer import (
     normalize_attention_implementation,
     normalize_compute_dtype,
 )
-from .torch_compat import add_load_state_dict_pre_hook, autocast_available
+from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
+from .torch_compat import add_load_state_dict_pre_hook, autocast_available, load_pickled_weights, pickled_only_weights
 
 logger = logging.get_logger(__name__)
 
@@ -183,23 +184,29 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "MossAudioTokenizerModel":
-        """``PreTrainedModel.from_pretrained``, plus legacy key names (CODEC_SPEC §2) in local checkpoints.
+        """``PreTrainedModel.from_pretrained``, plus legacy key names (CODEC_SPEC §2) in local checkpoints, and the
+        released ``pytorch_model.bin`` on torch < 2.6.
 
-        A local checkpoint with legacy names is read here, renamed, and handed over as ``state_dict``.
+        A local checkpoint with legacy names is read here, renamed, and handed over as ``state_dict``. So is a
+        checkpoint whose only weights are ``pytorch_model.bin`` where torch predates 2.6 (transformers refuses to
+        torch.load it there): ``safe_checkpoint.py`` reads it without unpickling, or refuses it.
         """
-        path = pretrained_model_name_or_path
-        if kwargs.get("state_dict") is None and path is not None and os.path.isdir(path):
-            keys = read_checkpoint_keys(path)
-            if keys is not None and has_legacy_keys(keys):
-                state_dict = load_checkpoint_state_dict(path)
+        path, name = pretrained_model_name_or_path, None
+        if kwargs.get("state_dict") is None and path is not None:
+            pickled = pickled_only_weights(path, **kwargs)
+            keys = read_checkpoint_keys(path) if pickled is None and os.path.isdir(path) else None
+            if pickled is not None or (keys is not None and has_legacy_keys(keys)):
+                state_dict = load_pickled_weights(pickled) if pickled else load_checkpoint_state_dict(path)
                 remap_legacy_keys_in_place(state_dict)
                 config = kwargs.pop("config", None)
                 if not isinstance(config, PretrainedConfig):
                     config = MossAudioTokenizerConfig.from_pretrained(config or path)
                 kwargs.update(config=config, state_dict=state_dict)
-                path = None
+                name, path = str(path), None
         result = super().from_pretrained(path, *model_args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result  # a tuple with output_loading_info=True
+        if name is not None:  # where the weights came from, as transformers records it
+            model.name_or_path = model.config._name_or_path = name
         model.refresh_weight_norm()
         return result
 

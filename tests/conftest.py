@@ -17,11 +17,11 @@ if str(ROOT) not in sys.path:
 
 from torch_compat import SAFE_TORCH_LOAD_VERSION, torch_version  # noqa: E402
 
-# Before torch 2.6 transformers and this repository refuse .bin checkpoints (test_torch_compat proves the refusal).
+# Before torch 2.6 torch.load is unsafe: .bin checkpoints are read by safe_checkpoint.py there (tests/test_safe_checkpoint.py).
 needs_safe_torch_load = pytest.mark.skipif(
     torch_version() < SAFE_TORCH_LOAD_VERSION,
-    reason=f"torch {torch.__version__} cannot load .bin checkpoints safely (CVE-2025-32434); "
-           "tests/test_torch_compat.py checks that they are refused with the remedy",
+    reason=f"torch {torch.__version__} has no safe torch.load (CVE-2025-32434); "
+           "tests/test_safe_checkpoint.py covers the reader used there instead",
 )
 
 # The tests run tiny models made of thousands of small ops: on a small shared CPU, OpenMP barriers between

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel
 from audio_tokenizer.codec_checkpoint import rename_legacy_key
 from audio_tokenizer.configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
 from audio_tokenizer.modeling_moss_audio_tokenizer import MossAudioTokenizerModel
-from conftest import needs_safe_torch_load, shared_path
+from conftest import shared_path
 from test_codec_common import (  # noqa: F401 (single_thread is an autouse fixture)
     ROOT,
     copy_codec_code,
@@ -99,8 +99,7 @@ def test_save_pretrained_round_trip_through_auto_model(tmp_path):
     assert all(torch.equal(value, original[key]) for key, value in again.state_dict().items())
 
 
-@needs_safe_torch_load
-def test_pytorch_model_bin_is_loaded(tmp_path):
+def test_pytorch_model_bin_is_loaded(tmp_path):  # before torch 2.6 through safe_checkpoint.py
     model = tiny_model(seed=5)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")

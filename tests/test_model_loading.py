@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
-from conftest import ROOT, needs_safe_torch_load, shared_path
+from conftest import ROOT, shared_path
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
 TINY = dict(gpt2_config=dict(n_embd=32, n_head=4, n_layer=2, n_inner=64, vocab_size=64, n_positions=256),
@@ -98,7 +98,7 @@ def _write_bin(model, directory):
     torch.save(state, directory / "pytorch_model.bin")
 
 
-@pytest.mark.parametrize("layout", [pytest.param("bin", marks=needs_safe_torch_load), "safetensors", "sharded"])
+@pytest.mark.parametrize("layout", ["bin", "safetensors", "sharded"])  # bin: safe_checkpoint.py before torch 2.6
 def test_checkpoint_formats_load_through_the_auto_classes(tmp_path, reference, layout, transformers_warnings):
     directory = remote_code_dir(tmp_path / f"ckpt_{layout}")
     if layout == "bin":

@@ -288,25 +288,45 @@ def _bin_folder(directory: pathlib.Path, model: MossTTSNanoForCausalLM) -> pathl
     return directory
 
 
-def test_simulated_torch_2_5_refuses_pickled_weights_with_the_remedy(monkeypatch, tmp_path):
+def test_simulated_torch_2_5_reads_a_single_bin_without_torch_load(monkeypatch, tmp_path, capsys):
     for module in (torch_compat, codec_compat):
         monkeypatch.setattr(module, "torch_version", lambda: (2, 5))
+    monkeypatch.setattr(torch, "load", _no_torch_load)  # the path a torch < 2.6 takes never calls it
+    reference = _tiny_tts()
+    folder = _bin_folder(tmp_path / "tts", reference)
+    model = cli_common.load_checkpoint(folder, torch.float32)  # MossTTSNanoForCausalLM.from_pretrained
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert model.text_lm_head.weight is model.transformer.wte.weight and model.name_or_path == str(folder)
+    shapes = cli_common._checkpoint_shapes(folder)  # the meta-device read
+    assert shapes["transformer.wte.weight"] == (64, 32)
+    assert convert_to_safetensors.main([str(folder)]) == 0 and (folder / "model.safetensors").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_simulated_torch_2_5_refuses_a_sharded_bin_with_the_remedy(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch_compat, "torch_version", lambda: (2, 5))
     folder = _bin_folder(tmp_path / "tts", _tiny_tts())
-    with pytest.raises(RuntimeError, match=r"CVE-2025-32434.*convert_to_safetensors\.py"):
+    (folder / "pytorch_model.bin").rename(folder / "pytorch_model-00001-of-00001.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(
+        '{"weight_map": {"transformer.wte.weight": "pytorch_model-00001-of-00001.bin"}}')
+    with pytest.raises(RuntimeError, match=r"sharded pickled checkpoint.*CVE-2025-32434.*model\.safetensors"):
         cli_common.load_checkpoint(folder, torch.float32)
-    with pytest.raises(RuntimeError, match="convert it once to model.safetensors"):
-        codec_compat.load_pickled_weights(folder / "pytorch_model.bin", map_location="cpu")
-    assert convert_to_safetensors.main([str(folder)]) == 1
-    assert not (folder / "model.safetensors").exists()
 
 
-def test_codec_bin_checkpoint_is_refused_before_torch_2_6(monkeypatch, tmp_path):
+def test_simulated_torch_2_5_reads_the_codec_bin_without_torch_load(monkeypatch, tmp_path):
     monkeypatch.setattr(codec_compat, "torch_version", lambda: (2, 5))
+    monkeypatch.setattr(torch, "load", _no_torch_load)
     model = tiny_codec(seed=5)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(RuntimeError, match="CVE-2025-32434"):
-        MossAudioTokenizerModel.from_pretrained(tmp_path)
+    loaded = MossAudioTokenizerModel.from_pretrained(tmp_path)
+    codes = random_codes(3, seed=6)
+    assert torch.equal(loaded.batch_decode([codes]).audio, model.batch_decode([codes]).audio)
+
+
+def _no_torch_load(*args, **kwargs):
+    raise AssertionError("torch.load was called")
 
 
 @needs_safe_torch_load
@@ -336,6 +356,7 @@ def test_converter_needs_a_bin_file_and_leaves_safetensors_folders_alone(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["add_load_state_dict_pre_hook", "sdpa_mask", "_cpu_sdpa_nan_after_masked_key_block",
-                                  "torch_version", "pickled_weights_refusal", "load_pickled_weights"])
+                                  "torch_version", "pickled_weights_refusal", "load_pickled_weights",
+                                  "pickled_only_weights"])
 def test_the_codec_copy_of_a_shared_helper_is_the_same_code(name):
     assert inspect.getsource(getattr(torch_compat, name)) == inspect.getsource(getattr(codec_compat, name))
