@@ -43,7 +43,7 @@ try:
         rotate_pairs,
         rotate_real,
     )
-    from .npu_probes import fusion_attention_limits, fusion_attention_shape_problem
+    from .npu_probes import fusion_attention_fits, fusion_attention_limits
     from .torch_compat import sdpa_mask
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
@@ -66,7 +66,7 @@ except ImportError:  # not part of a package: imported from the repository root 
         rotate_pairs,
         rotate_real,
     )
-    from npu_probes import fusion_attention_limits, fusion_attention_shape_problem
+    from npu_probes import fusion_attention_fits, fusion_attention_limits
     from torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def npu_fusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     kernel = npu_fusion_attention_fn()
     # Shapes outside what the installed torch_npu documents (e.g. one-row decode steps where S must be a multiple of
     # 16) run SDPA: decided from the shape before the call, never by catching a kernel error.
-    if q.dtype not in _HALF_DTYPES or kernel is None or fusion_attention_shape_problem(q, k) is not None:
+    if q.dtype not in _HALF_DTYPES or kernel is None or not fusion_attention_fits(q, k):
         return sdpa_attention(q, k, v, mask, scale)
     dropped = mask.dropped(q.shape[2], k.shape[2], q.device)  # [B,1,Sq,Skv] or [Sq,Skv]: both documented shapes
     out = kernel(

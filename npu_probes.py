@@ -10,8 +10,8 @@
   read once per process): the docs of 2.1.0.post8, 2.3.1 to 2.3.1.post4 and 2.4.0 to 2.4.0.post2 require every
   sequence length to be a multiple of 16 (so one-row decode steps never qualify) and head_dim in {64, 80, 96, 120,
   128, 256}; later docs allow S up to 1M, head_dim up to 768 and up to 256 heads. The attention backend asks
-  ``FusionAttentionLimits.problem`` (integer comparisons, decided per shape class before the call, never by
-  catching a kernel error) and runs SDPA for shapes outside them.
+  ``fusion_attention_fits`` (integer comparisons, decided per shape class before the call, never by catching a
+  kernel error) and runs SDPA for shapes outside them.
 """
 
 from __future__ import annotations
@@ -94,8 +94,17 @@ class FusionAttentionLimits:
     max_heads: Optional[int]
     max_batch: Optional[int]
 
+    def shape_class(self, batch: int, heads: int, num_queries: int, num_keys: int, head_dim: int) -> tuple[bool, ...]:
+        """Which documented limits a BNSD call of this shape meets: (query length, key length, head_dim, heads,
+        batch), each True or False. Integer comparisons only: the attention backend asks before every call."""
+        return (1 <= num_queries <= self.max_sequence and num_queries % self.sequence_multiple == 0,
+                1 <= num_keys <= self.max_sequence and num_keys % self.sequence_multiple == 0,
+                1 <= head_dim <= self.max_head_dim and (self.head_dims is None or head_dim in self.head_dims),
+                self.max_heads is None or heads <= self.max_heads,
+                self.max_batch is None or batch <= self.max_batch)
+
     def problem(self, batch: int, heads: int, num_queries: int, num_keys: int, head_dim: int) -> Optional[str]:
-        """Which documented limit a BNSD call of this shape breaks, or None when it is within all of them."""
+        """Which documented limit a BNSD call of this shape breaks (a message), or None when it is within all."""
         for name, length in (("query", num_queries), ("key", num_keys)):
             if not 1 <= length <= self.max_sequence:
                 return f"{name} length {length} is outside 1..{self.max_sequence}"
@@ -154,22 +163,25 @@ def fusion_attention_limits() -> FusionAttentionLimits:
     return limits_for_release(_installed_torch_npu_version())
 
 
-_SHAPE_CLASSES_LOGGED: set[str] = set()
+_SHAPE_CLASSES_LOGGED: set[tuple[bool, ...]] = set()
 
 
-def fusion_attention_shape_problem(query: torch.Tensor, key: torch.Tensor) -> Optional[str]:
-    """Why a (B, N, S, D) query/key pair is outside the installed release's documented shapes, or None.
+def fusion_attention_fits(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether a (B, N, S, D) query/key pair is within the installed release's documented shapes.
 
-    Logged once per kind of problem (a shape class such as "decode steps: query length 1 is not a multiple of 16").
+    Decided from the shape class (`FusionAttentionLimits.shape_class`) before the call; each class outside the
+    limits is logged once, with the first shape that fell in it.
     """
     batch, heads, num_queries, head_dim = query.shape
-    problem = fusion_attention_limits().problem(batch, heads, num_queries, key.shape[2], head_dim)
-    if problem is not None:
-        shape_class = re.sub(r"\d+", "N", problem)
-        if shape_class not in _SHAPE_CLASSES_LOGGED:
-            _SHAPE_CLASSES_LOGGED.add(shape_class)
-            logger.info("npu_fusion_attention: %s (%s); those calls run sdpa", problem, fusion_attention_limits().docs)
-    return problem
+    limits = fusion_attention_limits()
+    shape_class = limits.shape_class(batch, heads, num_queries, key.shape[2], head_dim)
+    if all(shape_class):
+        return True
+    if shape_class not in _SHAPE_CLASSES_LOGGED:
+        _SHAPE_CLASSES_LOGGED.add(shape_class)
+        logger.info("npu_fusion_attention: %s (%s); calls of this kind run sdpa",
+                    limits.problem(batch, heads, num_queries, key.shape[2], head_dim), limits.docs)
+    return False
 
 
 def clear_caches() -> None:

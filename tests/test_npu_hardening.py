@@ -145,6 +145,8 @@ def test_fusion_attention_limits_follow_the_release_docs(version, sixteen):
     assert (limits.problem(1, 12, 1, 37, 64) is None) == (not sixteen)  # a decode step
     assert limits.problem(1, 12, 32, 48, 64) is None
     assert limits.problem(1, 12, 32, 48, 772) is not None  # head_dim beyond every release's docs
+    for shape in ((1, 12, 1, 37, 64), (1, 12, 32, 48, 64), (1, 12, 32, 48, 772), (3, 300, 16, 16, 64)):
+        assert all(limits.shape_class(*shape)) == (limits.problem(*shape) is None), shape
 
 
 def test_kernel_plan_names_the_fused_attention_shapes(monkeypatch):
