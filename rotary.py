@@ -185,7 +185,8 @@ def _npu_rotary_problem(device: Union[torch.device, str], num_heads: int, head_d
                 "(B*N < 1000 with N = 2 * heads, head_dim even and < 896)")
     if npu_rotary_mul_fn() is None:
         problem = npu_fused_kernel_problem()
-        return problem or "this torch_npu's npu_rotary_mul has no rotary_mode argument (rotate-half only)"
+        return problem or ("this torch_npu has no npu_rotary_mul with a rotary_mode argument (2.3.1-2.3.1.post4 and "
+                           "2.4.0-2.4.0.post2 have only the rotate-half op)")
     tolerance = _PROBE_TOLERANCE.get(dtype, 1e-2)
     return rotary_interleave_problem(torch.npu, lambda: _probe_difference(device, num_heads, head_dim, dtype),
                                      tolerance)
