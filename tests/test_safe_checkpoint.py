@@ -5,6 +5,7 @@ work, and mutated checkpoints raise only the reader's own error (hypothesis)."""
 from __future__ import annotations
 
 import collections
+import importlib
 import io
 import os
 import pathlib
@@ -169,6 +170,50 @@ def test_the_bin_golden_never_reaches_torch_load_before_torch_2_6(tmp_path, monk
     model, info = MossTTSNanoForCausalLM.from_pretrained(str(root), dtype=torch.float16, output_loading_info=True)
     assert not info["missing_keys"] and model.transformer.wte.weight.dtype == torch.float16
     assert torch.equal(model.transformer.wte.weight, weights["transformer.wte.weight"].half())
+
+
+def test_the_codec_loader_reads_a_bin_codec_without_torch_load_before_torch_2_6(tmp_path, monkeypatch):
+    import codec_loading
+    from test_codec_common import random_codes, tiny_model as tiny_codec
+
+    codec = tiny_codec(seed=5)
+    codec.config.save_pretrained(tmp_path)
+    torch.save(codec.state_dict(), tmp_path / "pytorch_model.bin")
+    module = codec_loading.codec_code_module()  # the codec package the loader imports
+    compat = importlib.import_module(module.__name__.rsplit(".", 1)[0] + ".torch_compat")
+    monkeypatch.setattr(compat, "torch_version", lambda: (2, 5))
+    monkeypatch.setattr(torch, "load", _refuse_torch_load)
+    loaded = codec_loading.load_codec(tmp_path)
+    codes = random_codes(3, seed=6)
+    assert torch.equal(loaded.batch_decode([codes]).audio, codec.batch_decode([codes]).audio)
+
+
+def _refuse_torch_load(*args, **kwargs):
+    raise AssertionError("torch.load was called")
+
+
+@pytest.mark.parametrize(("hub_files", "expected"), [
+    ({"pytorch_model.bin"}, "pytorch_model.bin"),
+    ({"pytorch_model.bin", "model.safetensors"}, None),
+    ({"pytorch_model.bin", "model.safetensors.index.json"}, None),
+    (set(), None),
+])
+def test_hub_ids_are_routed_like_folders_before_torch_2_6(monkeypatch, hub_files, expected):
+    import transformers.utils
+
+    asked = []
+
+    def cached_file(repo, name, **kwargs):
+        asked.append((repo, name, kwargs.get("revision")))
+        return f"/cache/{name}" if name in hub_files else None
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    monkeypatch.setattr(torch_compat, "torch_version", lambda: (2, 5))
+    found = torch_compat.pickled_only_weights("OpenMOSS-Team/MOSS-TTS-Nano", revision="main", trust_remote_code=True)
+    assert found == (None if expected is None else f"/cache/{expected}")
+    assert asked and all(call[:1] == ("OpenMOSS-Team/MOSS-TTS-Nano",) and call[2] == "main" for call in asked)
+    monkeypatch.setattr(torch_compat, "torch_version", lambda: (2, 6))
+    assert torch_compat.pickled_only_weights("OpenMOSS-Team/MOSS-TTS-Nano") is None  # torch.load is safe there
 
 
 def test_the_codec_carries_an_identical_copy():
