@@ -580,7 +580,8 @@ def npu_fused_kernel_problem() -> Optional[str]:
     if supported:
         return None
     return (f"this NPU ({name or 'unknown SoC'}, SoC version {version}) is not an Atlas A2/A3 card "
-            "(Ascend910B1-B4, Ascend910_93xx), the only ones torch_npu documents the kernel for")
+            "(Ascend910B1-B4, Ascend910_93xx), the only ones torch_npu documents these kernels for "
+            "(npu_fusion_attention: A2 only)")
 
 
 def npu_fusion_attention_problem() -> Optional[str]:

@@ -28,6 +28,7 @@ import collections
 import os
 import pickletools
 import re
+import reprlib
 import sys
 import zipfile
 from typing import Any, Optional, Union
@@ -218,7 +219,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr for messages (reprlib stops at a few levels, so a deeply nested payload cannot recurse)."""
+    text = reprlib.repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 

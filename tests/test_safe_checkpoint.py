@@ -281,6 +281,7 @@ def test_code_execution_payloads_are_refused_unexecuted(tmp_path, kind):
     (_call(_text("not callable")), r"a call of str"),
     (_global("torch._utils", "_rebuild_parameter"), r"global torch\._utils\._rebuild_parameter"),
     (_global("torch", "load"), r"global torch\.load"),
+    (_call(_global("collections", "OrderedDict"), b")" + b"\x85" * 100_000), r"a call of collections\.OrderedDict"),
     (_tensor("0", 6, (6,), (1,)) + b"}" + _text("requires_grad") + b"\x88sb", r"BUILD other than"),  # setstate
 ])
 def test_reduce_and_build_are_limited_to_the_state_dict_calls(tmp_path, opcodes, match):
