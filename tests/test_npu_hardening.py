@@ -249,3 +249,16 @@ def test_simulated_get_device_name_ignores_its_index_like_later_releases():
     cards = npu_simulation.simulated_cards(("Ascend910B3", "Ascend910B4"), current=0)
     assert cards.get_device_name(1) == "Ascend910B3"  # torch_npu 2.1.0.post12, 2.3.1.post6, 2.4.0.post4, 2.5.1 on
     assert cards.get_device_properties(1).name == "Ascend910B4"
+
+
+def test_infer_npu_prints_the_planned_kernels_and_why(monkeypatch):
+    import infer_npu
+    from pipeline_assets import tiny_tts
+
+    npu_simulation.install(monkeypatch, npu_simulation.simulated_cards(jit_compile=True))
+    model = tiny_tts()
+    line = infer_npu.kernel_reasons(model)  # the CPU model: the CPU's plan
+    assert line.startswith("kernels: rope=") and "attention=sdpa/sdpa (requested " in line
+    plan = _plan()  # what the same line says for an NPU whose torch_npu runs the aclop npu_rotary_mul
+    monkeypatch.setattr(model, "kernel_plan", lambda: plan)
+    assert "rope=real (JIT compilation is on" in infer_npu.kernel_reasons(model)
