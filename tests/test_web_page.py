@@ -291,6 +291,22 @@ def test_the_page_follows_a_server_that_documents_its_request_and_needs_a_key(ti
         assert float(result["audioSeconds"]) == pytest.approx(FRAMES * SAMPLES_PER_FRAME / 48000, abs=1e-3)
 
 
+def test_stop_ends_the_request_and_frees_its_slot(server, open_page):
+    page = open_page(server.url)
+    page.locator("summary").click()
+    page.locator("#max_new_frames").fill("1500")
+    page.get_by_test_id("speak").click()
+    page.wait_for_selector("[data-testid=status][data-first-audio-ms]")
+    assert httpx.get(server.url + "/health").json()["active"] == 1
+    page.get_by_test_id("stop").click()
+    page.wait_for_selector("[data-testid=status][data-state=error]:has-text('Stopped.')")
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/health").json()["active"] != 0:  # the server cancelled it on the disconnect
+        assert time.monotonic() < deadline, "the stopped request still holds its slot"
+        time.sleep(0.05)
+    assert page.get_by_test_id("speak").is_enabled() and not page.get_by_test_id("stop").is_enabled()
+
+
 def test_a_format_that_cannot_stream_plays_once_complete(server, open_page):
     page = open_page(server.url)
     page.get_by_test_id("format").select_option("flac")

@@ -169,8 +169,13 @@ async function speak(event) {
     const type = live ? null : response.headers.get("Content-Type") || "application/octet-stream";
     await finish(chunks, { format, type, rate, channels, wall, seconds: live ? bytes / (2 * channels * rate) : null });
   } catch (error) {
-    if (error.name === "AbortError") setStatus("error", "Stopped.");
-    else setStatus("error", `The audio stream broke off: ${error.message}`);
+    if (error.name === "AbortError") {
+      if (ui.player) ui.player.stop();
+      ui.player = null;
+      setStatus("error", "Stopped.");
+    } else {
+      setStatus("error", `The audio stream broke off: ${error.message}`);
+    }
   } finally {
     ui.abort = null;
     setBusy(false);
@@ -263,7 +268,8 @@ class PcmPlayer {  // 16-bit little-endian interleaved PCM, scheduled back to ba
 
   stop() {
     for (const source of this.sources) source.stop();
-    this.context.close();
+    this.sources = [];
+    if (this.context.state !== "closed") this.context.close();
   }
 }
 
@@ -403,6 +409,7 @@ function resetResult() {
   }
   ["first-audio", "audio-seconds", "rtf"].forEach((id) => showMetric(id, "–"));
   $("audio").removeAttribute("src");
+  $("audio").load();  // forget the previous result's duration
   $("download").hidden = true;
   ui.urls.splice(0).forEach((url) => URL.revokeObjectURL(url));
 }
