@@ -15,6 +15,9 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 # route -> (file under web/, media type); the page's whole footprint on the server
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/web/app.js": ("app.js", "text/javascript; charset=utf-8")}
+CONFIG_ROUTE = "/web/config.json"
+# Served without an API key (like /health): the page must load to ask for the key; nothing here is secret.
+PAGE_PATHS = frozenset({*PAGE_FILES, CONFIG_ROUTE})
 # why: the page is same-origin only; these keep other sites from framing it or guessing types
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                 "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
@@ -63,4 +66,4 @@ def add_web_page(app: Any, demo: bool, defaults: dict[str, Any], directory: Path
     async def web_config() -> JSONResponse:
         return JSONResponse(config, headers={"Cache-Control": "no-cache"})
 
-    app.add_api_route("/web/config.json", web_config, methods=["GET"], include_in_schema=False)
+    app.add_api_route(CONFIG_ROUTE, web_config, methods=["GET"], include_in_schema=False)

@@ -16,6 +16,7 @@ import torch
 
 import serve_npu
 import speech_api
+import web_page
 from audio_io import load_prompt_audio
 from pipeline_assets import TinyAssets
 from serve_assets import GREEDY_DEFAULTS, running_server, tiny_engine, tiny_state, write_voices
@@ -249,7 +250,7 @@ def test_a_microphone_recording_is_sent_as_a_wav_reference(server, open_page, en
 
 def test_the_page_follows_a_server_that_documents_its_request_and_needs_a_key(tiny, voices_dir, open_page):
     """What the hardened server offers (a documented body with formats and speed, an API key) is found at runtime:
-    simulated here by a schema set on the app and a key check in front of the API."""
+    simulated here by a schema set on the app and a key check in front of everything but /health and the page."""
     args = serve_npu.build_parser().parse_args(["--demo", *FLAGS])
     engine = PacedEngine(tiny_engine(tiny), PACE)  # its own: stopping this server stops its engine
     state = tiny_state(tiny, engine, speech_api.load_voices(voices_dir, tiny.codec), flags=FLAGS)
@@ -266,7 +267,8 @@ def test_the_page_follows_a_server_that_documents_its_request_and_needs_a_key(ti
 
     @app.middleware("http")
     async def require_key(request, call_next):
-        if request.url.path.startswith("/v1/") and request.headers.get("authorization") != "Bearer sesame":
+        open_paths = {"/health", *web_page.PAGE_PATHS}  # as the hardened server: the schema needs the key too
+        if request.url.path not in open_paths and request.headers.get("authorization") != "Bearer sesame":
             error = speech_api.ApiError(401, "Incorrect API key provided", code="invalid_api_key")
             return error.response()
         return await call_next(request)
@@ -274,7 +276,7 @@ def test_the_page_follows_a_server_that_documents_its_request_and_needs_a_key(ti
     with running_server(state, app=app) as hardened:
         page = open_page(hardened.url, ready=False)
         page.wait_for_selector("[data-testid=status][data-state=error]")
-        assert page.get_by_test_id("key").is_visible()
+        assert page.get_by_test_id("key").is_visible() and not page.get_by_test_id("speed").is_visible()
         assert page.locator('[data-error-for="api_key"]').text_content() == "Incorrect API key provided"
         page.get_by_test_id("key").fill("sesame")
         page.get_by_test_id("key").dispatch_event("change")

@@ -17,7 +17,7 @@ const UNDOCUMENTED_FORMATS = ["wav", "pcm", "flac"];
 const LIVE_FORMATS = ["wav", "pcm"];  // played as they stream (requested as pcm; wav is built here)
 const MAX_RECORD_SECONDS = 20;
 
-const server = { fields: new Set(UNDOCUMENTED_FIELDS), formats: UNDOCUMENTED_FORMATS, speed: null, defaults: {} };
+const server = { fields: new Set(UNDOCUMENTED_FIELDS), formats: UNDOCUMENTED_FORMATS, speed: null };
 const ui = { reference: null, recorder: null, abort: null, player: null, urls: [] };
 
 // ------------------------------------------------------------------------------------------------ discovery
@@ -50,10 +50,11 @@ function findInSchema(doc, schema, pick) {  // the first value pick() finds in t
   return null;
 }
 
-function applySchema(doc) {
+function applySchema(doc) {  // the request fields, formats and speed range the server documents
   const content = doc?.paths?.["/v1/audio/speech"]?.post?.requestBody?.content || {};
   const body = resolveRef(doc, (content["application/json"] || {}).schema);
   const properties = body && body.properties;
+  Object.assign(server, { fields: new Set(UNDOCUMENTED_FIELDS), formats: UNDOCUMENTED_FORMATS, speed: null });
   if (!properties) return;  // undocumented: the fields and formats of the plain server
   server.fields = new Set(Object.keys(properties));
   server.formats = findInSchema(doc, properties.response_format, (s) => s.enum) || UNDOCUMENTED_FORMATS;
@@ -64,27 +65,32 @@ function applySchema(doc) {
   }
 }
 
-function buildControls(config) {
-  server.defaults = (config && config.defaults) || {};
-  $("demo-note").hidden = !(config && config.demo);
+function buildSampling(defaults) {  // once: an input per sampling field, its placeholder the server's default
   const grid = $("sampling");
   for (const [name, , step] of SAMPLING) {
-    if (!server.fields.has(name)) continue;
     const field = document.createElement("div");
     field.className = "field";
     field.innerHTML = `<label for="${name}">${name}</label><input id="${name}" data-param="${name}" type="number"
       step="${step}"><p class="error" data-error-for="${name}"></p>`;
-    const value = server.defaults[name];
+    const value = defaults[name];
     field.querySelector("input").placeholder = value == null ? "default" : String(value);
     grid.appendChild(field);
   }
-  if (server.defaults.do_sample != null) $("do_sample").options[0].text = `default (${server.defaults.do_sample})`;
-  const format = $("format");
-  for (const name of server.formats) format.add(new Option(name, name, name === "wav", name === "wav"));
-  if (server.speed) {
-    Object.assign($("speed"), { min: server.speed.low, max: server.speed.high, value: 1 });
-    $("speed-field").hidden = false;
-  }
+  if (defaults.do_sample != null) $("do_sample").options[0].text = `default (${defaults.do_sample})`;
+}
+
+function showOffered() {  // the controls of what the server offers (again after a key opens its schema)
+  for (const [name] of SAMPLING) $(name).closest(".field").hidden = !server.fields.has(name);
+  const format = $("format"), previous = format.value || "wav";
+  format.replaceChildren(...server.formats.map((name) => new Option(name, name)));
+  format.value = server.formats.includes(previous) ? previous : server.formats[0];
+  $("speed-field").hidden = !server.speed;
+  if (server.speed) Object.assign($("speed"), { min: server.speed.low, max: server.speed.high });
+}
+
+async function discover() {
+  applySchema(await getJson("openapi.json", authHeaders()));
+  showOffered();
 }
 
 async function loadVoices() {
@@ -425,12 +431,13 @@ function setBusy(busy) {
 }
 
 async function init() {
-  const [config, schema] = await Promise.all([getJson("web/config.json"), getJson("openapi.json")]);
-  if (schema) applySchema(schema);
-  buildControls(config);
+  const config = await getJson("web/config.json");
+  $("demo-note").hidden = !(config && config.demo);
+  buildSampling((config && config.defaults) || {});
+  await discover();
   $("form").addEventListener("submit", speak);
   $("stop").addEventListener("click", () => ui.abort && ui.abort.abort());
-  $("key").addEventListener("change", loadVoices);
+  $("key").addEventListener("change", async () => { await discover(); await loadVoices(); });
   $("speed").addEventListener("input", () => { $("speed-value").textContent = Number($("speed").value).toFixed(2); });
   $("reference").addEventListener("change", onReferenceFile);
   $("clear-reference").addEventListener("click", () => { $("reference").value = ""; useReference(null); });
