@@ -312,7 +312,10 @@ def test_stop_ends_the_request_and_frees_its_slot(server, open_page):
 def test_a_format_that_cannot_stream_plays_once_complete(server, open_page):
     page = open_page(server.url)
     page.get_by_test_id("format").select_option("flac")
-    result = speak(page)
+    with page.expect_request("**/v1/audio/speech") as sent:
+        result = speak(page)
+    assert json.loads(sent.value.post_data)["response_format"] == "flac"
+    assert "stream" not in json.loads(sent.value.post_data)  # the server's default: FLAC's header needs the length
     assert "playbackStartMs" not in result and float(result["firstAudioMs"]) > 0
     assert audio_duration(page) == pytest.approx(FRAMES * SAMPLES_PER_FRAME / 48000, abs=1e-3)
     assert float(result["audioSeconds"]) == pytest.approx(FRAMES * SAMPLES_PER_FRAME / 48000, abs=1e-3)

@@ -131,7 +131,7 @@ function requestBody(format) {
     if (input && input.value !== "") body[name] = Number(input.value);
   }
   if (server.speed && Number($("speed").value) !== 1) body.speed = Number($("speed").value);
-  body.stream = true;
+  if (body.response_format === "pcm") body.stream = true;  // others: the server's default (FLAC cannot stream)
   return Object.fromEntries(Object.entries(body).filter(([name]) => server.fields.has(name)));
 }
 
