@@ -230,6 +230,13 @@ def test_a_reference_file_upload_reaches_the_server(server, open_page, engine, v
     assert header == "data:audio/wav;base64" and base64.b64decode(payload) == (voices_dir / "alice.wav").read_bytes()
     call = engine.calls[-1]
     assert call["mode"] == "voice_clone" and "prompt_audio_codes" not in call
+    # the reference's preview outlives the result's URLs (replaced at each request)
+    assert page.eval_on_selector("#reference-preview", """a => new Promise(done => {
+        const probe = new Audio();
+        probe.onloadedmetadata = () => done(true);
+        probe.onerror = () => done(false);
+        probe.src = a.src;
+    })""")
     assert torch.equal(call["prompt_audio"], load_prompt_audio(voices_dir / "alice.wav"))
 
 
@@ -307,6 +314,28 @@ def test_stop_ends_the_request_and_frees_its_slot(server, open_page):
         assert time.monotonic() < deadline, "the stopped request still holds its slot"
         time.sleep(0.05)
     assert page.get_by_test_id("speak").is_enabled() and not page.get_by_test_id("stop").is_enabled()
+
+
+def test_the_player_joins_samples_split_across_network_chunks(server, open_page):
+    """Stream chunks may end mid-sample or mid-frame: the player carries the rest to the next chunk."""
+    page = open_page(server.url)
+    played = page.evaluate("""() => {
+        const frames = 37, channels = 2, bytes = new Uint8Array(frames * channels * 2);
+        const view = new DataView(bytes.buffer);
+        for (let i = 0; i < frames * channels; i++) view.setInt16(2 * i, (i * 977) % 65536 - 32768, true);
+        const player = new PcmPlayer();
+        for (let start = 0, size = 1; start < bytes.length; start += size, size = size % 7 + 2) {
+            player.push(bytes.slice(start, start + size), 24000, channels, () => {});
+        }
+        const out = [[], []];
+        for (const source of player.sources) {
+            for (let c = 0; c < channels; c++) out[c].push(...source.buffer.getChannelData(c));
+        }
+        player.stop();
+        return out.map(channel => channel.map(x => Math.round(x * 32768)));
+    }""")
+    samples = [(i * 977) % 65536 - 32768 for i in range(37 * 2)]
+    assert played == [samples[0::2], samples[1::2]]
 
 
 def test_a_format_that_cannot_stream_plays_once_complete(server, open_page):

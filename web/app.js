@@ -18,7 +18,7 @@ const LIVE_FORMATS = ["wav", "pcm"];  // played as they stream (requested as pcm
 const MAX_RECORD_SECONDS = 20;
 
 const server = { fields: new Set(UNDOCUMENTED_FIELDS), formats: UNDOCUMENTED_FORMATS, speed: null };
-const ui = { reference: null, recorder: null, abort: null, player: null, urls: [] };
+const ui = { reference: null, referenceUrl: null, recorder: null, abort: null, player: null, urls: [] };
 
 // ------------------------------------------------------------------------------------------------ discovery
 
@@ -287,8 +287,11 @@ function useReference(dataUrl, label, previewBlob) {
   $("clear-reference").hidden = !dataUrl;
   $("voice").disabled = Boolean(dataUrl);
   const preview = $("reference-preview");
+  if (ui.referenceUrl) URL.revokeObjectURL(ui.referenceUrl);  // (kept apart from the result's URLs)
+  ui.referenceUrl = previewBlob ? URL.createObjectURL(previewBlob) : null;
   preview.hidden = !previewBlob;
-  if (previewBlob) preview.src = remember(URL.createObjectURL(previewBlob));
+  if (previewBlob) preview.src = ui.referenceUrl;
+  else preview.removeAttribute("src");
 }
 
 function readAsDataUrl(blob) {
