@@ -162,6 +162,13 @@ def test_the_page_is_served_and_no_web_turns_it_off(tiny, voices_dir, server):
         assert httpx.get(bare.url + "/v1/audio/voices").status_code == 200
 
 
+def test_a_copy_without_the_page_files_fails_at_startup_with_the_remedy(tmp_path):
+    from fastapi import FastAPI
+
+    with pytest.raises(RuntimeError, match=r"web page file .*index.html is missing; .* or pass --no-web"):
+        web_page.add_web_page(FastAPI(), demo=False, defaults={}, directory=tmp_path)
+
+
 def test_speaking_streams_audio_that_plays_before_the_response_ends(server, open_page):
     page = open_page(server.url)
     assert page.get_by_test_id("demo-note").is_visible()  # --demo: the page says the voice is noise

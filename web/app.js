@@ -120,8 +120,8 @@ function authHeaders() {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-function requestBody(format) {
-  const body = { input: $("text").value, response_format: LIVE_FORMATS.includes(format) ? "pcm" : format };
+function requestBody(format, live) {
+  const body = { input: $("text").value, response_format: live ? "pcm" : format };
   if (ui.reference) body.ref_audio = ui.reference.dataUrl;
   else if ($("voice").value) body.voice = $("voice").value;
   if ($("prompt_text").value.trim()) body.prompt_text = $("prompt_text").value.trim();
@@ -150,8 +150,12 @@ async function speak(event) {
   setStatus("streaming", "Generating…");
   try {
     const response = await fetch("v1/audio/speech", { method: "POST", signal: ui.abort.signal,
-      headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(requestBody(format)) });
-    if (!response.ok) return await showApiError(response);
+      headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(requestBody(format, live)) });
+    if (!response.ok) {
+      if (ui.player) ui.player.stop();
+      ui.player = null;
+      return await showApiError(response);
+    }
     const rate = Number(response.headers.get("X-Sample-Rate")) || 24000;  // OpenAI's pcm when the header is absent
     const channels = Number(response.headers.get("X-Channels")) || 1;
     const chunks = [];
@@ -160,7 +164,10 @@ async function speak(event) {
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
-      if (!chunks.length) status.dataset.firstAudioMs = (performance.now() - started).toFixed(1);
+      if (!chunks.length) {
+        status.dataset.firstAudioMs = (performance.now() - started).toFixed(1);
+        showMetric("first-audio", `${(Number(status.dataset.firstAudioMs) / 1000).toFixed(2)} s`);
+      }
       chunks.push(value);
       bytes += value.length;
       if (ui.player) {
