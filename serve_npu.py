@@ -5,7 +5,8 @@
     curl -s localhost:8000/v1/audio/speech -H 'Content-Type: application/json' \
         -d '{"input": "Hello world.", "voice": "alice"}' -o hello.wav
 
-Endpoints: POST /v1/audio/speech, GET /v1/audio/voices, GET /v1/models, GET /health (503 until loaded).
+Endpoints: POST /v1/audio/speech, GET /v1/audio/voices, GET /v1/models, GET /health (503 until loaded), and a web
+page to listen at GET / (off with --no-web).
 Requests share the continuous-batching engine (--max-batch-size slots, --max-queue waiting). The generation flags
 below are the server's defaults; each request may override them. Ctrl-C / SIGTERM: stop accepting, let running
 requests finish for --shutdown-timeout seconds, cancel the rest, exit 0.
@@ -36,6 +37,7 @@ try:
     from .pipeline import load_resources
     from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
     from .speech_api import load_voices
+    from .web_page import add_web_page
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -47,6 +49,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     from pipeline import load_resources
     from speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
     from speech_api import load_voices
+    from web_page import add_web_page
 
 logger = logging.getLogger("moss_tts_nano.server")
 
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=DEFAULT_MAX_BODY_BYTES / 2**20, help="request body limit in MiB; beyond it 413 (25)")
     server.add_argument("--shutdown-timeout", type=_bounded(float, 0), default=5.0,
                         help="seconds running requests get to finish on Ctrl-C / SIGTERM before cancellation (5)")
+    server.add_argument("--no-web", action="store_true", help="do not serve the web page at GET /")
     add_sampling_arguments(parser)
     add_performance_arguments(parser)
     return parser
@@ -223,6 +227,14 @@ def setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
+def build_app(args: argparse.Namespace, state: ServiceState) -> Any:
+    """The API, and the web page at ``GET /`` unless ``--no-web``."""
+    app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20))
+    if not args.no_web:
+        add_web_page(app, demo=args.demo, defaults=state.defaults)
+    return app
+
+
 def run(args: argparse.Namespace) -> int:
     path = None if args.demo else resolve_model_path(args.model_path, args.local_files_only)
     if args.voices and not Path(args.voices).is_dir():
@@ -230,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     state = ServiceState(model_id=Path(args.model_path).name if args.model_path else "MOSS-TTS-Nano-demo",
                          defaults=generation_defaults(args))
     sock = bind_socket(args.host, args.port)
-    app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20))
+    app = build_app(args, state)
 
     def loader() -> None:
         model = load_service(args, path, state)

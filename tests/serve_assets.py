@@ -7,7 +7,7 @@ import io
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import soundfile
@@ -39,9 +39,11 @@ def tiny_state(tiny: TinyAssets, engine: SynthesisEngine | None, voices: dict | 
 
 @contextlib.contextmanager
 def running_server(state: speech_api.ServiceState, max_body_bytes: int = speech_api.DEFAULT_MAX_BODY_BYTES,
-                   shutdown_timeout: float = 2.0) -> Iterator[serve_npu.SpeechServer]:
+                   shutdown_timeout: float = 2.0, app: Any = None) -> Iterator[serve_npu.SpeechServer]:
+    """Serve ``app`` (default: the API alone, ``speech_api.create_app``) for ``state``."""
     sock = serve_npu.bind_socket("127.0.0.1", 0)
-    server = serve_npu.SpeechServer(speech_api.create_app(state, max_body_bytes), state, sock, shutdown_timeout)
+    app = speech_api.create_app(state, max_body_bytes) if app is None else app
+    server = serve_npu.SpeechServer(app, state, sock, shutdown_timeout)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
