@@ -7,7 +7,7 @@ file in the target directory is renamed over the destination only once it is com
 Prompt audio may come from anyone (the server's ``ref_audio``), so the work it causes is bounded by what is used:
 the sample rate must lie in [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE], at most ``max_seconds`` of frames are read (the
 rest is never decoded), channels are mixed block by block, and a rate ratio whose exact polyphase filter would be
-long is replaced by the nearest ratio with a small denominator (``MAX_RESAMPLE_DENOMINATOR``).
+long is replaced by the nearest ratio with small terms (``MAX_RESAMPLE_TERMS``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TARGET_CHANNELS = 2
 MAX_PROMPT_SECONDS = 30.0  # longer prompts are cut to this with a warning (the model was trained on short references)
 MIN_PROMPT_SECONDS = 0.08  # one codec frame (3840 samples at 48 kHz): shorter audio yields no prompt codes
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 384_000  # prompt audio outside this range is refused
-MAX_RESAMPLE_DENOMINATOR = 1000  # bounds the resampler's filter (its length grows with the reduced ratio's terms)
+MAX_RESAMPLE_TERMS = 4096  # bounds the resampler's filter (its length grows with the reduced ratio's terms)
 READ_BLOCK_FRAMES = 65536  # frames decoded at once while reading (and mixing) prompt audio
 SILENCE_PEAK = 1e-4  # about -80 dBFS: below this a prompt carries no voice to clone
 WRITABLE_EXTENSIONS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
@@ -89,8 +89,11 @@ def read_audio_file(file: Any, source: str, max_seconds: float | None = None, ma
             mix = max_channels is not None and channels > max_channels
             if mix and not downmix:
                 raise ValueError(too_many_channels(source, channels, max_channels))
-            blocks = [_block(block, mix) for block in
-                      handle.blocks(READ_BLOCK_FRAMES, frames=limit, dtype="float32", always_2d=True)]
+            if mix:  # mixed block by block: never more than two channels' worth of samples held
+                blocks = [_block(block, mix) for block in
+                          handle.blocks(READ_BLOCK_FRAMES, frames=limit, dtype="float32", always_2d=True)]
+            else:
+                blocks = [handle.read(frames=limit, dtype="float32", always_2d=True).T]
     except ValueError:
         raise
     except Exception as exc:  # libsndfile reports unreadable or truncated files as several exception types
@@ -99,7 +102,7 @@ def read_audio_file(file: Any, source: str, max_seconds: float | None = None, ma
         raise ValueError(f"cannot read {source}: {reason} (supported: WAV, FLAC, OGG, MP3 via libsndfile)") from exc
     if not blocks or sum(block.shape[1] for block in blocks) == 0:
         raise ValueError(f"{source} contains no samples")
-    return np.ascontiguousarray(np.concatenate(blocks, axis=1)), rate
+    return np.ascontiguousarray(blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)), rate
 
 
 def _block(block: np.ndarray, mix: bool) -> np.ndarray:
@@ -115,11 +118,13 @@ def check_sample_rate(rate: int, source: str = "prompt audio") -> None:
 
 def resample_ratio(orig_sr: int, target_sr: int) -> Fraction:
     """``target_sr / orig_sr``, or the nearest ratio whose terms keep the polyphase filter short (an exact ratio of
-    two odd rates can need a filter of millions of taps; the nearest one is off by under 1e-5)."""
+    two odd rates can need a filter of millions of taps; the nearest one is off by
+    under 0.2%, a few cents of pitch, for any rate in range)."""
     ratio = Fraction(target_sr, orig_sr)
-    if max(ratio.numerator, ratio.denominator) <= MAX_RESAMPLE_DENOMINATOR:
+    if max(ratio.numerator, ratio.denominator) <= MAX_RESAMPLE_TERMS:
         return ratio
-    return ratio.limit_denominator(MAX_RESAMPLE_DENOMINATOR)
+    # numerator ~ ratio x denominator: bound the denominator so that both terms stay within MAX_RESAMPLE_TERMS
+    return ratio.limit_denominator(max(1, int(MAX_RESAMPLE_TERMS / max(1.0, float(ratio)))))
 
 
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int = TARGET_SAMPLE_RATE) -> np.ndarray:
@@ -183,7 +188,8 @@ def load_prompt_audio(
         ValueError: missing or unreadable file, empty, too short, silent or non-finite audio, too many channels.
     """
     # only the first max_seconds are decoded; more channels than the codec takes are mixed while reading
-    samples, orig_sr = read_audio(path, max_seconds=max_seconds + 1.0, max_channels=channels, downmix=downmix)
+    samples, orig_sr = read_audio(path, max_seconds=max_seconds + MIN_PROMPT_SECONDS, max_channels=channels,
+                                  downmix=downmix)
     return prepare_prompt_waveform(
         samples, orig_sr, sample_rate=sample_rate, channels=channels, downmix=downmix, max_seconds=max_seconds,
         source=f"prompt audio '{path}'",

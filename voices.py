@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 try:
-    from .audio_io import (MAX_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE, load_prompt_audio,
-                           prepare_prompt_waveform, read_audio_file)
+    from .audio_io import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE,
+                           load_prompt_audio, prepare_prompt_waveform, read_audio_file)
     from .pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from audio_io import (MAX_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE, load_prompt_audio,
-                          prepare_prompt_waveform, read_audio_file)
+    from audio_io import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE,
+                          load_prompt_audio, prepare_prompt_waveform, read_audio_file)
     from pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
 
 DEFAULT_VOICE = "default"
@@ -121,6 +121,7 @@ def decode_ref_audio(value: str) -> torch.Tensor:
         raise ValueError(f"ref_audio is not valid base64: {str(exc).strip() or type(exc).__name__}") from exc
     if not raw:
         raise ValueError("ref_audio is empty")
-    samples, rate = read_audio_file(io.BytesIO(raw), "ref_audio", max_seconds=MAX_PROMPT_SECONDS + 1.0,
-                                    max_channels=TARGET_CHANNELS)
+    # a frame more than is used, so a longer recording is cut (with its warning) rather than read whole
+    seconds = MAX_PROMPT_SECONDS + MIN_PROMPT_SECONDS
+    samples, rate = read_audio_file(io.BytesIO(raw), "ref_audio", max_seconds=seconds, max_channels=TARGET_CHANNELS)
     return prepare_prompt_waveform(samples, rate, source="ref_audio")
