@@ -110,6 +110,10 @@ def generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return {**sampling_kwargs(args), "voice_clone_max_text_tokens": args.voice_clone_max_text_tokens}
 
 
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(args.max_input_chars, args.max_audio_seconds, OUTPUT_LAYOUTS[args.output_layout])
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Listen on ``host:port`` now, so a busy port fails before the model loads (port 0 picks a free one)."""
     try:
@@ -274,9 +278,8 @@ def run(args: argparse.Namespace) -> int:
     path = None if args.demo else resolve_model_path(args.model_path, args.local_files_only)
     if args.voices and not Path(args.voices).is_dir():
         raise ValueError(f"--voices '{args.voices}' is not a directory")
-    limits = RequestLimits(args.max_input_chars, args.max_audio_seconds, OUTPUT_LAYOUTS[args.output_layout])
     state = ServiceState(model_id=Path(args.model_path).name if args.model_path else "MOSS-TTS-Nano-demo",
-                         defaults=generation_defaults(args), limits=limits)
+                         defaults=generation_defaults(args), limits=request_limits(args))
     sock = bind_socket(args.host, args.port)
     app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20), api_key=args.api_key,
                      allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
