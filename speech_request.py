@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 try:
     from .audio_formats import MAX_SPEED, MIN_SPEED, OUTPUT_LAYOUTS, RESPONSE_FORMATS, AudioLayout
