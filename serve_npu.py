@@ -263,10 +263,22 @@ def startup_line(url: str, model: Any, args: argparse.Namespace, voices: dict) -
     return " ".join(parts)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced after setup)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """One line per request on stderr (once per process, however often main() runs)."""
     if not any(getattr(h, "_moss_server", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         handler._moss_server = True
         logger.addHandler(handler)
