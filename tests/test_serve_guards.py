@@ -210,7 +210,10 @@ def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection (socket.timeout if it never does)."""
     data = b""
     while True:
-        piece = sock.recv(65536)
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:  # closed with unread input: what arrived before the reset is the answer
+            return data
         if not piece:
             return data
         data += piece
@@ -259,9 +262,6 @@ def test_connections_beyond_the_cap_get_503_and_idle_ones_are_closed(guarded, cl
 
 def test_oversized_headers_are_refused(guarded):
     with raw_connection(guarded.url) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000)  # h11 buffers it
-        try:
-            sock.sendall(b"\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        # an unfinished header line over the limit: refused once h11 has buffered more than 16 KiB of it
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000)
         assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
