@@ -25,6 +25,19 @@ ERROR_SCHEMA = {
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
 }
+_USAGE = {"type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
+          "properties": {name: {"type": "integer", "minimum": 0}
+                         for name in ("input_tokens", "output_tokens", "total_tokens")}}
+# One server-sent event: its data is JSON, OpenAI's speech.audio.delta (base64 audio) or speech.audio.done (usage).
+SSE_EVENT_SCHEMA = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"oneOf": [
+        {"type": "object", "required": ["type", "audio"],
+         "properties": {"type": {"const": "speech.audio.delta"}, "audio": {"type": "string",
+                                                                         "contentEncoding": "base64"}}},
+        {"type": "object", "required": ["type", "usage"],
+         "properties": {"type": {"const": "speech.audio.done"}, "usage": _USAGE}}]}}},
+}
 ERROR_STATUSES = {
     400: "Invalid request (field, length, format, voice, reference audio, audio budget, Host header)",
     401: "Missing or wrong API key (--api-key): code invalid_api_key",
@@ -34,6 +47,16 @@ ERROR_STATUSES = {
     429: "The request queue is full; see Retry-After",
     500: "Internal error; the server log holds the traceback",
     503: "The model is loading or the server is shutting down",
+}
+
+
+# One request per response format and feature, for readers, generated clients and the fuzz run's explicit phase.
+REQUEST_EXAMPLES = {
+    **{f"{fmt}": {"value": {"model": "tts-1", "input": "Hello there.", "voice": "default", "response_format": fmt}}
+       for fmt in RESPONSE_FORMATS},
+    "sse": {"value": {"input": "Hello there.", "response_format": "pcm", "stream_format": "sse"}},
+    "speed": {"value": {"input": "Hello there.", "response_format": "wav", "speed": 2.5, "stream": False}},
+    "voice_object": {"value": {"input": "Hello there.", "voice": {"id": "default"}, "instructions": "Calmly."}},
 }
 
 
@@ -70,7 +93,7 @@ def request_schema(limits: RequestLimits) -> dict:
 def speech_route_docs(limits: RequestLimits) -> dict[str, Any]:
     """Keyword arguments of the route decorator: summary, request body and responses."""
     audio = {fmt.media_type: {"schema": {"type": "string", "format": "binary"}} for fmt in RESPONSE_FORMATS.values()}
-    audio["text/event-stream"] = {"schema": {"type": "string"}}
+    audio["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
     responses: dict[int | str, Any] = {200: {"description": "The audio in response_format (chunked as generated "
                                                            "unless stream is false or the format is flac); SSE "
                                                            "events with stream_format sse", "content": audio}}
@@ -79,7 +102,8 @@ def speech_route_docs(limits: RequestLimits) -> dict[str, Any]:
         responses[status] = {"description": description, "content": error}
     responses[429]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
     extra = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/SpeechRequest"}}}}, "x-request-schema": request_schema(limits)}
+        "schema": {"$ref": "#/components/schemas/SpeechRequest"}, "examples": REQUEST_EXAMPLES}}},
+        "x-request-schema": request_schema(limits)}
     return {"summary": "Generate speech (OpenAI's audio.speech.create)", "responses": responses,
             "openapi_extra": extra}
 

@@ -189,10 +189,27 @@ def test_the_openapi_schema_documents_the_request_and_every_response(server):
     assert error.endswith("/ErrorResponse") and "ErrorResponse" in schema["components"]["schemas"]
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny):
-    schemathesis = pytest.importorskip("schemathesis", reason="the fuzz run needs schemathesis (requirements-dev)")
+def fuzz(url: str, strategy, examples: int) -> None:
+    """``examples`` cases drawn from ``strategy``, each sent to the server: no 5xx, and the answer matches the schema
+    (status, content type, body, headers)."""
     from hypothesis import HealthCheck, given, settings
     from schemathesis.specs.openapi import checks
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def run(case):
+        response = case.call(base_url=url, timeout=60)
+        assert response.status_code < 500, (case.body, response.text)
+        case.validate_response(response, checks=[checks.status_code_conformance, checks.content_type_conformance,
+                                                 checks.response_schema_conformance,
+                                                 checks.response_headers_conformance])
+
+    run()
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny):
+    schemathesis = pytest.importorskip("schemathesis", reason="the fuzz run needs schemathesis (requirements-dev)")
 
     flags = ("--do-sample", "false", "--max-new-frames", "2", "--max-audio-seconds", "1", "--max-input-chars", "64")
     with running_server(tiny_state(tiny, tiny_engine(tiny), flags=flags)) as fuzzed:
@@ -200,20 +217,13 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny):
         failures = []
         for operation in schema.get_all_operations():
             operation = operation.ok()
-
-            @settings(max_examples=12, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy())
-            def run(case):
-                response = case.call(base_url=fuzzed.url, timeout=60)
-                assert response.status_code < 500, (case.body, response.text)
-                case.validate_response(response, checks=[checks.status_code_conformance,
-                                                         checks.content_type_conformance,
-                                                         checks.response_schema_conformance,
-                                                         checks.response_headers_conformance])
-
-            try:
-                run()
-            except Exception as exc:  # collected so one run reports every operation's failure
-                failures.append(f"{operation.label}: {exc}")
+            # the schema's explicit examples (every format, sse, speed, a voice object) once each, then generated
+            # cases: a small budget, mostly for generation
+            runs = [(example, 1) for example in operation.get_strategies_from_examples()]
+            runs.append((operation.as_strategy(), 30 if operation.method.upper() == "POST" else 5))
+            for strategy, examples in runs:
+                try:
+                    fuzz(fuzzed.url, strategy, examples)
+                except Exception as exc:  # collected so one run reports every operation's failure
+                    failures.append(f"{operation.label}: {exc}")
         assert not failures, "\n".join(failures)
