@@ -373,9 +373,13 @@ async def accept_speech(request: Request, state: ServiceState, log: RequestLog) 
     req = parse_request(await request.body())
     check_request(req, state.limits)
     headers = response_headers(req, state, log)  # built (and checked) before any work
-    encoder = AudioEncoder(req.response_format, state.limits.layout, req.speed,
-                           stream=req.streamed and req.stream_format == "audio")
     handle = await run_in_threadpool(submit, state, req)
+    try:  # after the engine's checks, so a bad request is a 400 even where the encoder cannot be made
+        encoder = AudioEncoder(req.response_format, state.limits.layout, req.speed,
+                               stream=req.streamed and req.stream_format == "audio")
+    except BaseException:
+        handle.cancel()
+        raise
     return SpeechResponse(SpeechJob(handle, state), req, log, headers, encoder)
 
 
