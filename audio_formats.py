@@ -176,7 +176,8 @@ class _CompressedWriter:
         av = _av()
         self.layout, self.sink = layout, _Sink()
         # bitexact: no random Ogg serial number or encoder tag, so equal audio gives equal bytes
-        self.container = av.open(self.sink, "w", format=fmt.container, options={"fflags": "+bitexact", **dict(fmt.options)})
+        options = {"fflags": "+bitexact", **dict(fmt.options)}
+        self.container = av.open(self.sink, "w", format=fmt.container, options=options)
         self.stream = self.container.add_stream(fmt.codec, rate=layout.sample_rate,
                                                 layout="mono" if layout.channels == 1 else "stereo")
 
