@@ -402,6 +402,8 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(checkpoin
     process, url, stderr = _start(checkpoint, "--shutdown-timeout", "3")
     try:
         assert httpx.get(url + "/health").status_code == 200
+        # bound to 127.0.0.1 (the default): a foreign Host name is refused (DNS rebinding)
+        assert httpx.get(url + "/v1/models", headers={"Host": "rebind.example"}).status_code == 400
         short = {"input": "A short request.", "max_new_frames": 20, "stream": True, "response_format": "pcm"}
         long = {**short, "input": "A long request.", "max_new_frames": 1500}
         with httpx.stream("POST", url + "/v1/audio/speech", json=long, timeout=60) as cut, \
