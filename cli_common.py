@@ -17,6 +17,7 @@ try:
     from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
     from .torch_compat import load_pickled_weights, pickled_weights_problem
+    from .value_bounds import SAMPLING_BOUNDS, bound_error
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -24,6 +25,7 @@ except ImportError:  # not part of a package: imported from the repository root 
     from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
     from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
     from torch_compat import load_pickled_weights, pickled_weights_problem
+    from value_bounds import SAMPLING_BOUNDS, bound_error
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +42,6 @@ CLI_SAMPLING_DEFAULTS = {
     "audio_repetition_penalty": 1.2,
 }
 CLI_MAX_NEW_FRAMES = 375
-# (type, low, high, low_open) of each generation setting: the flags and the speech server check the same ranges.
-SAMPLING_BOUNDS: dict[str, tuple] = {
-    "text_temperature": (float, 0, None, True),
-    "text_top_p": (float, 0, 1, True),
-    "text_top_k": (int, 0),
-    "audio_temperature": (float, 0, None, True),
-    "audio_top_p": (float, 0, 1, True),
-    "audio_top_k": (int, 0),
-    "audio_repetition_penalty": (float, 0, None, True),
-    "max_new_frames": (int, 1),
-}
 CLI_VOICE_CLONE_MAX_TEXT_TOKENS = 75
 
 
@@ -63,17 +54,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
-
-
-def bound_error(value: float, low: float | None = None, high: float | None = None, low_open: bool = False,
-                shown: str | None = None) -> str | None:
-    """Why ``value`` is outside [low, high] (``(low, high]`` with ``low_open``), or None when it is inside."""
-    shown = str(value) if shown is None else shown
-    if low is not None and (value < low or (low_open and value == low)):
-        return f"must be {'>' if low_open else '>='} {low}, got {shown}"
-    if high is not None and value > high:
-        return f"must be <= {high}, got {shown}"
-    return None
 
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:

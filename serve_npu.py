@@ -8,7 +8,9 @@
 Endpoints: POST /v1/audio/speech, GET /v1/audio/voices, GET /v1/models, GET /health (503 until loaded), and a web
 page to listen at GET / (off with --no-web).
 Requests share the continuous-batching engine (--max-batch-size slots, --max-queue waiting). The generation flags
-below are the server's defaults; each request may override them. Ctrl-C / SIGTERM: stop accepting, let running
+below are the server's defaults; each request may override them. --api-key (or MOSS_TTS_API_KEY) requires
+"Authorization: Bearer KEY" on every route but /health; bound to a loopback address, only loopback Host names are
+answered; CORS only for --allowed-origins. Ctrl-C / SIGTERM: stop accepting, let running
 requests finish for --shutdown-timeout seconds, cancel the rest, exit 0.
 
 Exit codes: 0 success, 1 environment or runtime failure, 2 invalid input (usage).
@@ -19,10 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,8 +39,11 @@ try:
     from .cli_common import resolve_model_path, sampling_kwargs
     from .engine import SynthesisEngine
     from .pipeline import load_resources
+    from .audio_formats import OUTPUT_LAYOUTS
+    from .http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
     from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
     from .speech_api import load_voices
+    from .speech_request import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_INPUT_CHARS, RequestLimits
     from .web_page import add_web_page
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
@@ -47,8 +54,11 @@ except ImportError:  # not part of a package: imported from the repository root 
     from cli_common import resolve_model_path, sampling_kwargs
     from engine import SynthesisEngine
     from pipeline import load_resources
+    from audio_formats import OUTPUT_LAYOUTS
+    from http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
     from speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
     from speech_api import load_voices
+    from speech_request import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_INPUT_CHARS, RequestLimits
     from web_page import add_web_page
 
 logger = logging.getLogger("moss_tts_nano.server")
@@ -72,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=_bounded(float, 0), default=5.0,
                         help="seconds running requests get to finish on Ctrl-C / SIGTERM before cancellation (5)")
     server.add_argument("--no-web", action="store_true", help="do not serve the web page at GET /")
+    server.add_argument("--max-input-chars", type=_bounded(int, 1), default=DEFAULT_MAX_INPUT_CHARS,
+                        help=f"longest input text; beyond it 400 ({DEFAULT_MAX_INPUT_CHARS}, OpenAI's limit)")
+    server.add_argument("--max-audio-seconds", type=_bounded(float, 0, low_open=True),
+                        default=DEFAULT_MAX_AUDIO_SECONDS,
+                        help="most audio one request may generate (text chunks x max_new_frames); beyond it 400 "
+                             f"before any work ({DEFAULT_MAX_AUDIO_SECONDS:g})")
+    server.add_argument("--output-layout", choices=list(OUTPUT_LAYOUTS), default="48k-stereo",
+                        help="sample rate and channels of every response (default 48k-stereo, the model's own; "
+                             "24k-mono: OpenAI's pcm layout)")
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: "
+                             f"${API_KEY_ENV}; none: open)")
+    server.add_argument("--allowed-origins", default="",
+                        help="comma-separated browser origins allowed by CORS (default none: no CORS headers)")
+    server.add_argument("--max-connections", type=_bounded(int, 1), default=256,
+                        help="open connections; requests beyond it get 503 (256)")
+    server.add_argument("--header-timeout", type=_bounded(float, 0, low_open=True), default=10.0,
+                        help="seconds a client has to send a request's headers; then 408 and close (10)")
+    server.add_argument("--body-timeout", type=_bounded(float, 0, low_open=True), default=30.0,
+                        help="seconds a client has to send a request's body after its headers (30)")
+    server.add_argument("--keep-alive-timeout", type=_bounded(float, 0, low_open=True), default=5.0,
+                        help="seconds an idle keep-alive connection stays open (5)")
     add_sampling_arguments(parser)
     add_performance_arguments(parser)
     return parser
@@ -80,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 def generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """The server-wide engine keywords (the official CLI values unless flags change them)."""
     return {**sampling_kwargs(args), "voice_clone_max_text_tokens": args.voice_clone_max_text_tokens}
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(args.max_input_chars, args.max_audio_seconds, OUTPUT_LAYOUTS[args.output_layout])
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -107,11 +143,22 @@ def socket_url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long and how many connections the server holds (uvicorn's options and the read deadlines)."""
+
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_header_bytes: int = 16 * 1024  # h11's limit on a request's headers (400 beyond)
+
+
 class SpeechServer:
     """uvicorn serving the app; signals drain the engine, then the process exits 0."""
 
     def __init__(self, app: Any, state: ServiceState, sock: socket.socket, shutdown_timeout: float = 5.0,
-                 loader: Callable[[], None] | None = None) -> None:
+                 loader: Callable[[], None] | None = None, limits: ConnectionLimits = ConnectionLimits()) -> None:
         import uvicorn
 
         server = self
@@ -141,7 +188,11 @@ class SpeechServer:
                 super().handle_exit(sig, frame)
 
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=shutdown_timeout + 5.0)
+                                timeout_graceful_shutdown=shutdown_timeout + 5.0,
+                                http=protocol_class(limits.header_timeout, limits.body_timeout),
+                                timeout_keep_alive=limits.keep_alive_timeout,
+                                limit_concurrency=limits.max_connections,
+                                h11_max_incomplete_event_size=limits.max_header_bytes)
         errors = logging.getLogger("uvicorn.error")  # configured by Config just above
         if not any(isinstance(f, QuietStreamAborted) for f in errors.filters):
             errors.addFilter(QuietStreamAborted())
@@ -216,10 +267,22 @@ def startup_line(url: str, model: Any, args: argparse.Namespace, voices: dict) -
     return " ".join(parts)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced after setup)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """One line per request on stderr (once per process, however often main() runs)."""
     if not any(getattr(h, "_moss_server", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         handler._moss_server = True
         logger.addHandler(handler)
@@ -229,7 +292,9 @@ def setup_logging(verbose: bool) -> None:
 
 def build_app(args: argparse.Namespace, state: ServiceState) -> Any:
     """The API, and the web page at ``GET /`` unless ``--no-web``."""
-    app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_app(state, max_body_bytes=int(args.max_body_mb * 2**20), api_key=args.api_key,
+                     allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
+                     allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     if not args.no_web:
         add_web_page(app, demo=args.demo, defaults=state.defaults)
     return app
@@ -240,15 +305,17 @@ def run(args: argparse.Namespace) -> int:
     if args.voices and not Path(args.voices).is_dir():
         raise ValueError(f"--voices '{args.voices}' is not a directory")
     state = ServiceState(model_id=Path(args.model_path).name if args.model_path else "MOSS-TTS-Nano-demo",
-                         defaults=generation_defaults(args))
+                         defaults=generation_defaults(args), limits=request_limits(args))
     sock = bind_socket(args.host, args.port)
     app = build_app(args, state)
+    connections = ConnectionLimits(args.max_connections, args.header_timeout, args.body_timeout,
+                                   args.keep_alive_timeout)
 
     def loader() -> None:
         model = load_service(args, path, state)
         print(startup_line(socket_url(sock), model, args, state.voices), flush=True)
 
-    return SpeechServer(app, state, sock, args.shutdown_timeout, loader).run()
+    return SpeechServer(app, state, sock, args.shutdown_timeout, loader, connections).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,267 +1,60 @@
 """The HTTP API of serve_npu.py: OpenAI's ``POST /v1/audio/speech`` on the continuous-batching engine.
 
-A request is checked here for what only the API knows (field types, response format, speed, voice, reference
+A request passes the guards (http_guards.py: Host, API key, JSON content type, body size), is checked here for
+what only the API knows (speech_request.py: fields, length, format, speed, voice, the audio budget, reference
 audio) and then by the engine's ``submit`` (text, mode, sampling ranges: the checks and messages of
-``inference()``). Audio leaves as WAV, raw PCM (16-bit little-endian, 48 kHz, stereo, interleaved) or FLAC; with
-``stream: true`` WAV and PCM are sent as they are decoded (WAV with an open-length header), FLAC once complete
-(its header carries the length). Failures reach the client as OpenAI's error JSON, never a traceback; each
-request is logged as one line. A client that goes away cancels its request at once.
+``inference()``). Audio leaves in the requested format (audio_formats.py), sent as it is generated unless the
+format needs the total length (FLAC) or the request asks for ``stream: false``; ``stream_format: "sse"`` sends
+OpenAI's ``speech.audio.delta`` / ``speech.audio.done`` events. Failures reach the client as OpenAI's error JSON,
+never a traceback (a 500 logs its traceback); each request is logged as one line. A client that goes away cancels
+its request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import io
 import itertools
+import json
 import logging
 import os
-import re
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import anyio
-import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 try:
-    from .cli_common import SAMPLING_BOUNDS, bound_error
-    from .audio_io import TARGET_CHANNELS, TARGET_SAMPLE_RATE, load_prompt_audio, prepare_prompt_waveform
-    from .engine import EngineClosed, EngineFull, RequestCancelled
-    from .pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
+    from .audio_formats import RESPONSE_FORMATS, AudioEncoder
+    from .audio_io import TARGET_SAMPLE_RATE
+    from .http_guards import GuardMiddleware, Guards
+    from .speech_openapi import install_openapi, speech_route_docs
+    from .speech_request import (DEFAULT_MAX_BODY_BYTES, ApiError, RequestLimits, SpeechRequest, check_request,
+                                 engine_arguments, failure_to_api_error, parse_request)
+    from .voices import Voice, describe_voices, encode_voice, load_voices
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from cli_common import SAMPLING_BOUNDS, bound_error
-    from audio_io import TARGET_CHANNELS, TARGET_SAMPLE_RATE, load_prompt_audio, prepare_prompt_waveform
-    from engine import EngineClosed, EngineFull, RequestCancelled
-    from pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
+    from audio_formats import RESPONSE_FORMATS, AudioEncoder
+    from audio_io import TARGET_SAMPLE_RATE
+    from http_guards import GuardMiddleware, Guards
+    from speech_openapi import install_openapi, speech_route_docs
+    from speech_request import (DEFAULT_MAX_BODY_BYTES, ApiError, RequestLimits, SpeechRequest, check_request,
+                                engine_arguments, failure_to_api_error, parse_request)
+    from voices import Voice, describe_voices, encode_voice, load_voices
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "Voice", "create_app", "encode_voice", "load_voices"]
 
 logger = logging.getLogger("moss_tts_nano.server")
 
-DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
-DEFAULT_VOICE = "default"
 BYTES_PER_SAMPLE = 2  # 16-bit PCM
-MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
-VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Request fields passed to the engine under the same name (upstream's inference keywords).
-ENGINE_FIELDS = ("mode", "prompt_text", "seed", "max_new_frames", "do_sample", "text_temperature", "text_top_p",
-                 "text_top_k", "audio_temperature", "audio_top_p", "audio_top_k", "audio_repetition_penalty")
-# Where an engine ValueError's message points (first match wins; longer names first so text_top_p beats text).
-_PARAM_HINTS = tuple(sorted(ENGINE_FIELDS, key=len, reverse=True)) + (
-    ("prompt audio", "ref_audio"), ("prompt_audio", "ref_audio"), ("text", "input"))
-
-
-class SpeechRequest(BaseModel):
-    """OpenAI's speech request plus upstream's inference keywords. Strict types: ``"1"`` is not a number."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
-    model: Optional[str] = None
-    input: str
-    voice: Optional[str] = None
-    response_format: str = "wav"
-    speed: float = 1.0
-    stream: bool = False
-    mode: Optional[str] = None
-    prompt_text: Optional[str] = None
-    ref_audio: Optional[str] = None
-    seed: Optional[int] = None
-    max_new_frames: Optional[int] = None
-    do_sample: Optional[bool] = None
-    text_temperature: Optional[float] = None
-    text_top_p: Optional[float] = None
-    text_top_k: Optional[int] = None
-    audio_temperature: Optional[float] = None
-    audio_top_p: Optional[float] = None
-    audio_top_k: Optional[int] = None
-    audio_repetition_penalty: Optional[float] = None
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """A failure answered with OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def param_for(message: str) -> str | None:
-    """The request field an engine validation message is about, when it names one."""
-    for hint in _PARAM_HINTS:
-        name, param = hint if isinstance(hint, tuple) else (hint, hint)
-        if name in message:
-            return param
-    return None
-
-
-def failure_to_api_error(exc: BaseException, stopping: bool) -> ApiError:
-    """Map a request's failure (from submit or from generation) to its status and error JSON."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, EngineFull):
-        return ApiError(429, "the request queue is full; retry later", kind="rate_limit_error", code="queue_full")
-    if isinstance(exc, (EngineClosed, RequestCancelled)) and stopping:
-        return ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
-    if isinstance(exc, ValueError):
-        message = first_line(exc)
-        return ApiError(400, message, param=param_for(message))
-    if isinstance(exc, (RuntimeError, OSError)):
-        return ApiError(500, first_line(exc), kind="server_error", code="generation_failed")
-    return ApiError(500, f"internal error {type(exc).__name__}; see the server log", kind="server_error",
-                    code="internal_error")
-
-
-# ---------------------------------------------------------------------------------------------------- audio
-
-
-def pcm16(waveform: torch.Tensor) -> bytes:
-    """``[channels, n]`` float audio to interleaved 16-bit little-endian PCM (clipped; scaled like libsndfile)."""
-    samples = torch.nan_to_num(waveform.detach().float().cpu(), nan=0.0).clamp(-1.0, 1.0)
-    ints = samples.mul(32767.0).round().to(torch.int16)  # (C, n)
-    return ints.t().contiguous().numpy().astype("<i2", copy=False).tobytes()
-
-
-def wav_header(frames: int | None, sample_rate: int = TARGET_SAMPLE_RATE, channels: int = TARGET_CHANNELS) -> bytes:
-    """A 44-byte PCM WAV header; ``frames=None`` writes the open length (0xFFFFFFFF) of a stream."""
-    block = channels * BYTES_PER_SAMPLE
-    data = 0xFFFFFFFF if frames is None else frames * block
-    riff = 0xFFFFFFFF if frames is None else 36 + data
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, 1, channels, sample_rate,
-                       sample_rate * block, block, 8 * BYTES_PER_SAMPLE, b"data", data)
-
-
-def flac_bytes(pcm: bytes, sample_rate: int = TARGET_SAMPLE_RATE, channels: int = TARGET_CHANNELS) -> bytes:
-    import soundfile
-
-    samples = np.frombuffer(pcm, dtype="<i2").reshape(-1, channels)
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, sample_rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
-def encode_audio(waveform: torch.Tensor, response_format: str) -> bytes:
-    """A complete file (wav, flac) or raw PCM for ``[2, n]`` float audio; every format holds the same samples."""
-    pcm = pcm16(waveform)
-    if response_format == "pcm":
-        return pcm
-    if response_format == "wav":
-        return wav_header(len(pcm) // (TARGET_CHANNELS * BYTES_PER_SAMPLE)) + pcm
-    return flac_bytes(pcm)
-
-
-def decode_ref_audio(value: str) -> torch.Tensor:
-    """``ref_audio`` (base64, or a data URL, of a WAV/FLAC/OGG/MP3 file) as a ``[2, N]`` 48 kHz tensor.
-
-    Raises:
-        ApiError: 400 naming what is wrong (encoding, unreadable audio, and the prompt-file checks).
-    """
-    import soundfile
-
-    payload = value
-    if value.startswith("data:"):
-        header, _, payload = value.partition(",")
-        if not header.endswith(";base64"):
-            raise ApiError(400, "ref_audio data URL must be base64-encoded (data:audio/wav;base64,...)", "ref_audio")
-    try:
-        raw = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, f"ref_audio is not valid base64: {first_line(exc)}", "ref_audio") from exc
-    if not raw:
-        raise ApiError(400, "ref_audio is empty", "ref_audio")
-    try:
-        data, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports unreadable data as several exception types
-        reason = re.sub(r"^Error opening <[^>]*>: ", "", first_line(exc))  # the in-memory file's repr says nothing
-        raise ApiError(400, f"cannot read ref_audio: {reason} (supported: WAV, FLAC, OGG, MP3 via libsndfile)",
-                       "ref_audio") from exc
-    if data.shape[0] == 0:
-        raise ApiError(400, "ref_audio contains no samples", "ref_audio")
-    try:
-        return prepare_prompt_waveform(np.ascontiguousarray(data.T), int(rate), source="ref_audio")
-    except ValueError as exc:
-        raise ApiError(400, first_line(exc), "ref_audio") from exc
-
-
-# ---------------------------------------------------------------------------------------------------- voices
-
-
-@dataclass(frozen=True)
-class Voice:
-    """A reference voice encoded once at startup: prompt codes, and its transcript when one was given."""
-
-    name: str
-    codes: torch.Tensor  # (T_ref, n_vq) int64, CPU
-    prompt_text: str | None = None
-
-    def describe(self) -> dict:
-        return {"name": self.name, "mode": "continuation" if self.prompt_text else "voice_clone",
-                "seconds": round(self.codes.shape[0] * SAMPLES_PER_FRAME / TARGET_SAMPLE_RATE, 2),
-                "transcript": self.prompt_text is not None}
-
-
-def load_voices(directory: str | os.PathLike, codec: Any) -> dict[str, Voice]:
-    """Encode every ``NAME.wav`` in ``directory`` (with ``NAME.txt`` as its transcript when present).
-
-    Raises:
-        ValueError: not a directory, no .wav files, a bad name, an empty transcript, or unusable audio.
-    """
-    root = Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"--voices '{root}' is not a directory")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
-    if not files:
-        raise ValueError(f"--voices '{root}' holds no .wav files (expected NAME.wav, optionally NAME.txt)")
-    voices: dict[str, Voice] = {}
-    for path in files:
-        name = path.stem
-        if not VOICE_NAME.match(name) or name == DEFAULT_VOICE:
-            raise ValueError(f"voice file '{path}': the name '{name}' must match {VOICE_NAME.pattern} and not be "
-                             f"'{DEFAULT_VOICE}'")
-        voices[name] = Voice(name, encode_voice(load_prompt_audio(path), codec), read_transcript(path))
-    return voices
-
-
-def read_transcript(wav_path: Path) -> str | None:
-    path = wav_path.with_suffix(".txt")
-    if not path.is_file():
-        return None
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"voice transcript '{path}' is not UTF-8 text: {exc}") from exc
-    if not text:
-        raise ValueError(f"voice transcript '{path}' is empty; delete it to clone the voice without a transcript")
-    return text
-
-
-def encode_voice(waveform: torch.Tensor, codec: Any) -> torch.Tensor:
-    with torch.inference_mode():
-        return encode_prompt_audio(codec, waveform).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -269,12 +62,14 @@ def encode_voice(waveform: torch.Tensor, codec: Any) -> torch.Tensor:
 
 @dataclass
 class ServiceState:
-    """What the routes read: the engine (None while loading), voices, server-wide generation defaults."""
+    """What the routes read: the engine (None while loading), voices, server-wide generation defaults and limits."""
 
     model_id: str = "MOSS-TTS-Nano"
     defaults: dict = field(default_factory=dict)
+    limits: RequestLimits = field(default_factory=RequestLimits)
     engine: Any = None
     voices: dict[str, Voice] = field(default_factory=dict)
+    count_tokens: Callable[[str], int] | None = None  # the engine's text tokens of a string (the audio budget)
     status: str = "loading"  # loading -> ready -> stopping; or failed
     error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -284,6 +79,8 @@ class ServiceState:
 
     def ready(self, engine: Any, voices: dict[str, Voice]) -> None:
         self.engine, self.voices = engine, voices
+        if self.count_tokens is None:
+            self.count_tokens = lambda text: len(engine.resources.encode_text(text))
         if self.status == "loading":
             self.status = "ready"
 
@@ -311,67 +108,6 @@ _request_ids = itertools.count(1)
 
 def new_request_id() -> str:
     return f"req-{os.getpid():x}-{next(_request_ids)}"
-
-
-def parse_request(body: bytes) -> SpeechRequest:
-    try:
-        return SpeechRequest.model_validate_json(body)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        if error["type"] == "json_invalid":
-            raise ApiError(400, f"malformed JSON body: {error['ctx']['error']}") from None
-        param = ".".join(str(part) for part in error["loc"]) or None
-        if error["type"] == "extra_forbidden":
-            allowed = ", ".join(SpeechRequest.model_fields)
-            raise ApiError(400, f"unknown field '{param}'; allowed: {allowed}", param) from None
-        where = f"{param}: " if param else "request body: "
-        raise ApiError(400, where + error["msg"], param) from None
-
-
-def resolve_voice(name: str | None, voices: dict[str, Voice]) -> Voice | None:
-    if name is None or name == DEFAULT_VOICE:
-        return None
-    if name not in voices:
-        known = ", ".join([DEFAULT_VOICE, *sorted(voices)])
-        raise ApiError(400, f"unknown voice '{name}'; known voices: {known}", "voice")
-    return voices[name]
-
-
-def engine_arguments(req: SpeechRequest, state: ServiceState) -> dict[str, Any]:
-    """The keyword arguments of ``engine.submit`` for a request (server defaults, then the request's values)."""
-    if req.response_format not in MEDIA_TYPES:
-        raise ApiError(400, f"response_format '{req.response_format}' is not supported; choose one of "
-                            f"{', '.join(MEDIA_TYPES)}", "response_format")
-    if req.speed != 1.0:
-        raise ApiError(400, f"speed={req.speed:g} is not supported: only 1.0", "speed")
-    given = {name: getattr(req, name) for name in ENGINE_FIELDS if getattr(req, name) is not None}
-    check_ranges(given)
-    kwargs = {**state.defaults, **given}
-    voice = resolve_voice(req.voice, state.voices)
-    if voice is not None and req.ref_audio is not None:
-        raise ApiError(400, f"give either voice '{voice.name}' or ref_audio, not both", "ref_audio")
-    if voice is not None:
-        kwargs["prompt_audio_codes"] = voice.codes
-        if voice.prompt_text and req.prompt_text is None:
-            kwargs["prompt_text"] = voice.prompt_text
-    elif req.ref_audio is not None:
-        kwargs["prompt_audio"] = decode_ref_audio(req.ref_audio)
-        kwargs["prompt_audio_sample_rate"] = TARGET_SAMPLE_RATE
-    if "mode" not in kwargs:  # as infer_npu.py infers it: a transcript or no prompt audio means continuation
-        has_audio = "prompt_audio_codes" in kwargs or "prompt_audio" in kwargs
-        kwargs["mode"] = "continuation" if kwargs.get("prompt_text") or not has_audio else "voice_clone"
-    return kwargs
-
-
-def check_ranges(values: dict[str, Any]) -> None:
-    """The command line's ranges for the generation settings (so a greedy request cannot carry a bad value)."""
-    for name, (_, *bounds) in SAMPLING_BOUNDS.items():
-        problem = bound_error(values[name], *bounds) if name in values else None
-        if problem:
-            raise ApiError(400, f"{name} {problem}", name)
-    seed = values.get("seed")
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise ApiError(400, f"seed must be a 64-bit integer, got {seed}", "seed")
 
 
 class SpeechJob:
@@ -456,11 +192,13 @@ class QuietStreamAborted(logging.Filter):
 class SpeechResponse(Response):
     """Sends one request's audio, streamed or whole; a client disconnect cancels the request at once."""
 
-    def __init__(self, job: SpeechJob, req: SpeechRequest, log: RequestLog, headers: dict[str, str]) -> None:
-        self.job, self.req, self.log = job, req, log
+    def __init__(self, job: SpeechJob, req: SpeechRequest, log: RequestLog, headers: dict[str, str],
+                 encoder: AudioEncoder) -> None:
+        self.job, self.req, self.log, self.encoder = job, req, log, encoder
         self.status_code = 200
         self.background = None
-        self.streaming = req.stream and req.response_format != "flac"  # FLAC's header needs the total length
+        self.streaming = req.streamed
+        self.sse = req.stream_format == "sse"
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.started = self.finished = self.disconnected = self.aborted = False
 
@@ -499,7 +237,7 @@ class SpeechResponse(Response):
         except Exception as exc:  # the request failed: an error JSON if nothing was sent, else a dropped stream
             error = failure_to_api_error(exc, self.job.state.status == "stopping")
             if error.code == "internal_error":
-                logger.debug("request %s failed", self.log.request_id, exc_info=exc)
+                logger.error("request %s failed", self.log.request_id, exc_info=exc)
             if self.started:  # the status line is gone: the client learns from the dropped connection
                 self.aborted, self.log.detail = True, f'aborted error="{error.message}"'
             else:
@@ -517,8 +255,11 @@ class SpeechResponse(Response):
     async def _send_whole(self, send: Callable, event: dict) -> None:
         while event["type"] != "result":
             event = await self.job.next_event()
-        body = encode_audio(event["waveform"], self.req.response_format)
+        body = await run_in_threadpool(self._encode_whole, event["waveform"])
         self._record(event)
+        if self.sse:
+            body = sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(body).decode()}) + \
+                   sse_event(self._done(event))
         headers = self.raw_headers + [(b"content-length", str(len(body)).encode())]
         self.log.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -526,76 +267,65 @@ class SpeechResponse(Response):
         self.log.audio_sent()
         await self._final(send)({"type": "http.response.body", "body": body})
 
+    def _encode_whole(self, waveform: Any) -> bytes:
+        return self.encoder.feed(waveform) + self.encoder.finish()
+
     async def _stream(self, send: Callable, event: dict) -> None:
         self.log.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         self.started = True
-        if self.req.response_format == "wav":
-            await send({"type": "http.response.body", "body": wav_header(None), "more_body": True})
         while event["type"] != "result":
-            await send({"type": "http.response.body", "body": pcm16(event["waveform"]), "more_body": True})
-            self.log.audio_sent()
+            await self._send_audio(send, self.encoder.feed(event["waveform"]))
             event = await self.job.next_event()
+        await self._send_audio(send, self.encoder.finish())
         self._record(event)
-        await self._final(send)({"type": "http.response.body", "body": b""})
+        tail = sse_event(self._done(event)) if self.sse else b""
+        await self._final(send)({"type": "http.response.body", "body": tail})
+
+    async def _send_audio(self, send: Callable, data: bytes) -> None:
+        if not data:
+            return
+        if self.sse:
+            data = sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+        self.log.audio_sent()
+
+    def _done(self, result: dict) -> dict:
+        """OpenAI's closing event; its usage counts the input's characters and the generated codec frames."""
+        frames = int(result.get("frames", 0))
+        return {"type": "speech.audio.done",
+                "usage": {"input_tokens": len(self.req.input), "output_tokens": frames,
+                          "total_tokens": len(self.req.input) + frames}}
 
     def _record(self, result: dict) -> None:
         self.log.frames = int(result.get("frames", 0))
         self.log.audio_seconds = result["waveform"].shape[-1] / TARGET_SAMPLE_RATE
 
 
+def sse_event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
 # ---------------------------------------------------------------------------------------------------- app
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, decided from Content-Length or while it arrives, so an
-    oversized body is never read whole."""
+def create_app(state: ServiceState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *, api_key: str | None = None,
+               allowed_hosts: frozenset | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
+    """The FastAPI application serving ``state`` (whose engine may still be loading).
 
-    def __init__(self, app: Callable, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await self._reject(scope, send, ApiError(400, "invalid Content-Length header"))
-            if int(length) > self.limit:
-                return await self._reject(scope, send, self._too_large(f"{int(length)} bytes"))
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:  # a chunked body: read it up to the limit, then hand it on
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                return await self._reject(scope, send, self._too_large(f"over {self.limit} bytes"))
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed() -> dict:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
-
-    def _too_large(self, size: str) -> ApiError:
-        return ApiError(413, f"request body is {size}; the limit is {self.limit} bytes (--max-body-mb)",
-                        code="request_too_large")
-
-    @staticmethod
-    async def _reject(scope: dict, send: Callable, error: ApiError) -> None:
-        logger.info("request - status=%d %s", error.status, error.message)
-        await error.response({"Connection": "close"})(scope, None, send)
-
-
-def create_app(state: ServiceState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI application serving ``state`` (whose engine may still be loading)."""
+    Args:
+        state: the served state.
+        max_body_bytes: the request body limit (413 beyond).
+        api_key: when given, every route but /health needs ``Authorization: Bearer <api_key>`` (401).
+        allowed_hosts: when given, the Host names accepted (400 for others: DNS rebinding).
+        allowed_origins: the browser origins allowed by CORS; none: no CORS headers at all.
+    """
     app = FastAPI(title="MOSS-TTS-Nano speech server", docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(GuardMiddleware, guards=Guards(api_key, allowed_hosts, max_body_bytes))
+    if allowed_origins:  # added last: it runs first, so preflights and error answers carry the CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Channels", "X-Model"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -615,10 +345,9 @@ def create_app(state: ServiceState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @app.get("/v1/audio/voices")
     async def voices() -> dict:
-        default = {"name": DEFAULT_VOICE, "mode": "continuation", "seconds": 0.0, "transcript": False}
-        return {"voices": [default, *(voice.describe() for voice in state.voices.values())]}
+        return {"voices": describe_voices(state.voices)}
 
-    @app.post("/v1/audio/speech")
+    @app.post("/v1/audio/speech", response_class=Response, **speech_route_docs(state.limits))
     async def speech(request: Request) -> Response:
         log = RequestLog(new_request_id())
         try:
@@ -626,11 +355,12 @@ def create_app(state: ServiceState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         except Exception as exc:  # the API boundary: a JSON error and one log line, never a traceback
             error = failure_to_api_error(exc, state.status == "stopping")
             if error.code == "internal_error":
-                logger.debug("request %s failed", log.request_id, exc_info=exc)
+                logger.error("request %s failed", log.request_id, exc_info=exc)
             log.status, log.detail = error.status, f'error="{error.message}"'
             log.emit()
             return error.response({"X-Request-Id": log.request_id})
 
+    install_openapi(app, api_key is not None)
     return app
 
 
@@ -639,18 +369,35 @@ async def accept_speech(request: Request, state: ServiceState, log: RequestLog) 
     if state.status != "ready":
         code = "loading" if state.status == "loading" else "shutting_down"
         message = "the model is still loading" if code == "loading" else "the server is shutting down"
-        raise ApiError(503, message, kind="server_error", code=code)
+        raise ApiError(503, message, kind="server_error", code=code, headers={"Retry-After": "5"})
     req = parse_request(await request.body())
+    check_request(req, state.limits)
+    headers = response_headers(req, state, log)  # built (and checked) before any work
     handle = await run_in_threadpool(submit, state, req)
-    job = SpeechJob(handle, state)
-    headers = {"Content-Type": MEDIA_TYPES[req.response_format], "X-Request-Id": log.request_id,
-               "X-Sample-Rate": str(TARGET_SAMPLE_RATE), "X-Channels": str(TARGET_CHANNELS),
-               "X-Bits-Per-Sample": str(8 * BYTES_PER_SAMPLE)}
+    try:  # after the engine's checks, so a bad request is a 400 even where the encoder cannot be made
+        encoder = AudioEncoder(req.response_format, state.limits.layout, req.speed,
+                               stream=req.streamed and req.stream_format == "audio")
+    except BaseException:
+        handle.cancel()
+        raise
+    return SpeechResponse(SpeechJob(handle, state), req, log, headers, encoder)
+
+
+def response_headers(req: SpeechRequest, state: ServiceState, log: RequestLog) -> dict[str, str]:
+    layout = state.limits.layout
+    media = "text/event-stream" if req.stream_format == "sse" else RESPONSE_FORMATS[req.response_format].media_type
+    headers = {"Content-Type": media, "X-Request-Id": log.request_id, "X-Sample-Rate": str(layout.sample_rate),
+               "X-Channels": str(layout.channels), "X-Bits-Per-Sample": str(8 * BYTES_PER_SAMPLE)}
+    if req.stream_format == "sse":
+        headers["Cache-Control"] = "no-cache"
     if req.model is not None:
-        headers["X-Model"] = "".join(c for c in req.model[:200] if " " <= c <= "~")  # printable ASCII only
-    return SpeechResponse(job, req, log, headers)
+        headers["X-Model"] = req.model  # matched MODEL_NAME in check_request: a valid header value
+    if req.instructions is not None:
+        headers["X-Instructions"] = "ignored"  # this model takes no style instructions (README, Serving)
+    return headers
 
 
 def submit(state: ServiceState, req: SpeechRequest) -> Any:
-    """Decode the reference audio and submit (both CPU work, run off the event loop)."""
-    return state.engine.submit(req.input, **engine_arguments(req, state))
+    """Check the audio budget, decode the reference audio and submit (CPU work, run off the event loop)."""
+    kwargs = engine_arguments(req, state.defaults, state.voices, state.limits, state.count_tokens)
+    return state.engine.submit(req.input, **kwargs)

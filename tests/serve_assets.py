@@ -29,9 +29,11 @@ def tiny_engine(tiny: TinyAssets, max_batch_size: int = 4, max_queue: int = 16) 
 
 def tiny_state(tiny: TinyAssets, engine: SynthesisEngine | None, voices: dict | None = None,
                flags: tuple[str, ...] = GREEDY_DEFAULTS) -> speech_api.ServiceState:
-    """A served state whose defaults come from serve_npu's own flags (``flags``), ready when ``engine`` is given."""
+    """A served state whose defaults and limits come from serve_npu's own flags (``flags``), ready when ``engine``
+    is given."""
     args = serve_npu.build_parser().parse_args(["--demo", *flags])
-    state = speech_api.ServiceState(model_id="tiny", defaults=serve_npu.generation_defaults(args))
+    state = speech_api.ServiceState(model_id="tiny", defaults=serve_npu.generation_defaults(args),
+                                    limits=serve_npu.request_limits(args))
     if engine is not None:
         state.ready(engine, voices or {})
     return state
@@ -39,11 +41,14 @@ def tiny_state(tiny: TinyAssets, engine: SynthesisEngine | None, voices: dict | 
 
 @contextlib.contextmanager
 def running_server(state: speech_api.ServiceState, max_body_bytes: int = speech_api.DEFAULT_MAX_BODY_BYTES,
-                   shutdown_timeout: float = 2.0, app: Any = None) -> Iterator[serve_npu.SpeechServer]:
-    """Serve ``app`` (default: the API alone, ``speech_api.create_app``) for ``state``."""
+                   shutdown_timeout: float = 2.0, connections: serve_npu.ConnectionLimits | None = None,
+                   app: Any = None, **app_options) -> Iterator[serve_npu.SpeechServer]:
+    """Serve ``app`` (default: the API alone, ``speech_api.create_app`` with ``app_options``: api_key,
+    allowed_hosts, allowed_origins) for ``state``."""
     sock = serve_npu.bind_socket("127.0.0.1", 0)
-    app = speech_api.create_app(state, max_body_bytes) if app is None else app
-    server = serve_npu.SpeechServer(app, state, sock, shutdown_timeout)
+    app = speech_api.create_app(state, max_body_bytes, **app_options) if app is None else app
+    server = serve_npu.SpeechServer(app, state, sock, shutdown_timeout,
+                                    limits=connections or serve_npu.ConnectionLimits())
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

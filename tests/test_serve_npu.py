@@ -59,7 +59,9 @@ def client(server):
 
 
 def speak(client: httpx.Client, **body) -> httpx.Response:
-    return client.post("/v1/audio/speech", json={"input": "Hello there.", **body})
+    """A whole (unstreamed) WAV unless ``body`` says otherwise (OpenAI's defaults, mp3 streamed, have own tests)."""
+    return client.post("/v1/audio/speech", json={"input": "Hello there.", "response_format": "wav", "stream": False,
+                                                 **body})
 
 
 def samples(response_format: str, data: bytes) -> np.ndarray:
@@ -118,7 +120,7 @@ def test_whole_and_streamed_audio_are_the_same_valid_audio(client, response_form
     assert whole.headers["x-sample-rate"] == "48000" and whole.headers["x-channels"] == "2"
     assert int(whole.headers["content-length"]) == len(whole.content)
     with client.stream("POST", "/v1/audio/speech",
-                       json={"input": "Hello there.", "response_format": response_format, "stream": True}) as r:
+                       json={"input": "Hello there.", "response_format": response_format}) as r:  # streamed by default
         assert r.status_code == 200 and r.headers["x-sample-rate"] == "48000" and r.headers["x-channels"] == "2"
         # chunked transfer as audio is decoded; FLAC once complete (its header holds the length)
         assert ("content-length" in r.headers) == (response_format == "flac")
@@ -255,8 +257,15 @@ def _short_wav() -> str:
     (b'{"input": "x", "temperature": 0.5}', 400, "unknown field 'temperature'", "temperature"),
     (b'{"input": ""}', 400, "nothing to speak", "input"),
     (b'{"input": "   "}', 400, "nothing to speak", "input"),
-    (b'{"input": "x", "speed": 2}', 400, "speed=2 is not supported: only 1.0", "speed"),
-    (b'{"input": "x", "response_format": "mp3"}', 400, "choose one of wav, pcm, flac", "response_format"),
+    (b'{"input": "x", "speed": 5}', 400, "speed must be in [0.25, 4.0], got 5", "speed"),
+    (b'{"input": "x", "speed": 0.2}', 400, "speed must be in [0.25, 4.0], got 0.2", "speed"),
+    (b'{"input": "x", "response_format": "ogg"}', 400, "choose one of mp3, opus, aac, flac, wav, pcm",
+     "response_format"),
+    (b'{"input": "x", "model": "tts-1 "}', 400, "model must match", "model"),
+    (b'{"input": "x", "voice": {"name": "alice"}}', 400, "voice: Input should be a string or an object", "voice"),
+    (b'{"input": "x", "stream_format": "json"}', 400, "stream_format: Input should be 'audio' or 'sse'",
+     "stream_format"),
+    (b'{"input": "x", "response_format": "flac", "stream": true}', 400, "cannot be streamed", "stream"),
     (b'{"input": "x", "voice": "nova"}', 400, "unknown voice 'nova'; known voices: default, alice, bob", "voice"),
     (b'{"input": "x", "ref_audio": "%%%"}', 400, "ref_audio is not valid base64", "ref_audio"),
     (b'{"input": "x", "ref_audio": "aGVsbG8gd29ybGQ="}', 400, "cannot read ref_audio: Format not recognised",
@@ -287,7 +296,8 @@ def test_bodies_over_the_limit_get_413_without_being_read(client):
         for _ in range(64):
             yield b" " * 65536
 
-    assert_error(client.post("/v1/audio/speech", content=chunked()), 413, "over 1048576 bytes")
+    assert_error(client.post("/v1/audio/speech", content=chunked(), headers={"Content-Type": "application/json"}),
+                 413, "over 1048576 bytes")
     assert speak(client, response_format="pcm").status_code == 200
 
 
@@ -301,13 +311,20 @@ def test_unknown_routes_and_methods_get_json_errors(client):
     assert_error(client.get("/v1/audio/speech"), 405, "Method Not Allowed")
 
 
-def test_an_internal_failure_is_one_line_json(client, server, monkeypatch):
+def test_an_internal_failure_is_one_line_json_and_its_traceback_is_in_the_server_log(client, server, monkeypatch,
+                                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="moss_tts_nano.server")
+
     def broken(*args, **kwargs):
         raise KeyError("secret internals")
 
     monkeypatch.setattr(server.state.engine, "submit", broken)
-    error = assert_error(speak(client), 500, "internal error KeyError")
+    response = speak(client)
+    error = assert_error(response, 500, "internal error KeyError; see the server log")
     assert "secret" not in error["message"] and error["code"] == "internal_error"
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert len(logged) == 1 and response.headers["x-request-id"] in logged[0].getMessage()
+    assert logged[0].exc_info[0] is KeyError and "secret internals" in caplog.text
 
 
 def test_503_while_loading(tiny):
@@ -385,6 +402,8 @@ def test_sigterm_finishes_short_requests_cancels_long_ones_and_exits_0(checkpoin
     process, url, stderr = _start(checkpoint, "--shutdown-timeout", "3")
     try:
         assert httpx.get(url + "/health").status_code == 200
+        # bound to 127.0.0.1 (the default): a foreign Host name is refused (DNS rebinding)
+        assert httpx.get(url + "/v1/models", headers={"Host": "rebind.example"}).status_code == 400
         short = {"input": "A short request.", "max_new_frames": 20, "stream": True, "response_format": "pcm"}
         long = {**short, "input": "A long request.", "max_new_frames": 1500}
         with httpx.stream("POST", url + "/v1/audio/speech", json=long, timeout=60) as cut, \
