@@ -21,7 +21,9 @@ from transformers import PreTrainedModel
 try:
     from .configuration_moss_tts_nano import MossTTSNanoConfig
     from .devices import cpu_fast_paths_enabled
-    from .generation import GenerationOutput, generate_frames
+    from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
+    from .engine_core import generate_frames
+    from .generation import GenerationOutput
     from .gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,
@@ -44,7 +46,10 @@ try:
         left_pad_batch,
         validate_mode,
     )
+    from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
     from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+    from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
+    from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
     from .sampling import SamplingParams
     from .torch_compat import add_load_state_dict_pre_hook
 except ImportError:  # not part of a package: imported from the repository root or run as a script
@@ -52,7 +57,8 @@ except ImportError:  # not part of a package: imported from the repository root 
         raise
     from configuration_moss_tts_nano import MossTTSNanoConfig
     from devices import cpu_fast_paths_enabled
-    from generation import GenerationOutput, generate_frames
+    from engine_core import generate_frames
+    from generation import GenerationOutput
     from gpt2_decoder import (
         ATTENTION_FUNCTIONS,
         WEIGHT_PRECISIONS,
