@@ -166,7 +166,9 @@ class EngineCore:
                 return
             budget = self.scheduler.shrink(len(block))
             logger.warning("out of device memory; running at most %d rows per step from now on", budget)
-            for part in self.scheduler.blocks(block):
+            remaining = list(block)
+            while remaining:  # in blocks of the budget as it stands (a smaller block may shrink it again)
+                part, remaining = remaining[: self.scheduler.budget], remaining[self.scheduler.budget :]
                 self._run_block(part, outputs)
             return
         self._apply(block, result, outputs)
