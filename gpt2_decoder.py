@@ -548,13 +548,13 @@ class PrecisionLinear(nn.Linear):
 
     The parameters stay as they are (same names, dtype, ties, state_dict); "int8" adds a packed copy of the weight
     (per-output-channel symmetric int8, ~1/4 of the float32 bytes) used by `forward` through fbgemm's dynamic
-    quantized linear: activations are quantized per call (per tensor, 7-bit range as fbgemm needs on AVX2 without
-    VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
+    quantized linear: activations are quantized per row with the row's own range (per-token dynamic quantization,
+    7-bit range as fbgemm needs on AVX2 without VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
     (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
     """
 
     _packed: Any = None
-    _packed_rows: Any = None  # (packed copy without bias, its rows' sums) for row-invariant int8 products
+    _packed_rows: Any = None  # (packed copy without bias, its rows' sums) for per-row int8 products
 
     @property
     def weight_precision(self) -> str:
@@ -575,7 +575,10 @@ class PrecisionLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            if _BATCHED_PRODUCTS.get() == "row-invariant":
+            # Per-row (per-token) dynamic quantization: products of several rows always quantize each row with
+            # its own range; a lone row's per-tensor range already is its own (and with row_invariant it takes the
+            # several-row form too, so its bits do not depend on the row count either).
+            if _BATCHED_PRODUCTS.get() == "row-invariant" or x.numel() > x.shape[-1]:
                 return self._int8_rows(x)
             return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
         return linear(x, self.weight, self.bias)

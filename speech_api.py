@@ -653,4 +653,6 @@ async def accept_speech(request: Request, state: ServiceState, log: RequestLog) 
 
 def submit(state: ServiceState, req: SpeechRequest) -> Any:
     """Decode the reference audio and submit (both CPU work, run off the event loop)."""
-    return state.engine.submit(req.input, **engine_arguments(req, state))
+    # a whole response is decoded once at the end (its bytes depend only on its codes); a stream in windows
+    stream = req.stream and req.response_format != "flac"
+    return state.engine.submit(req.input, stream=stream, **engine_arguments(req, state))

@@ -91,6 +91,21 @@ def test_staggered_requests_equal_their_solo_runs(engine, assets, sampling):
     assert len({int(s["frames"]) for s in solos}) > 1  # they leave at different frames
 
 
+def test_non_streamed_results_are_byte_identical_to_solo_runs_under_concurrency(assets):
+    """Default (fast) mode, greedy: codes agree with the solo runs, and a non-streamed request is decoded once at
+    its end, so its waveform is bit-identical whatever ran beside it."""
+    requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4) as eng:
+        solos = [eng.submit(text, stream=False, **kwargs).result(timeout=120) for text, kwargs in requests]
+        handles = [eng.submit(text, stream=False, **kwargs) for text, kwargs in requests]
+        for handle, solo in zip(handles, solos):
+            result = handle.result(timeout=120)
+            assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], solo["audio_token_ids"]))
+            assert torch.equal(result["waveform"], solo["waveform"])
+    direct = assets.model.inference(TEXTS[0], **assets.resources(), **requests[0][1])
+    assert torch.equal(direct["waveform"], solos[0]["waveform"])  # the same bytes as a plain inference() call
+
+
 @needs_row_invariance
 def test_mixed_settings_modes_and_codebooks_share_frames(engine, assets):
     prompt = assets.prompt_audio
