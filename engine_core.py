@@ -116,14 +116,14 @@ class EngineCore:
         for request in (self.scheduler.schedule() if admit else list(self.scheduler.running)):
             if request.cancelled:
                 self._finish(request, outputs, _cancelled(request))
-            else:
-                if request.prompt is None and request.steps == 0 and request.chunk == 0 and not request.codes:
-                    self._begin_chunk(request)
+            elif request.started or self._begin_chunk(request, outputs):
                 running.append(request)
         for float32 in (False, True):
-            group = [request for request in running if request.float32 == float32 and not request.done]
+            group = [request for request in running if request.float32 == float32]
             for block in self.scheduler.blocks(group):
-                self._run_block(block, outputs)
+                block = [r for r in block if not r.done and r.slot is not None]  # a failed block requeues others
+                if block:
+                    self._run_block(block, outputs)
         return list(outputs.values())
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -202,9 +202,12 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.scheduler.slots, **self._runner_args)
         self._float32_runner = None
         for request in others:
+            if request.emitted:  # its audio went out: it cannot start again
+                self._finish(request, outputs, exc)
+                continue
+            self._close_stream(request)
             self.scheduler.requeue(request)
             request.restart()
-            self._close_stream(request)
 
     def _numerical_failure(self, request: Request, kind: str, outputs: dict) -> None:
         message = non_finite_message(kind, request.steps, self._runner(request).model.dtype)
@@ -223,18 +226,26 @@ class EngineCore:
         self._close_stream(request)
         request.restart()
         request.first_error, request.float32 = message, True
-        self._begin_chunk(request)
+        self._begin_chunk(request, outputs)
 
     # ------------------------------------------------------------------------------------------------ chunks
 
-    def _begin_chunk(self, request: Request) -> None:
+    def _begin_chunk(self, request: Request, outputs: dict) -> bool:
+        """Start the request's current chunk in its slot; False when its prompt does not fit (the request failed)."""
         rows = request.start_chunk()
+        limit = self.model.config.max_position_embeddings
+        if rows.shape[0] + request.params.max_new_frames > limit:
+            self._finish(request, outputs, ValueError(
+                f"max_new_frames={request.params.max_new_frames} plus the prompt length of text chunk "
+                f"{request.chunk} ({rows.shape[0]} rows) exceeds max_position_embeddings={limit}"))
+            return False
         self._runner(request).begin(request.slot, rows.shape[0] + request.params.max_new_frames)
         plan = request.audio
         if plan is not None and plan.stream and request.id not in self._stream_of:
             stream = self._stream_of[request.id] = (request.id, request.chunk, next(self._stream_ids))
             prime = plan.prompt_codes if plan.continuation else None
             self.streams.open(stream, prime, request.nq)
+        return True
 
     def _end_chunk(self, request: Request, outputs: dict) -> None:
         """Store the chunk's codes; start the next chunk or finish the request (voice clone: a pause between
@@ -253,7 +264,7 @@ class EngineCore:
             return
         if plan is not None and plan.stream and not plan.continuation:
             _output(outputs, request).events.append(_audio_event(plan.pauses[index], index, "pause"))
-        self._begin_chunk(request)
+        self._begin_chunk(request, outputs)
 
     def _finish(self, request: Request, outputs: dict, error: Optional[BaseException]) -> None:
         if request.slot is not None:

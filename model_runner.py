@@ -287,7 +287,10 @@ class ModelRunner:
         for i, slot in enumerate(slots):
             self.next_embeds[slot] = frame.next_embeds[i]
         codes = torch.full((len(rows), config.n_vq), config.audio_pad_token_id, dtype=torch.long, device=self.device)
-        for nq in set(sampler.row_nq):
+        counts = set(sampler.row_nq)
+        if len(counts) == 1:
+            codes[:, : sampler.nq] = frame.codes[:, : sampler.nq]
+        for nq in counts if len(counts) > 1 else ():  # channels at or above a row's own nq hold the pad code
             chosen = torch.tensor([n == nq for n in sampler.row_nq], device=self.device)[:, None]
             codes[:, :nq] = torch.where(chosen, frame.codes[:, :nq], codes[:, :nq])
         flags = torch.stack((frame.text_finite, frame.audio_finite, frame.continues), dim=1).long()

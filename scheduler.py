@@ -72,6 +72,7 @@ class Request:
     priority: int = 0
     # state
     slot: Optional[int] = None
+    started: bool = False  # its first chunk has begun (a restart begins again)
     chunk: int = 0
     steps: int = 0
     prompt: Optional[torch.Tensor] = None  # the current chunk's rows while its prefill is due
@@ -97,7 +98,7 @@ class Request:
     def start_chunk(self) -> torch.Tensor:
         """The current chunk's prompt rows; its frame state starts empty."""
         self.prompt = self.chunk_rows(self.chunk, self.codes)
-        self.steps, self.frames = 0, []
+        self.steps, self.frames, self.started = 0, [], True
         return self.prompt
 
     def record(self, codes: torch.Tensor, continues: bool) -> bool:
@@ -122,7 +123,7 @@ class Request:
         if self.generator is not None and self.start_state is not None:
             self.generator.set_state(self.start_state)
         self.chunk, self.steps, self.frames, self.codes, self.truncated = 0, 0, [], [], []
-        self.prompt = None
+        self.prompt, self.started = None, False
 
 
 class Scheduler:
