@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -43,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--reference-seconds", type=float, default=1.0)
     parser.add_argument("--weight-precision", default="float32", choices=("float32", "int8"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     assets = build_demo_assets(seed=0)
     assets.model.set_weight_precision(args.weight_precision)
     resources = cached_resources(assets.model, text_tokenizer=assets.tokenizer, audio_tokenizer=assets.codec)
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                           if path.endswith(suffix) and func == function)
     report = {"streams": args.streams, "frames": frames, "steps": steps, "wall_s": wall,
               "aggregate_frames_per_s": frames / wall, "weight_precision": args.weight_precision,
-              "reference_seconds": args.reference_seconds, "cumulative_s": parts,
+              "reference_seconds": args.reference_seconds, "torch_threads": torch.get_num_threads(),
+              "cumulative_s": parts,
               "note": "cProfile adds overhead per Python call; compare the parts with each other",
               "load_average_at_end": os.getloadavg()}
     print(json.dumps(report, indent=2))
