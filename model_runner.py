@@ -6,9 +6,9 @@ computes exactly what a solo run computes); the continuing rows run together in 
 codebook loop covers every row (`generation.sample_frame`: per-row sampling settings, repetition-penalty state and
 random generator, `sampling.RowSampler`). One host synchronisation per step.
 
-The slot KV cache is allocated when the runner is made (grown only if a longer request comes) and written in
-place at explicit positions, so a later graph capture of the decode step (CUDA / NPU graphs) wraps it without a
-rewrite. The kernels come from the model's kernel plan, resolved once for its device, dtype and weight precision.
+The slot KV cache is preallocated (grown, in steps of CAPACITY_STEP rows, only when a longer request comes) and
+written in place at explicit positions, so a later graph capture of the decode step (CUDA / NPU graphs) wraps it
+without a rewrite. The kernels come from the model's kernel plan, resolved once for its device, dtype and weight precision.
 
 Batch invariance (`batch_invariant=True`): products inside `batched_products(row_invariant=True)` (see there) and
 attention per row with the shapes of a solo run, so a row's results do not depend on its neighbours. Otherwise the
