@@ -1,27 +1,24 @@
 """Frame-by-frame generation for MOSS-TTS-Nano (TTS_SPEC §6).
 
-A handful of small pieces: a global runner (prefill, then one row per step), a local runner (one codebook position
-per step), one frame sampler, and the streaming loop that `generate` is built on. The cached runners use fixed-shape
-preallocated KV caches with explicit positions; the recompute runners are the straightforward reference path
-(`use_kv_cache=False`) and must give the same frames. `SlotGlobal` is the global runner of the continuous-batching
-engine (engine.py), which shares the local runner and the frame sampler.
+The local runner (one codebook position per step) and one frame sampler; the global decoder's slots, the batched
+frame step and the loop are the engine core's (model_runner.py, engine_core.py), which every call steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 try:
-    from .gpt2_decoder import AttentionFunction, AttentionMask, Segment, SlotKVCache, linear
-    from .sampling import RowSampler, SamplingParams, apply_repetition_penalty
+    from .gpt2_decoder import AttentionFunction, AttentionMask, linear
+    from .sampling import RowSampler, apply_repetition_penalty
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
-    from gpt2_decoder import AttentionFunction, AttentionMask, Segment, SlotKVCache, linear
-    from sampling import RowSampler, SamplingParams, apply_repetition_penalty
+    from gpt2_decoder import AttentionFunction, AttentionMask, linear
+    from sampling import RowSampler, apply_repetition_penalty
 
 
 @dataclass
@@ -42,84 +39,6 @@ class GenerationOutput:
     prompt_attention_mask: torch.BoolTensor
     finished_mask: torch.BoolTensor
     num_frames: torch.LongTensor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Global decoder runners
-
-
-class _CachedGlobal:
-    """Global decoder with a preallocated KV cache: one prefill, then one row per step."""
-
-    def __init__(self, model: Any, input_ids: torch.Tensor, mask: torch.Tensor, capacity: int,
-                 attend: AttentionFunction) -> None:
-        weight = model.transformer.wte.weight
-        self.model, self.attend = model, attend
-        self.input_ids, self.mask = input_ids, mask
-        self.cache = model.transformer.new_cache(input_ids.shape[0], capacity, dtype=weight.dtype, device=weight.device)
-
-    def prefill(self) -> torch.Tensor:
-        hidden, _ = self.model.run_global(self.model.embed_rows(self.input_ids), self.mask, self.cache, self.attend)
-        return hidden[:, -1]  # (B, H)
-
-    def step(self, rows: torch.Tensor, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.model.run_global(embeds, valid, self.cache, self.attend)
-        return hidden[:, -1]
-
-
-class _RecomputeGlobal:
-    """Reference path: re-embed and re-run every row at every step."""
-
-    def __init__(self, model: Any, input_ids: torch.Tensor, mask: torch.Tensor, capacity: int,
-                 attend: AttentionFunction) -> None:
-        self.model, self.attend = model, attend
-        self.rows, self.masks = [input_ids], [mask]
-
-    def prefill(self) -> torch.Tensor:
-        return self._run()
-
-    def step(self, rows: torch.Tensor, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.rows.append(rows)
-        self.masks.append(valid)
-        return self._run()
-
-    def _run(self) -> torch.Tensor:
-        input_ids, mask = torch.cat(self.rows, dim=1), torch.cat(self.masks, dim=1)
-        hidden, _ = self.model.run_global(self.model.embed_rows(input_ids), mask, None, self.attend)
-        return hidden[:, -1]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Packed global decoder (continuous batching)
-
-
-class SlotGlobal:
-    """The global decoder of the continuous-batching engine: sequences in the slots of a `SlotKVCache`, and one packed
-    forward per call over the new rows of several running sequences (a newcomer's prompt rows, one row per
-    continuing sequence), with each sequence's attention and RoPE positions its own (see `PackedRows`)."""
-
-    def __init__(self, model: Any, slots: int, capacity: int, attend: AttentionFunction) -> None:
-        weight = model.transformer.wte.weight
-        decoder = model.transformer
-        self.model, self.attend = model, attend
-        self.cache = SlotKVCache(len(decoder.h), slots, decoder.num_heads, decoder.head_dim, capacity,
-                                 dtype=weight.dtype, device=weight.device)
-
-    def run(self, items: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Append new rows to their slots and return each item's last hidden state.
-
-        Args:
-            items: (slot, embeddings (n, H) of that slot's next n rows), at most one item per slot.
-
-        Returns:
-            (len(items), H) the output after ln_f at each item's last row.
-        """
-        view = self.cache.packed([Segment(slot, self.cache.lengths[slot], rows.shape[0]) for slot, rows in items])
-        embeds = torch.cat([rows for _, rows in items])[None]  # (1, N, H)
-        rope = self.model.rotation(self.model.transformer, view.positions[None])
-        hidden, _ = self.model.transformer(embeds, rope, _NO_MASK, view.attention(self.attend), view)
-        view.commit()
-        return hidden[0, view.last_rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,63 +175,6 @@ def sample_frame(model: Any, h: torch.Tensor, local: LocalRunner, sampler: RowSa
     )
 
 
-def _check_finite(frame: Frame, step: int, dtype: torch.dtype) -> bool:
-    """One host sync per frame: raise on non-finite logits, return whether any row continues."""
-    text_ok, audio_ok, any_continue = torch.stack(
-        (frame.text_finite.all(), frame.audio_finite.all(), frame.continues.any())
-    ).tolist()
-    for ok, kind in ((text_ok, "text"), (audio_ok, "audio")):
-        if not ok:
-            raise RuntimeError(non_finite_message(kind, step, dtype))
-    return any_continue
-
-
 def non_finite_message(kind: str, step: int, dtype: torch.dtype) -> str:
     return (f"Non-finite {kind} logits at generation step {step} (model dtype {str(dtype).split('.')[-1]}): "
             "retry in float32 or with another attention backend")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def generate_frames(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, *,
-                    use_kv_cache: bool = True, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
-    """Stream frames for validated, left-padded prompt rows (see `MossTTSNanoForCausalLM.generate_stream`)."""
-    config = model.config
-    batch, device = input_ids.shape[0], input_ids.device
-    nq = params.resolve_nq(config.n_vq)
-    pad, slot = config.audio_pad_token_id, config.audio_assistant_slot_token_id
-    attend_global, attend_local = model.attention_functions()
-    global_cls = _CachedGlobal if use_kv_cache else _RecomputeGlobal
-    runner = global_cls(model, input_ids, mask, input_ids.shape[1] + params.max_new_frames, attend_global)
-    local = LocalRunner(model, batch, nq, attend_local, use_kv_cache)
-    sampler = RowSampler.uniform(params, batch, generator, config.n_vq)
-    consts = frame_constants(model)
-    seen = None
-    if params.audio_repetition_penalty != 1.0:
-        seen = torch.zeros(nq, batch, max(consts.codebook_sizes[:nq]), dtype=torch.bool, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    num_frames = torch.zeros(batch, dtype=torch.long, device=device)
-    frames: list[torch.Tensor] = []
-    rows = next_embeds = None
-    for step in range(params.max_new_frames):
-        h = runner.prefill() if step == 0 else runner.step(rows, next_embeds, active[:, None])
-        frame_state = sample_frame(model, h, local, sampler, seen, active, consts,
-                                   force_continue=step < params.min_new_frames)
-        active = frame_state.continues
-        if not _check_finite(frame_state, step, h.dtype):
-            break
-        frame = torch.full((batch, config.n_vq), pad, dtype=torch.long, device=device)
-        frame[:, :nq] = frame_state.codes.masked_fill(~active[:, None], pad)
-        rows = torch.cat((torch.where(active, slot, config.pad_token_id)[:, None], frame), dim=-1)[:, None]
-        next_embeds = frame_state.next_embeds
-        num_frames += active
-        frames.append(frame)
-        yield {"type": "frame", "step_index": step, "audio_token_ids": frame, "active_mask": active,
-               "finished_mask": ~active}
-    audio = torch.stack(frames, dim=1) if frames else torch.full((batch, 0, config.n_vq), pad, device=device)
-    yield {"type": "final", "generation": GenerationOutput(
-        audio_token_ids=audio, prompt_input_ids=input_ids, prompt_attention_mask=mask,
-        finished_mask=~active, num_frames=num_frames,
-    )}

@@ -571,13 +571,13 @@ class PrecisionLinear(nn.Linear):
 
     The parameters stay as they are (same names, dtype, ties, state_dict); "int8" adds a packed copy of the weight
     (per-output-channel symmetric int8, ~1/4 of the float32 bytes) used by `forward` through fbgemm's dynamic
-    quantized linear: activations are quantized per call (per tensor, 7-bit range as fbgemm needs on AVX2 without
-    VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
+    quantized linear: activations are quantized per row with the row's own range (per-token dynamic quantization,
+    7-bit range as fbgemm needs on AVX2 without VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
     (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
     """
 
-    _packed: Any = None
-    _packed_rows: Any = None  # (packed copy without bias, its rows' sums) for row-invariant int8 products
+    _packed: Any = None  # the packed int8 weight (without bias: `_int8_rows` adds it), None in float32
+    _packed_rows: Any = None  # (that packed copy, the sums of its dequantized rows) for `_int8_rows`
 
     @property
     def weight_precision(self) -> str:
@@ -593,18 +593,18 @@ class PrecisionLinear(nn.Linear):
         """
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
-        self._packed = None if precision == "float32" else _pack_int8(self.weight, self.bias)
-        self._packed_rows = None
+        self._packed_rows = None if precision == "float32" else _pack_int8_rows(self.weight)
+        self._packed = None if self._packed_rows is None else self._packed_rows[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            if _BATCHED_PRODUCTS.get() == "row-invariant":
-                return self._int8_rows(x)
-            return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # reduce_range: AVX2 int16 accumulation
+            # Per-row (per-token) dynamic quantization in every mode, a lone row included: a row's int8 result
+            # never depends on the rows beside it (fbgemm alone would quantize a product with one range).
+            return self._int8_rows(x)
         return linear(x, self.weight, self.bias)
 
     def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """int8 products whose rows do not depend on each other (inside `batched_products(row_invariant=True)`).
+        """int8 products whose rows do not depend on each other (per-row dynamic activation quantization).
 
         Why: fbgemm quantizes the activations of a product with one range for all its rows, so a row's result would
         depend on its neighbours. Here each row is mapped onto [0, 1] by its own range first, and two pinned rows (0
@@ -626,14 +626,14 @@ class PrecisionLinear(nn.Linear):
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
         result = super()._apply(fn, *args, **kwargs)
-        self._packed_rows = None
         if self._packed is not None:
             # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
             if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
-                self._packed = _pack_int8(self.weight, self.bias)
+                self._packed_rows = _pack_int8_rows(self.weight)
+                self._packed = self._packed_rows[0]
             else:
                 logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
-                self._packed = None
+                self._packed = self._packed_rows = None
         return result
 
 

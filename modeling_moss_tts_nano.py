@@ -21,7 +21,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 try:
     from .configuration_moss_tts_nano import MossTTSNanoConfig
     from .devices import cpu_fast_paths_enabled
-    from .generation import GenerationOutput, generate_frames
+    from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
+    from .engine_core import generate_frames
+    from .generation import GenerationOutput
     from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
     from .gpt2_decoder import (
         ATTENTION_FUNCTIONS,
@@ -45,7 +47,10 @@ try:
         left_pad_batch,
         validate_mode,
     )
+    from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
     from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+    from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
+    from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
     from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
     from .sampling import SamplingParams
     from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
@@ -54,7 +59,8 @@ except ImportError:  # not part of a package: imported from the repository root 
         raise
     from configuration_moss_tts_nano import MossTTSNanoConfig
     from devices import cpu_fast_paths_enabled
-    from generation import GenerationOutput, generate_frames
+    from engine_core import generate_frames
+    from generation import GenerationOutput
     from npu_probes import fusion_attention_limits  # noqa: F401
     from gpt2_decoder import (
         ATTENTION_FUNCTIONS,
@@ -623,16 +629,15 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             progress: callable receiving progress messages for long texts.
             engine: a started `engine.SynthesisEngine` built on this model: the call (all its text chunks) runs
                 there, sharing each generation step with the engine's other requests; resources are the engine's.
-                A numerical or out-of-memory failure runs the call again without the engine (which has neither the
-                float32 retry nor chunk-batch halving).
+                Without it, the call steps a private engine core in the calling thread (the same core).
 
         Returns:
             dict with audio_path, sample_rate (48000), audio_token_ids (a list with one [frames, 16] tensor per
             text chunk), waveform ([2, samples] float32), reference_audio_token_ids, text_chunks,
             voice_clone_text_chunks (None in continuation), truncated_chunks (indices of chunks that reached
             max_new_frames before the model ended them: their audio is cut off), voice_clone_chunk_batch_size (the
-            batch size used, after any out-of-memory halving), voice_clone_codec_batch_size, frames,
-            float32_fallback (whether a numerical failure was retried in float32).
+            chunks generated side by side, after any out-of-memory halving), voice_clone_codec_batch_size, frames,
+            float32_fallback (whether a numerical failure was re-run in float32).
 
         Raises:
             ValueError: invalid text, prompt, mode combination, sampling value or file.
@@ -640,7 +645,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Every call owns its state (caches, codec decode session, random generator) and only reads the model, codec
         and tokenizer: threads and interleaved `inference_stream` generators may share one model and one codec.
-        Resources are loaded once per set of resource arguments (see `pipeline.Synthesizer`). The float32 retry runs
+        Resources are loaded once per set of resource arguments (see `pipeline.Synthesizer`). The float32 re-run runs
         a float32 copy kept beside the model, never this model cast in place.
         """
         return _pipeline_module().run_inference(self, text, output_audio_path, **kwargs)
@@ -652,14 +657,14 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
             Same as `inference`.
 
         Yields:
-            {"type": "audio", "waveform": [2, n], "sample_rate", "chunk_index"} as frames are decoded (1-8 frames
-            at a time, fewer while audio is not yet ahead of real time), {"type": "pause", ...} silence between
+            {"type": "audio", "waveform": [2, n], "sample_rate", "chunk_index"} as frames are decoded (windows of
+            1, 1, 2, 4, then 8 frames: the same bytes however fast the machine is), {"type": "pause", ...} silence between
             voice-clone chunks, then {"type": "result", ...} with `inference`'s fields plus first_audio_latency_s.
             Their concatenation equals the non-streaming waveform for the same codes.
 
         Raises:
-            As `inference`. A chunk whose generation fails numerically before its first audio event is retried
-            once in float32 (as `inference` retries); after audio went out, the error is raised. The stream owns
+            As `inference`. A call that fails numerically before its first audio event runs again from its start
+            in float32 (as `inference` does); after audio went out, the error is raised. The stream owns
             its codec decode session: leaving it early (`break`) affects no other call.
         """
         return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)

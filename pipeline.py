@@ -1,9 +1,10 @@
 """End-to-end synthesis behind ``MossTTSNanoForCausalLM.inference`` / ``inference_stream``.
 
 text (+ reference audio) -> codec encode -> prompt rows -> generation -> codec decode -> 48 kHz stereo waveform
--> file. Voice-clone text is split into chunks within a token budget; chunks are generated in batches sized
-from free device memory and joined with short pauses. Generation that fails numerically is retried once in
-float32 with the device's fallback attention backend; a batch that runs out of memory is retried smaller.
+-> file. Voice-clone text is split into chunks within a token budget, joined with short pauses. Generation steps a
+private `engine_core.EngineCore` in the calling thread (a shared one with ``engine=``): the core runs the chunks
+(non-streamed voice-clone chunks side by side in slots sized from free device memory), re-runs a request that
+fails numerically in float32 and shrinks its row budget on out-of-memory errors.
 
 Every call owns its state: KV caches, its codec decode session, its random generator (``seed=`` / ``generator=``).
 The model, tokenizer and codec are only read, so one ``Synthesizer`` (or one model's ``inference`` /
@@ -13,10 +14,10 @@ kept beside the model (``shared_resources.float32_retry_model``), never the call
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator
 
@@ -30,23 +31,25 @@ try:
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from .prompting import (
-        build_continuation_rows,
-        build_voice_clone_rows,
-        infer_mode,
-        left_pad_batch,
-        validate_mode,
+    from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
+        SAMPLES_PER_FRAME,
+        decode_frames,
+        decode_generated,
+        join_with_pauses,
+        pause_waveform,
     )
+    from .engine_core import EngineCore
+    from .prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
+    from .scheduler import AudioPlan, Request
     from .sampling import SamplingParams
     from .shared_resources import (
         RESOURCE_KEYS,
         Resources,
         cached_resources,
-        float32_retry_model,
         load_resources,
         place_model,
     )
-    from .text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
+    from .text_chunking import chunk_separators, normalize_text, split_text_into_chunks
 except ImportError:  # not part of a package: imported from the repository root or run as a script
     if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
         raise
@@ -57,32 +60,28 @@ except ImportError:  # not part of a package: imported from the repository root 
         prepare_prompt_waveform,
         write_audio_atomic,
     )
-    from prompting import (
-        build_continuation_rows,
-        build_voice_clone_rows,
-        infer_mode,
-        left_pad_batch,
-        validate_mode,
+    from codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
+        SAMPLES_PER_FRAME,
+        decode_frames,
+        decode_generated,
+        join_with_pauses,
+        pause_waveform,
     )
+    from engine_core import EngineCore
+    from prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
+    from scheduler import AudioPlan, Request
     from sampling import SamplingParams
     from shared_resources import (
         RESOURCE_KEYS,
         Resources,
         cached_resources,
-        float32_retry_model,
         load_resources,
         place_model,
     )
-    from text_chunking import chunk_separators, normalize_text, pause_seconds_after, split_text_into_chunks
+    from text_chunking import chunk_separators, normalize_text, split_text_into_chunks
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_PER_FRAME = 3840
-STREAM_WINDOWS = ((0.25, 1), (0.5, 2), (1.0, 4))  # (audio seconds ahead of wall clock below which, window frames)
-STREAM_MAX_WINDOW = 8
-# Behind the wall clock (generation slower than real time, playback already waiting): decoding frame by frame
-# would not bring the audio in time, and costs the codec more per frame than 4-frame windows.
-STREAM_BEHIND_WINDOW = 4
 
 # Upstream's method defaults (drop-in compatibility), taken from SamplingParams; the scripts pass the official CLI
 # values instead.
@@ -233,99 +232,7 @@ def encode_prompt_audio(codec: Any, waveform: torch.Tensor) -> torch.LongTensor:
     return out.audio_codes[:, 0, :length].transpose(0, 1).contiguous()  # (T_ref, n_vq)
 
 
-def decode_frames(codec: Any, codes: list[torch.Tensor], nq: int, batch_size: int | None = None) -> list[torch.Tensor]:
-    """Decode per-row ``[N_i, >=nq]`` codes into ``[2, 3840 * N_i]`` float32 waveforms (CPU)."""
-    waves: list[torch.Tensor] = [torch.zeros(2, 0) for _ in codes]
-    todo = [i for i, c in enumerate(codes) if c.shape[0] > 0]
-    step = max(1, batch_size or len(todo) or 1)
-    device = next(codec.parameters()).device
-    for start in range(0, len(todo), step):
-        rows = todo[start : start + step]
-        batch = [codes[i][:, :nq].transpose(0, 1).to(device) for i in rows]  # (nq, N_i)
-        out = codec.batch_decode(batch, num_quantizers=nq)
-        for j, i in enumerate(rows):
-            waves[i] = out.audio[j, :, : int(out.audio_lengths[j])].float().cpu()
-    return waves
-
-
 # ---------------------------------------------------------------------------------------------------- generation
-
-
-def _generation_kwargs(request: SynthesisRequest, generator: torch.Generator | None) -> dict[str, Any]:
-    return dict(request.generation, max_new_frames=request.max_new_frames, nq=request.nq, generator=generator)
-
-
-def _warn_retry(first: BaseException) -> None:
-    logger.warning("generation was numerically unstable (%s); retrying once in float32", str(first).splitlines()[0])
-
-
-def _failed_twice(first: BaseException, second: BaseException, device: torch.device) -> RuntimeError:
-    return RuntimeError(
-        f"generation failed numerically in the model's dtype ({str(first).splitlines()[0]}) and again in "
-        f"float32 with the '{devices.fallback_attention_implementation(device)}' attention backend "
-        f"({str(second).splitlines()[0]}); check the weights and the device (python verify_npu.py)"
-    )
-
-
-def generate_robust(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest,
-    generator: torch.Generator | None = None,
-) -> tuple[Any, bool]:
-    """``model.generate`` with one retry on numerical failure, in float32 with the device's fallback attention
-    backend (``float32_retry_model``; ``model`` itself is left as it is). ``generator`` is the call's own.
-
-    Returns:
-        ``(generation output, whether the float32 retry was needed)``.
-    """
-    kwargs = _generation_kwargs(request, generator)
-    start = None if generator is None else generator.get_state()
-    try:
-        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), False
-    except RuntimeError as exc:
-        if not devices.is_stability_error(exc):
-            raise
-        first = exc
-    _warn_retry(first)
-    if generator is not None:
-        generator.set_state(start)  # the retry draws what a float32 run would have drawn
-    try:
-        retry_model = float32_retry_model(model, input_ids.device)
-        return retry_model.generate(input_ids=input_ids, attention_mask=mask, **kwargs), True
-    except RuntimeError as exc:
-        if not devices.is_stability_error(exc):
-            raise
-        raise _failed_twice(first, exc, input_ids.device) from exc
-
-
-def stream_robust(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, request: SynthesisRequest, emitted: Callable[[], bool],
-    generator: torch.Generator | None = None,
-) -> Iterator[dict]:
-    """``model.generate_stream`` with one retry on numerical failure (in float32 on ``float32_retry_model``, as
-    ``generate_robust``), as long as ``emitted()`` says no audio of this generation reached the caller yet (audio
-    already yielded cannot be taken back). A retry is announced by a ``{"type": "retry"}`` event: frames before it
-    are to be discarded.
-    """
-    kwargs = _generation_kwargs(request, generator)
-    start = None if generator is None else generator.get_state()
-    try:
-        yield from model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
-        return
-    except RuntimeError as exc:
-        if not devices.is_stability_error(exc) or emitted():
-            raise
-        first = exc
-    _warn_retry(first)
-    yield {"type": "retry"}
-    if generator is not None:
-        generator.set_state(start)
-    try:
-        retry_model = float32_retry_model(model, input_ids.device)
-        yield from retry_model.generate_stream(input_ids=input_ids, attention_mask=mask, **kwargs)
-    except RuntimeError as exc:
-        if not devices.is_stability_error(exc):
-            raise
-        raise _failed_twice(first, exc, input_ids.device) from exc
 
 
 @dataclass
@@ -341,47 +248,6 @@ class Generated:
         if not finished:
             self.truncated.append(len(self.codes))
         self.codes.append(codes)
-
-
-def generate_chunks(
-    model: Any, rows: list[torch.Tensor], request: SynthesisRequest, resources: Resources, progress: Callable | None,
-    generator: torch.Generator | None = None,
-) -> Generated:
-    """Generate every voice-clone chunk's rows, batched from free memory, halving the batch on out-of-memory errors.
-
-    ``generator`` (the call's own) is rewound before a batch is retried, so a retry draws what a first try would.
-    """
-    device = next(model.parameters()).device
-    generated = Generated()
-    batch = devices.chunk_batch_size(
-        len(rows), device, request.voice_clone_max_memory_per_sample_gb, request.voice_clone_chunk_batch_size
-    )
-    while len(generated.codes) < len(rows):
-        part = rows[len(generated.codes) : len(generated.codes) + batch]
-        input_ids, mask = left_pad_batch(part, resources.ids)
-        start = None if generator is None else generator.get_state()
-        try:
-            out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), request, generator)
-        except Exception as exc:
-            if not devices.is_out_of_memory_error(exc):
-                raise
-            if generator is not None:
-                generator.set_state(start)
-            if batch == 1:
-                raise RuntimeError(
-                    "out of device memory while generating a single text chunk; lower --max-new-frames or "
-                    "voice_clone_max_text_tokens, use float16/bfloat16, or free device memory"
-                ) from exc
-            batch = max(1, batch // 2)
-            logger.warning("out of device memory; retrying with a chunk batch of %d", batch)
-            continue
-        generated.float32_retry = generated.float32_retry or fallback
-        for codes, frames, finished in zip(out.audio_token_ids, out.num_frames.tolist(), out.finished_mask.tolist()):
-            generated.add(codes[:frames].cpu(), finished)
-        if progress is not None and len(rows) > 1:
-            progress(f"generated {len(generated.codes)}/{len(rows)} text chunks")
-    generated.chunk_batch = batch
-    return generated
 
 
 @dataclass
@@ -403,22 +269,6 @@ def continuation_rows(plan: "Plan", index: int, context: Context) -> torch.Tenso
 def next_context(plan: "Plan", index: int, codes: torch.Tensor, context: Context) -> Context:
     """The next chunk continues this chunk's audio, or the same context when this chunk produced no frame."""
     return Context(plan.chunks[index], codes) if codes.shape[0] else context
-
-
-def generate_continuation(model: Any, plan: "Plan") -> Generated:
-    """Generate continuation chunks one after another, each continuing the previous chunk's text and audio."""
-    device = next(model.parameters()).device
-    generated, context = Generated(), plan.first_context
-    for index in range(len(plan.chunks)):
-        input_ids, mask = left_pad_batch([continuation_rows(plan, index, context)], plan.resources.ids)
-        out, fallback = generate_robust(model, input_ids.to(device), mask.to(device), plan.request, plan.generator)
-        generated.float32_retry = generated.float32_retry or fallback
-        codes = out.audio_token_ids[0, : int(out.num_frames[0])].cpu()
-        generated.add(codes, bool(out.finished_mask[0]))
-        context = next_context(plan, index, codes, context)
-        if plan.progress is not None and len(plan.chunks) > 1:
-            plan.progress(f"generated {index + 1}/{len(plan.chunks)} text chunks")
-    return generated
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
@@ -473,32 +323,6 @@ def voice_clone_rows(plan: "Plan") -> list[torch.Tensor]:
     enc = resources.encode_text
     return [build_voice_clone_rows(resources.template, resources.ids, enc(chunk), plan.prompt_codes, request.nq)
             for chunk in plan.chunks]
-
-
-def join_with_pauses(waves: list[torch.Tensor], chunks: list[str]) -> torch.Tensor:
-    """Concatenate chunk waveforms with the pause after each chunk but the last."""
-    parts: list[torch.Tensor] = []
-    for i, (wave, chunk) in enumerate(zip(waves, chunks)):
-        parts.append(wave)
-        if i + 1 < len(waves):
-            parts.append(pause_waveform(chunk))
-    return torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
-
-
-def pause_waveform(chunk: str) -> torch.Tensor:
-    return torch.zeros(2, int(round(pause_seconds_after(chunk) * TARGET_SAMPLE_RATE)))
-
-
-def decode_generated(
-    codec: Any, codes: list[torch.Tensor], request: SynthesisRequest, prompt_codes: torch.Tensor | None, nq: int
-) -> list[torch.Tensor]:
-    """Decode each voice-clone chunk's codes. Continuation is one continuous waveform: prompt codes (if any) and
-    every chunk's codes are decoded together and the prompt's audio is dropped."""
-    if request.mode == "continuation":
-        prompt = prompt_codes.cpu() if prompt_codes is not None else torch.zeros(0, codes[0].shape[1], dtype=torch.long)
-        wave = decode_frames(codec, [torch.cat([prompt, *codes], dim=0)], nq)[0]
-        return [wave[:, prompt.shape[0] * SAMPLES_PER_FRAME :]]
-    return decode_frames(codec, codes, nq, request.voice_clone_codec_batch_size)
 
 
 def split_call_arguments(model: Any, kwargs: dict) -> tuple[dict, Callable | None]:
@@ -583,158 +407,103 @@ def finish_result(plan: Plan, generated: Generated, waveform: torch.Tensor, outp
     return result
 
 
+def sampling_params(request: SynthesisRequest) -> SamplingParams:
+    return SamplingParams(max_new_frames=request.max_new_frames, nq=request.nq,
+                          **{k: v for k, v in request.generation.items() if k != "use_kv_cache"})
+
+
+def chunk_source(plan: Plan) -> Callable[[int, list], torch.Tensor]:
+    """The rows of text chunk ``index`` given the codes of the chunks before it (continuation continues them)."""
+    if plan.request.mode == "voice_clone":
+        rows = voice_clone_rows(plan)
+        return lambda index, codes: rows[index]
+
+    def continuation(index: int, codes: list) -> torch.Tensor:
+        context = plan.first_context
+        for done, chunk_codes in enumerate(codes):
+            context = next_context(plan, done, chunk_codes, context)
+        return continuation_rows(plan, index, context)
+
+    return continuation
+
+
+def core_request(plan: Plan, stream: bool, request_id: str | None = None) -> Request:
+    """The engine-core request of a call: its chunks, settings, generator and audio output (streamed or end-only)."""
+    request = plan.request
+    continuation = request.mode != "voice_clone"
+    audio = AudioPlan(continuation=continuation, prompt_codes=plan.prompt_codes if continuation else None,
+                      pauses=[pause_waveform(chunk) for chunk in plan.chunks],
+                      codec_batch_size=request.voice_clone_codec_batch_size, stream=stream)
+    return Request(request_id or uuid.uuid4().hex[:12], sampling_params(request), plan.generator, len(plan.chunks),
+                   chunk_source(plan), plan.nq, audio)
+
+
+def check_position_limit(model: Any, rows: torch.Tensor, max_new_frames: int) -> None:
+    limit = model.config.max_position_embeddings
+    if rows.shape[0] + max_new_frames > limit:
+        raise ValueError(f"max_new_frames={max_new_frames} plus the prompt length exceeds "
+                         f"max_position_embeddings={limit}")
+
+
+def run_to_end(core: EngineCore, requests: list[Request], progress: Callable | None = None) -> Iterator[dict]:
+    """Step ``core`` until ``requests`` finish; yield their events; raise the first failure."""
+    finished = 0
+    try:
+        while not all(r.done for r in requests):
+            for output in core.step():
+                yield from output.events
+                if output.finished:
+                    if output.error is not None:
+                        raise output.error
+                    finished += 1
+                    if progress is not None and len(requests) > 1:
+                        progress(f"generated {finished}/{len(requests)} text chunks")
+    finally:
+        core.close()  # leaving early closes the codec streams
+
+
 def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | None = None, *,
                   synthesizer: Synthesizer | None = None, **kwargs: Any) -> dict:
     """Synthesize ``text``; see ``MossTTSNanoForCausalLM.inference`` for the arguments."""
     engine = kwargs.pop("engine", None)
     if engine is not None:
-        handle = submit_to_engine(model, engine, text, output_audio_path, kwargs)
-        try:
-            return handle.result()
-        except RuntimeError as exc:
-            if not _engine_fallback(exc):
-                raise
-        synthesizer = synthesizer or Synthesizer(model, resources=engine.resources)
-        return run_inference(model, text, output_audio_path, synthesizer=synthesizer, **kwargs)
+        return submit_to_engine(model, engine, text, output_audio_path, kwargs, stream=False).result()
     plan = prepare_call(model, text, kwargs, synthesizer)
-    if plan.request.mode == "voice_clone":
-        generated = generate_chunks(model, voice_clone_rows(plan), plan.request, plan.resources, plan.progress,
-                                    plan.generator)
-    else:
-        generated = generate_continuation(model, plan)
-    waves = decode_generated(plan.resources.codec, generated.codes, plan.request, plan.prompt_codes, plan.nq)
-    return finish_result(plan, generated, join_with_pauses(waves, plan.chunks), output_audio_path)
+    request, device = plan.request, next(model.parameters()).device
+    use_kv_cache = request.generation.get("use_kv_cache", True)
+    if request.mode == "voice_clone":  # end-only: the chunks side by side in slots, decoded once at the end
+        rows = voice_clone_rows(plan)
+        for item in rows:
+            check_position_limit(model, item, request.max_new_frames)
+        slots = devices.chunk_batch_size(len(rows), device, request.voice_clone_max_memory_per_sample_gb,
+                                         request.voice_clone_chunk_batch_size)
+        core = EngineCore(model, slots=slots, use_kv_cache=use_kv_cache)
+        params = sampling_params(request)
+        parts = [Request(str(i), params, plan.generator, 1, lambda index, codes, item=item: item, plan.nq)
+                 for i, item in enumerate(rows)]
+        for part in parts:
+            core.add(part)
+        for _ in run_to_end(core, parts, plan.progress):
+            pass
+        generated = Generated(chunk_batch=core.scheduler.budget, float32_retry=any(p.float32 for p in parts))
+        for part in parts:
+            generated.add(part.codes[0], finished=not part.truncated)
+        waves = decode_generated(plan.resources.codec, generated.codes, False, None, plan.nq,
+                                 request.voice_clone_codec_batch_size)
+        return finish_result(plan, generated, join_with_pauses(waves, plan.chunks), output_audio_path)
+    core = EngineCore(model, plan.resources.codec, slots=1, use_kv_cache=use_kv_cache)
+    call = core_request(plan, stream=False)
+    core.add(call)
+    for _ in run_to_end(core, [call]):
+        pass
+    return finish_result(plan, generated_of(call), call.waveform, output_audio_path)
 
 
-# ---------------------------------------------------------------------------------------------------- streaming
-
-
-class StreamDecoder:
-    """Decode frames as they arrive through its own codec decode session, in windows sized by the lead over real time.
-
-    The session (opened on the first decode, freed by ``close``) holds this stream's codec history alone, so any
-    number of StreamDecoders run on one codec, interleaved or in threads.
-
-    The first frame is decoded alone (first audio as early as possible). While little audio is ahead of the wall
-    clock, frames are decoded one or two at a time (low latency); once audio is comfortably ahead, in windows of up
-    to 8 frames (less per-call overhead). Behind the wall clock (generation slower than real time), in 4-frame
-    windows: the codec's per-call overhead then matters more than latency (measured effect: README, Performance).
-    """
-
-    def __init__(self, codec: Any, nq: int) -> None:
-        self.codec, self.nq = codec, nq
-        self.session: Any = None
-        self.pending: list[torch.Tensor] = []
-        self.emitted_seconds = 0.0
-        self.first_audio_at: float | None = None
-
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.session is None:
-            self.session = self.codec.create_decode_session(1)
-            self.session.append(0)
-        device = next(self.codec.parameters()).device
-        frames = codes[:, : self.nq].transpose(0, 1).to(device)  # (nq, L)
-        _, audio, lengths = self.session.step([0], frames, [frames.shape[-1]])
-        return audio[0, :, : int(lengths[0])].float().cpu()
-
-    def prime(self, codes: torch.Tensor) -> None:
-        """Feed prompt codes whose audio is not wanted (continuation with prompt audio)."""
-        self._decode(codes)
-
-    def window(self) -> int:
-        if self.first_audio_at is None:
-            return 1
-        ahead = self.emitted_seconds - (time.perf_counter() - self.first_audio_at)
-        if ahead < 0:
-            return STREAM_BEHIND_WINDOW
-        for limit, frames in STREAM_WINDOWS:
-            if ahead < limit:
-                return frames
-        return STREAM_MAX_WINDOW
-
-    def push(self, frame: torch.Tensor) -> torch.Tensor | None:
-        """Queue one ``[1, n_vq]`` CPU frame; return decoded audio once the current window is full."""
-        self.pending.append(frame)
-        return self.flush() if len(self.pending) >= self.window() else None
-
-    def flush(self) -> torch.Tensor | None:
-        if not self.pending:
-            return None
-        wave = self._decode(torch.cat(self.pending, dim=0))
-        self.pending = []
-        if self.first_audio_at is None:
-            self.first_audio_at = time.perf_counter()
-        self.emitted_seconds += wave.shape[-1] / TARGET_SAMPLE_RATE
-        return wave
-
-    def close(self) -> None:
-        """Free this stream's decode session (idempotent)."""
-        session, self.session = self.session, None
-        if session is not None:
-            session.close()
-
-
-def _audio_event(wave: torch.Tensor, chunk_index: int, kind: str = "audio") -> dict:
-    return {"type": kind, "waveform": wave, "sample_rate": TARGET_SAMPLE_RATE, "chunk_index": chunk_index}
-
-
-def _stream_chunk(
-    model: Any, rows: torch.Tensor, plan: Plan, decoder: StreamDecoder, generated: Generated
-) -> Iterator[torch.Tensor]:
-    """Generate one chunk and yield its audio as it is decoded; its codes (and whether it reached the frame limit)
-    go to ``generated``. A numerical failure before the chunk's first audio is retried once in float32."""
-    device = next(model.parameters()).device
-    ids = plan.resources.ids
-    input_ids, mask = left_pad_batch([rows], ids)
-    frames: list[torch.Tensor] = []
-    finished, emitted = True, False
-    for event in stream_robust(model, input_ids.to(device), mask.to(device), plan.request, lambda: emitted,
-                               plan.generator):
-        if event["type"] == "retry":  # nothing of this chunk was decoded yet: start it again
-            frames.clear()
-            decoder.pending.clear()
-            generated.float32_retry = True
-        elif event["type"] == "final":
-            finished = bool(event["generation"].finished_mask[0])
-        elif not bool((event["audio_token_ids"][0, : plan.nq] == ids.audio_pad).all()):  # all pad: the row ended
-            frame = event["audio_token_ids"][0].reshape(1, -1).cpu()
-            frames.append(frame)
-            wave = decoder.push(frame)
-            if wave is not None:
-                emitted = True
-                yield wave
-    wave = decoder.flush()
-    if wave is not None:
-        yield wave
-    generated.add(torch.cat(frames, dim=0) if frames else torch.zeros(0, ids.n_vq, dtype=torch.long), finished)
-
-
-def _voice_clone_waves(model: Any, plan: Plan, generated: Generated) -> Iterator[tuple[int, torch.Tensor, str]]:
-    """(chunk index, waveform, "audio" or "pause") per chunk; each chunk has its own codec decode session."""
-    for index, (chunk, rows) in enumerate(zip(plan.chunks, voice_clone_rows(plan))):
-        decoder = StreamDecoder(plan.resources.codec, plan.nq)
-        try:
-            for wave in _stream_chunk(model, rows, plan, decoder, generated):
-                yield index, wave, "audio"
-        finally:
-            decoder.close()
-        if index + 1 < len(plan.chunks):
-            yield index, pause_waveform(chunk), "pause"
-
-
-def _continuation_waves(model: Any, plan: Plan, generated: Generated) -> Iterator[tuple[int, torch.Tensor, str]]:
-    """(chunk index, waveform, "audio"): one decode session for the call, continuation is one continuous waveform."""
-    decoder = StreamDecoder(plan.resources.codec, plan.nq)
-    context = plan.first_context
-    try:
-        if plan.prompt_codes is not None:
-            decoder.prime(plan.prompt_codes)
-        for index in range(len(plan.chunks)):
-            for wave in _stream_chunk(model, continuation_rows(plan, index, context), plan, decoder, generated):
-                yield index, wave, "audio"
-            context = next_context(plan, index, generated.codes[-1], context)
-    finally:
-        decoder.close()
+def generated_of(request: Request) -> Generated:
+    generated = Generated(float32_retry=request.float32)
+    for index, codes in enumerate(request.codes):
+        generated.add(codes, finished=index not in request.truncated)
+    return generated
 
 
 def run_inference_stream(
@@ -744,66 +513,38 @@ def run_inference_stream(
     """Streaming synthesis; see ``MossTTSNanoForCausalLM.inference_stream``."""
     engine = kwargs.pop("engine", None)
     if engine is not None:
-        yield from _stream_on_engine(model, engine, text, output_audio_path, kwargs, synthesizer)
+        handle = submit_to_engine(model, engine, text, output_audio_path, kwargs)
+        try:
+            yield from handle.events()
+        finally:
+            handle.cancel()  # nothing when it finished; frees its slot at once when the caller left early
         return
     plan = prepare_call(model, text, kwargs, synthesizer)
     started = time.perf_counter()
+    core = EngineCore(model, plan.resources.codec, slots=1,
+                      use_kv_cache=plan.request.generation.get("use_kv_cache", True))
+    call = core_request(plan, stream=True)
+    core.add(call)
     first_audio: float | None = None
     parts: list[torch.Tensor] = []
-    generated = Generated()
-    waves = _voice_clone_waves if plan.request.mode == "voice_clone" else _continuation_waves
-    with contextlib.closing(waves(model, plan, generated)) as stream:  # closing the call closes the decode session
-        for index, wave, kind in stream:
-            if kind == "audio" and first_audio is None:
-                first_audio = time.perf_counter() - started
-            parts.append(wave)
-            yield _audio_event(wave, index, kind)
+    for event in run_to_end(core, [call]):
+        if event["type"] == "audio" and first_audio is None:
+            first_audio = time.perf_counter() - started
+        parts.append(event["waveform"])
+        yield event
     waveform = torch.cat(parts, dim=-1) if parts else torch.zeros(2, 0)
-    yield finish_result(plan, generated, waveform, output_audio_path, type="result",
+    yield finish_result(plan, generated_of(call), waveform, output_audio_path, type="result",
                         voice_clone_codec_batch_size=1, first_audio_latency_s=first_audio)
 
 
-# ---------------------------------------------------------------------------------------------------- engine
-
-
-def submit_to_engine(model: Any, engine: Any, text: str, output_audio_path: Any, kwargs: dict) -> Any:
-    """Submit one ``inference`` call to a running ``engine.SynthesisEngine`` of ``model`` (``engine=``): its text
-    chunks run there in turn, each frame shared with the engine's other requests.
+def submit_to_engine(model: Any, engine: Any, text: str, output_audio_path: Any, kwargs: dict,
+                     stream: bool = True) -> Any:
+    """Submit one call to a running ``engine.SynthesisEngine`` of ``model`` (``engine=``): its text chunks run there
+    in turn, each frame shared with the engine's other requests.
 
     Raises:
         ValueError: an engine of another model, or a call argument the engine refuses (resources belong to it).
     """
     if getattr(engine, "model", None) is not model:
         raise ValueError(f"engine={engine!r} does not serve this model; pass the SynthesisEngine built on it")
-    return engine.submit(text, output_audio_path=output_audio_path, **kwargs)
-
-
-def _engine_fallback(exc: BaseException) -> bool:
-    """Whether an engine request that failed with ``exc`` is run again here, by the path that retries a numerical
-    failure in float32 and halves chunk batches on out-of-memory errors (the engine itself has neither)."""
-    if devices.is_stability_error(exc) or devices.is_out_of_memory_error(exc):
-        logger.warning("the engine's request failed (%s); running it again without the engine",
-                       str(exc).splitlines()[0])
-        return True
-    return False
-
-
-def _stream_on_engine(model: Any, engine: Any, text: str, output_audio_path: Any, kwargs: dict,
-                      synthesizer: Synthesizer | None) -> Iterator[dict]:
-    """``inference_stream(engine=...)``: the engine's events; closing the stream cancels the request. A numerical
-    or out-of-memory failure before any audio went out runs the call again without the engine."""
-    handle = submit_to_engine(model, engine, text, output_audio_path, kwargs)
-    emitted = False
-    try:
-        for event in handle.events():
-            emitted = emitted or event["type"] != "result"
-            yield event
-    except RuntimeError as exc:
-        if emitted or not _engine_fallback(exc):
-            raise
-    else:
-        return
-    finally:
-        handle.cancel()  # nothing when it finished; frees its slot at once when the caller left early
-    synthesizer = synthesizer or Synthesizer(model, resources=engine.resources)
-    yield from run_inference_stream(model, text, output_audio_path, synthesizer=synthesizer, **kwargs)
+    return engine.submit(text, output_audio_path=output_audio_path, stream=stream, **kwargs)

@@ -398,6 +398,9 @@ def response_headers(req: SpeechRequest, state: ServiceState, log: RequestLog) -
 
 
 def submit(state: ServiceState, req: SpeechRequest) -> Any:
-    """Check the audio budget, decode the reference audio and submit (CPU work, run off the event loop)."""
+    """Check the audio budget, decode the reference audio and submit (CPU work, run off the event loop).
+
+    A whole response is decoded once at the end (its bytes depend only on its codes); a streamed one in windows
+    chosen by frame count, so both give the same bytes whatever runs beside them."""
     kwargs = engine_arguments(req, state.defaults, state.voices, state.limits, state.count_tokens)
-    return state.engine.submit(req.input, **kwargs)
+    return state.engine.submit(req.input, stream=req.streamed, **kwargs)

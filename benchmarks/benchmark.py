@@ -153,7 +153,7 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
 
 
 def bench_concurrency(assets: Any, device: torch.device, levels: list[int], frames: int, repeats: int,
-                      prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = True,
+                      prompt_seconds: float = E2E_PROMPT_SECONDS, batch_invariant: bool = False,
                       agree: bool = False) -> dict[str, Any]:
     """Continuous batching: at each level c, c voice-clone streams submitted at once to one engine, and the same
     stream alone through plain `inference_stream` (no engine) as the baseline.
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
                                                           args.e2e_prompt_seconds)
     if "concurrency" not in skip and args.concurrency:
         report["concurrency"] = bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
-                                                  args.repeats, args.e2e_prompt_seconds, not args.no_batch_invariant,
+                                                  args.repeats, args.e2e_prompt_seconds, args.batch_invariant,
                                                   args.code_agreement)
     report["environment"]["load_average_at_end"] = _load_average()
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
@@ -417,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency-frames", type=int, default=50, help="frames per stream in that section")
     parser.add_argument("--code-agreement", action="store_true",
                         help="then run each stream of the top level alone and report how many codes agree")
-    parser.add_argument("--no-batch-invariant", action="store_true",
-                        help="run that section's engine with the fastest products instead of batch-invariant ones")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="run that section's engine batch-invariant (opt-in) instead of with the fastest products")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)

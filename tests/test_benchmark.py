@@ -74,7 +74,7 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
     report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "1,2",
                   "--concurrency-frames", "3", "--e2e-prompt-seconds", "0.5")
     section = report["concurrency"]
-    assert section["batch_invariant"] is True and section["rounds"] == 2 and set(section["levels"]) == {"1", "2"}
+    assert section["batch_invariant"] is False and section["rounds"] == 2 and set(section["levels"]) == {"1", "2"}
     for level, entry in section["levels"].items():
         streams = int(level)
         assert entry["streams"] == streams and entry["aggregate_frames_per_s"] > 0 and entry["cpu_ms_per_frame"] > 0
@@ -93,11 +93,11 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
 
 @pytest.mark.skipif(devices.cpu_kernel("int8_weights") is None,
                     reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
-def test_concurrency_section_with_fast_products(tiny_benchmark, tmp_path):
+def test_concurrency_section_batch_invariant(tiny_benchmark, tmp_path):
     report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "2",
-                  "--concurrency-frames", "2", "--no-batch-invariant", "--weight-precision", "int8",
+                  "--concurrency-frames", "2", "--batch-invariant", "--weight-precision", "int8",
                   "--code-agreement")
-    assert report["concurrency"]["batch_invariant"] is False and report["environment"]["weight_precision"] == "int8"
+    assert report["concurrency"]["batch_invariant"] is True and report["environment"]["weight_precision"] == "int8"
     assert report["concurrency"]["levels"]["2"]["runs"][0]["frames"] == 4
     agreement = report["concurrency"]["codes_vs_solo_at_top_level"]
     assert agreement["streams"] == 2 and 0 <= agreement["code_agreement"] <= 1

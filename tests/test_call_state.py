@@ -215,23 +215,26 @@ def test_bad_randomness_arguments_are_value_errors(assets, extra, message):
 
 
 def _float32_retry_scene(model, assets, monkeypatch):
-    """Thread B's first generate fails numerically; while its float32 retry is paused, the main thread runs a call
-    on the same model and records what it sees. Returns (observed, B's result, the main thread's result)."""
-    model_class = type(model)
-    real = model_class.generate
+    """Thread B's first step fails numerically; while its float32 re-run is paused, the main thread runs a call on
+    the same model and records what it sees. Returns (observed, B's result, the main thread's result)."""
+    import model_runner
+
+    real = model_runner.sample_frame
     retry_started, main_done = threading.Event(), threading.Event()
     failing = {"calls": 0}
 
-    def generate(self, *args, **kwargs):
+    def sample_frame(step_model, *args, **kwargs):
+        frame = real(step_model, *args, **kwargs)
         if threading.current_thread() is failing.get("thread"):
             failing["calls"] += 1
             if failing["calls"] == 1:
-                raise RuntimeError("Non-finite audio logits at step 0 (simulated)")
-            retry_started.set()  # the retry, paused until the main thread's call is done
-            main_done.wait(timeout=120)
-        return real(self, *args, **kwargs)
+                frame.audio_finite = torch.zeros_like(frame.audio_finite)
+            elif not retry_started.is_set():
+                retry_started.set()  # the re-run, paused until the main thread's call is done
+                main_done.wait(timeout=120)
+        return frame
 
-    monkeypatch.setattr(model_class, "generate", generate)
+    monkeypatch.setattr(model_runner, "sample_frame", sample_frame)
     kwargs = _kwargs(assets, assets.codec, {})
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(b=model.inference("Good morning to you all.", **kwargs)))

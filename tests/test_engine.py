@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import devices
-import engine as engine_module
+import codec_output
+import model_runner as runner_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
-from generation import SlotGlobal
+from model_runner import SlotGlobal
 from gpt2_decoder import batched_products, linear, onednn_rows_invariant, row_invariant_products
 from pipeline_assets import TinyAssets
 from sampling import RowSampler, SamplingParams, select_tokens
@@ -35,7 +36,8 @@ def assets(tmp_path_factory):
 
 @pytest.fixture
 def engine(assets):
-    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4, max_queue=8) as eng:
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4, max_queue=8,
+                         batch_invariant=True) as eng:
         yield eng
 
 
@@ -87,6 +89,21 @@ def test_staggered_requests_equal_their_solo_runs(engine, assets, sampling):
     for result, solo in zip(_staggered(engine, requests), solos):
         _assert_same_output(result, solo)
     assert len({int(s["frames"]) for s in solos}) > 1  # they leave at different frames
+
+
+def test_non_streamed_results_are_byte_identical_to_solo_runs_under_concurrency(assets):
+    """Default (fast) mode, greedy: codes agree with the solo runs, and a non-streamed request is decoded once at
+    its end, so its waveform is bit-identical whatever ran beside it."""
+    requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4) as eng:
+        solos = [eng.submit(text, stream=False, **kwargs).result(timeout=120) for text, kwargs in requests]
+        handles = [eng.submit(text, stream=False, **kwargs) for text, kwargs in requests]
+        for handle, solo in zip(handles, solos):
+            result = handle.result(timeout=120)
+            assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], solo["audio_token_ids"]))
+            assert torch.equal(result["waveform"], solo["waveform"])
+    direct = assets.model.inference(TEXTS[0], **assets.resources(), **requests[0][1])
+    assert torch.equal(direct["waveform"], solos[0]["waveform"])  # the same bytes as a plain inference() call
 
 
 @needs_row_invariance
@@ -276,14 +293,14 @@ def test_cancel_running_request_frees_its_slot_for_the_next(assets):
 
 
 def test_failing_request_raises_its_error_and_the_others_finish(assets, monkeypatch):
-    real = engine_module.sample_frame
+    real = runner_module.sample_frame
 
     def poisoned(model, h, local, sampler, *args, **kwargs):
         frame = real(model, h, local, sampler, *args, **kwargs)
         frame.audio_finite = frame.audio_finite & (torch.tensor(sampler.row_nq) != 7)  # the nq=7 request fails
         return frame
 
-    monkeypatch.setattr(engine_module, "sample_frame", poisoned)
+    monkeypatch.setattr(runner_module, "sample_frame", poisoned)
     with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=4) as eng:
         bad = eng.submit("Bad.", prompt_audio=assets.prompt_audio, nq=7, max_new_frames=5)
         good = eng.submit("Good.", prompt_audio=assets.prompt_audio, max_new_frames=5)
@@ -378,26 +395,26 @@ def test_each_rows_hidden_states_are_bit_identical_to_its_solo_run(assets, monke
     sampled from is the same bits batched as alone (requests are told apart by their nq). With a smaller
     row-invariant range (torch 2.3.1's oneDNN: 15 rows) the rows go through blocks of that many."""
     if block is not None:
-        real_products = engine_module.batched_products
+        real_products = runner_module.batched_products
 
         @contextlib.contextmanager
         def small_range(row_invariant):
             with real_products(row_invariant):
                 yield block
 
-        monkeypatch.setattr(engine_module, "batched_products", small_range)
-    real, seen = engine_module.sample_frame, {}
+        monkeypatch.setattr(runner_module, "batched_products", small_range)
+    real, seen = runner_module.sample_frame, {}
 
     def recording(model, h, local, sampler, *args, **kwargs):
         for row, nq in enumerate(sampler.row_nq):
             seen.setdefault(nq, []).append(h[row].clone())
         return real(model, h, local, sampler, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "sample_frame", recording)
+    monkeypatch.setattr(runner_module, "sample_frame", recording)
     requests = [(TEXTS[i % 3], _request(assets, i, nq=16 - i, **dict(SAMPLED, seed=i))) for i in range(6)]
     assets.model.set_weight_precision(precision)
     try:
-        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=6) as eng:
+        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=6, batch_invariant=True) as eng:
             for text, kwargs in requests:
                 _solo(eng, text, **kwargs)
             solo, seen = seen, {}
@@ -427,10 +444,10 @@ def test_codec_layouts_give_the_same_audio(assets, monkeypatch):
     requests = [(text, _request(assets, i)) for i, text in enumerate(TEXTS)]
     outputs = {}
     for separate in (True, False):
-        monkeypatch.setattr(engine_module, "_separate_codec_sessions", lambda codec, separate=separate: separate)
-        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=3) as eng:
+        monkeypatch.setattr(codec_output, "separate_codec_sessions", lambda codec, separate=separate: separate)
+        with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=3, batch_invariant=True) as eng:
             outputs[separate] = [h.result(timeout=120) for h in [eng.submit(t, **k) for t, k in requests]]
-            assert eng._runner.codec_streams.shared is not separate
+            assert eng._core.streams.shared is not separate
     for per_stream, shared in zip(outputs[True], outputs[False]):
         _assert_same_output(shared, per_stream)
 
@@ -470,20 +487,23 @@ def test_leaving_an_engine_stream_early_frees_its_slot(assets):
         assert eng.submit("Next.", prompt_audio=assets.prompt_audio, max_new_frames=3).result(timeout=120)["frames"] == 3
 
 
-def test_numerical_failure_on_the_engine_runs_the_call_again_without_it(assets, monkeypatch):
+def test_numerical_failure_on_the_engine_runs_the_request_again_in_float32(assets, monkeypatch):
     def poisoned(model, h, local, sampler, *args, **kwargs):
         frame = real(model, h, local, sampler, *args, **kwargs)
-        frame.text_finite = torch.zeros_like(frame.text_finite)
+        if model is assets.model:  # the float32 retry model is a copy beside it
+            frame.text_finite = torch.zeros_like(frame.text_finite)
         return frame
 
-    real = engine_module.sample_frame
-    monkeypatch.setattr(engine_module, "sample_frame", poisoned)
+    real = runner_module.sample_frame
+    monkeypatch.setattr(runner_module, "sample_frame", poisoned)
     kwargs = {"prompt_audio": assets.prompt_audio, "max_new_frames": 4}
     with SynthesisEngine(assets.model, **assets.resources()) as eng:
         result = assets.model.inference("Hello.", engine=eng, **kwargs)
         streamed = list(assets.model.inference_stream("Hello.", engine=eng, **kwargs))[-1]
+    monkeypatch.setattr(runner_module, "sample_frame", real)
     expected = assets.model.inference("Hello.", **assets.resources(), **kwargs)
     assert result["frames"] == streamed["frames"] == 4
+    assert result["float32_fallback"] and streamed["float32_fallback"] and not expected["float32_fallback"]
     assert all(torch.equal(a, b) for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]))
 
 
@@ -510,7 +530,7 @@ def test_int8_rows_are_quantized_each_with_its_own_range(assets):
 
 
 def test_an_error_inside_a_frame_fails_its_requests_and_the_engine_serves_on(assets, monkeypatch):
-    real, calls = engine_module.sample_frame, []
+    real, calls = runner_module.sample_frame, []
 
     def broken_once(*args, **kwargs):
         calls.append(1)
@@ -518,7 +538,7 @@ def test_an_error_inside_a_frame_fails_its_requests_and_the_engine_serves_on(ass
             raise ValueError("simulated kernel failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "sample_frame", broken_once)
+    monkeypatch.setattr(runner_module, "sample_frame", broken_once)
     with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=2) as eng:
         failed = eng.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=6)
         with pytest.raises(ValueError, match="simulated"):

@@ -63,7 +63,7 @@ def model():
 def _generate(model, input_ids, mask, **kwargs):
     kwargs.setdefault("max_new_frames", 6)
     if kwargs.get("do_sample"):
-        torch.manual_seed(123)
+        torch.manual_seed(128)  # a seed whose rows run for several frames
     return model.generate(input_ids, mask, **kwargs)
 
 

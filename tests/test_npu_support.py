@@ -145,26 +145,28 @@ def test_npu_hard_faults_are_neither(error):
     assert not devices.is_out_of_memory_error(error)
 
 
-def test_npu_out_of_memory_message_halves_the_chunk_batch(tmp_path, monkeypatch):
+def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
+    import model_runner
     from pipeline_assets import TinyAssets
 
     assets = TinyAssets(tmp_path)
     calls = []
-    real = assets.model.generate
+    real = model_runner.ModelRunner.step
 
-    def flaky(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 1:
+    def flaky(self, rows):
+        calls.append(len(rows))
+        if len(rows) > 1:
             raise NPU_OUT_OF_MEMORY[0]
-        return real(*args, **kwargs)
+        return real(self, rows)
 
-    monkeypatch.setattr(assets.model, "generate", flaky)
+    monkeypatch.setattr(model_runner.ModelRunner, "step", flaky)
     text = "One two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen."
     result = assets.model.inference(text, prompt_audio=assets.prompt_audio, max_new_frames=2, do_sample=False,
                                     voice_clone_max_text_tokens=30, voice_clone_chunk_batch_size=4,
                                     **assets.resources())
     assert calls[0] > 1 and calls[1] == calls[0] // 2 and calls[-1] == 1
     assert len(result["audio_token_ids"]) == len(result["voice_clone_text_chunks"])
+    assert result["voice_clone_chunk_batch_size"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

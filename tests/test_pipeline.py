@@ -7,7 +7,10 @@ import pytest
 import soundfile
 import torch
 
-import pipeline
+import codec_output
+import model_runner
+
+import text_chunking
 from pipeline_assets import TinyAssets
 from torch_compat import OutOfMemoryError
 
@@ -51,7 +54,7 @@ def test_long_text_is_chunked_with_pauses_and_batched_like_single(assets):
     chunks = batched["voice_clone_text_chunks"]
     assert len(chunks) >= 2 and " ".join(chunks) == text
     assert batched["voice_clone_chunk_batch_size"] == min(3, len(chunks)) and single["voice_clone_chunk_batch_size"] == 1
-    pauses = sum(round(pipeline.pause_seconds_after(c) * 48000) for c in chunks[:-1])
+    pauses = sum(round(text_chunking.pause_seconds_after(c) * 48000) for c in chunks[:-1])
     assert batched["waveform"].shape[-1] == 4 * 3840 * len(chunks) + pauses
     for a, b in zip(batched["audio_token_ids"], single["audio_token_ids"]):
         assert torch.equal(a, b)
@@ -95,61 +98,75 @@ def test_abandoned_stream_releases_the_codec_session(assets):
     assert _run(assets)["waveform"].shape == (2, 6 * 3840)  # a decode session would make this raise
 
 
-@pytest.mark.parametrize(("fits", "expected_calls", "used"), [(3, [6, 3, 3], 3), (1, [6, 3, 1, 1, 1, 1, 1, 1], 1)])
-def test_out_of_memory_halves_the_chunk_batch_and_reports_the_size_used(assets, monkeypatch, fits, expected_calls,
-                                                                        used):
+@pytest.mark.parametrize(("fits", "used"), [(3, 3), (1, 1)])
+def test_out_of_memory_halves_the_row_budget_and_reports_the_size_used(assets, monkeypatch, fits, used):
     calls = []
-    real = assets.model.generate
+    real = model_runner.ModelRunner.step
 
-    def flaky(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > fits:
+    def flaky(self, rows):
+        calls.append(len(rows))
+        if len(rows) > fits:
             raise OutOfMemoryError("simulated: NPU out of memory")
-        return real(*args, **kwargs)
+        return real(self, rows)
 
-    monkeypatch.setattr(assets.model, "generate", flaky)
     text = "One two. Three four. Five six. Seven eight. Nine ten. Eleven twelve."
-    result = _run(assets, text, voice_clone_max_text_tokens=9, voice_clone_chunk_batch_size=8, max_new_frames=2)
+    kwargs = dict(voice_clone_max_text_tokens=9, voice_clone_chunk_batch_size=8, max_new_frames=2)
+    expected = _run(assets, text, **kwargs)
+    monkeypatch.setattr(model_runner.ModelRunner, "step", flaky)
+    result = _run(assets, text, **kwargs)
     assert len(result["voice_clone_text_chunks"]) == 6
-    assert calls == expected_calls  # 6 -> 3 (-> 1): halved at each out-of-memory error, never grown again
-    assert result["voice_clone_chunk_batch_size"] == used  # the batch size actually used, not the first one tried
-    assert len(result["audio_token_ids"]) == 6
+    assert calls[:2] == [6, 3] and max(calls[2:]) <= fits  # 6 -> 3 (-> 1): halved at each error, never grown
+    assert result["voice_clone_chunk_batch_size"] == used  # the row budget actually used, not the first one tried
+    for a, b in zip(result["audio_token_ids"], expected["audio_token_ids"]):  # nothing lost or drawn twice
+        assert torch.equal(a, b)
 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
-    def always_oom(*args, **kwargs):
+    def always_oom(self, rows):
         raise OutOfMemoryError("simulated: CUDA out of memory")
 
-    monkeypatch.setattr(assets.model, "generate", always_oom)
+    monkeypatch.setattr(model_runner.ModelRunner, "step", always_oom)
     with pytest.raises(RuntimeError, match="out of device memory while generating a single text chunk"):
         _run(assets)
 
 
-def test_non_finite_logits_retry_in_float32_with_the_fallback_backend(assets, monkeypatch):
+def _poison(monkeypatch, model, times=None):
+    """Make the text logits of `model`'s steps non-finite (`times` steps, or every step); record the step models."""
     seen = []
-    model_class = type(assets.model)
-    real = model_class.generate
+    real = model_runner.sample_frame
 
-    def unstable_once(self, *args, **kwargs):
-        seen.append((self, next(self.parameters()).dtype, self.get_attention_implementation()))
-        if len(seen) == 1:
-            raise RuntimeError("Non-finite audio logits at step 0 (simulated)")
-        return real(self, *args, **kwargs)
+    def poisoned(step_model, *args, **kwargs):
+        frame = real(step_model, *args, **kwargs)
+        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
+        if step_model is model and (times is None or len(seen) <= times):
+            frame.text_finite = torch.zeros_like(frame.text_finite)
+        return frame
 
+    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
+    return seen
+
+
+def test_non_finite_logits_retry_in_float32_with_the_fallback_backend(assets, monkeypatch):
     before = assets.model.get_attention_implementation()
-    monkeypatch.setattr(model_class, "generate", unstable_once)
+    seen = _poison(monkeypatch, assets.model, times=1)
     result = _run(assets)
-    assert len(seen) == 2 and seen[0][0] is assets.model and seen[1][0] is not assets.model  # a retry model
+    assert seen[0][0] is assets.model and seen[1][0] is not assets.model  # a retry model
     assert seen[1][1] == torch.float32 and seen[1][2] == ("eager", "eager")  # CPU fallback
     assert assets.model.get_attention_implementation() == before
     assert result["waveform"].shape == (2, 6 * 3840) and result["float32_fallback"] is True
 
 
 def test_non_finite_twice_names_both_attempts(assets, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("Non-finite text logits at step 3 (simulated)")
+    model_class = type(assets.model)
+    real = model_runner.sample_frame
 
-    monkeypatch.setattr(type(assets.model), "generate", broken)  # the model and its float32 retry model alike
+    def broken(step_model, *args, **kwargs):
+        frame = real(step_model, *args, **kwargs)
+        frame.text_finite = torch.zeros_like(frame.text_finite)  # the model and its float32 retry model alike
+        return frame
+
+    monkeypatch.setattr(model_runner, "sample_frame", broken)
+    assert model_class
     with pytest.raises(RuntimeError, match="again in float32 with the 'eager' attention backend"):
         _run(assets)
 
@@ -222,8 +239,15 @@ class _RecordingCodec:
         codec = self
 
         class Session:
+            active_request_ids: list = []
+            closed = False
+
             def append(self, request_id):
+                self.active_request_ids = [*self.active_request_ids, request_id]
                 return 0
+
+            def remove(self, request_id):
+                self.active_request_ids = [i for i in self.active_request_ids if i != request_id]
 
             def step(self, request_ids, codes, code_lengths):
                 frames = codes.shape[-1]
@@ -231,40 +255,24 @@ class _RecordingCodec:
                 return request_ids, torch.zeros(1, 2, 3840 * frames), torch.tensor([3840 * frames])
 
             def close(self):
+                self.closed = True
                 codec.closed += 1
 
         return Session()
 
 
-def test_stream_windows_follow_the_lead_over_the_wall_clock(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+def test_stream_windows_follow_the_frame_count():
     codec = _RecordingCodec()
-    decoder = pipeline.StreamDecoder(codec, nq=16)
-    frame = torch.zeros(1, 16, dtype=torch.long)
-
-    def push_until_decoded():
-        pushed = 1
-        while decoder.push(frame) is None:
-            pushed += 1
-        return pushed
-
-    assert push_until_decoded() == 1  # first audio as soon as possible
-    # 0.08 s of audio emitted at t=100: 0.08 s ahead -> one frame at a time
-    assert push_until_decoded() == 1
-    clock[0] += 0.01  # 0.16 - 0.01 = 0.15 s ahead
-    assert push_until_decoded() == 1
-    decoder.emitted_seconds = 0.4  # pretend more audio went out: 0.39 s ahead
-    assert push_until_decoded() == 2
-    decoder.emitted_seconds = 0.9
-    assert push_until_decoded() == 4
-    decoder.emitted_seconds = 5.0
-    assert push_until_decoded() == pipeline.STREAM_MAX_WINDOW
-    clock[0] += 10.0  # generation fell behind real time: playback waits, decode in larger windows
-    assert push_until_decoded() == pipeline.STREAM_BEHIND_WINDOW
-    assert codec.windows == [1, 1, 1, 2, 4, pipeline.STREAM_MAX_WINDOW, pipeline.STREAM_BEHIND_WINDOW]
-    decoder.push(frame)
-    assert decoder.flush().shape == (2, 3840) and decoder.flush() is None  # a partial window at the end
-    decoder.close()
-    decoder.close()
+    streams = codec_output.CodecStreams(codec, slots=1, shared=False)
+    streams.open("a")
+    frame = torch.zeros(16, dtype=torch.long)
+    for _ in range(20):
+        if streams.push("a", frame):
+            assert streams.flush(["a"], {"a": 16})["a"].shape[-1] == 3840 * codec.windows[-1]
+    # the first frame alone (first audio as early as possible), then growing windows: the same whatever the clock
+    assert codec.windows == [1, 1, 2, 4, codec_output.STREAM_MAX_WINDOW]
+    assert streams.flush(["a"], {"a": 16})["a"].shape == (2, 3840 * 4)  # a partial window at the end
+    assert streams.flush(["a"], {"a": 16}) == {}
+    streams.close("a")
+    streams.close("a")
     assert codec.closed == 1

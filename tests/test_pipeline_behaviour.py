@@ -61,31 +61,32 @@ def tokenizer(request, assets):
     return MossTTSNanoSentencePieceTokenizer(vocab_file=str(shared_path("data", "tokenizer.model")))
 
 
-def _no_frames(input_ids):
-    from generation import GenerationOutput
+def _recording_rows(monkeypatch):
+    """Record the prompt rows (1, T, n_vq + 1) of every text chunk the engine core starts."""
+    import scheduler
 
-    batch = input_ids.shape[0]
-    return GenerationOutput(
-        audio_token_ids=torch.zeros(batch, 0, 16, dtype=torch.long), prompt_input_ids=input_ids,
-        prompt_attention_mask=torch.ones(input_ids.shape[:2], dtype=torch.bool),
-        finished_mask=torch.ones(batch, dtype=torch.bool), num_frames=torch.zeros(batch, dtype=torch.long),
-    )
+    fed = []
+    real = scheduler.Request.start_chunk
+
+    def start_chunk(self):
+        rows = real(self)
+        fed.append(rows[None].cpu())
+        return rows
+
+    monkeypatch.setattr(scheduler.Request, "start_chunk", start_chunk)
+    return fed
 
 
 @pytest.mark.parametrize("text", UNNORMALISED_TEXTS)
 def test_single_chunk_rows_are_upstreams_rows_of_the_original_text(assets, tokenizer, monkeypatch, text):
-    fed = []
+    import model_runner
 
-    def generate(input_ids, attention_mask=None, **kwargs):
-        fed.append(input_ids)
-        return _no_frames(input_ids)
+    def no_frames(self, rows):  # the released tokenizer's ids are beyond the tiny model's vocabulary
+        ended = [False] * len(rows)
+        return model_runner.StepResult(torch.full((len(rows), 16), 1024), [True] * len(rows), [True] * len(rows), ended)
 
-    def generate_stream(input_ids, attention_mask=None, **kwargs):
-        fed.append(input_ids)
-        yield {"type": "final", "generation": _no_frames(input_ids)}
-
-    monkeypatch.setattr(assets.model, "generate", generate)
-    monkeypatch.setattr(assets.model, "generate_stream", generate_stream)
+    fed = _recording_rows(monkeypatch)
+    monkeypatch.setattr(model_runner.ModelRunner, "step", no_frames)
     common = dict(text_tokenizer=tokenizer, audio_tokenizer=assets.codec, prompt_audio=assets.prompt_audio,
                   voice_clone_max_text_tokens=75)
     result = assets.model.inference(text, **common)
@@ -130,18 +131,6 @@ def test_audio_token_ids_is_a_list_per_chunk_for_one_chunk_too(assets):
 # ------------------------------------------------------------------------------------------------ long continuation
 
 
-def _recording_generate(model, monkeypatch):
-    fed = []
-    real = model.generate
-
-    def generate(*args, **kwargs):
-        fed.append(kwargs["input_ids"].cpu())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", generate)
-    return fed
-
-
 def _continuation_rows(assets, text, codes):
     from prompting import PromptTokenIds, build_continuation_rows, build_prompt_template
 
@@ -151,7 +140,7 @@ def _continuation_rows(assets, text, codes):
 
 
 def test_long_continuation_is_chunked_each_chunk_continuing_the_previous_audio(assets, monkeypatch):
-    fed = _recording_generate(assets.model, monkeypatch)
+    fed = _recording_rows(monkeypatch)
     result = _run(assets, LONG_TEXT, mode="continuation", voice_clone_max_text_tokens=30, max_new_frames=3)
     chunks, codes = result["text_chunks"], result["audio_token_ids"]
     assert len(chunks) >= 2 and " ".join(chunks) == LONG_TEXT and len(fed) == len(chunks)
@@ -167,7 +156,7 @@ def test_long_continuation_is_chunked_each_chunk_continuing_the_previous_audio(a
 
 
 def test_long_continuation_of_a_prompt_starts_from_the_prompt(assets, monkeypatch):
-    fed = _recording_generate(assets.model, monkeypatch)
+    fed = _recording_rows(monkeypatch)
     result = _run(assets, " " + LONG_TEXT, mode="continuation", prompt_text="Hello", prompt_audio=assets.prompt_audio,
                   voice_clone_max_text_tokens=30, max_new_frames=2)
     chunks = result["text_chunks"]
@@ -177,7 +166,7 @@ def test_long_continuation_of_a_prompt_starts_from_the_prompt(assets, monkeypatc
 
 
 def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
-    fed = _recording_generate(assets.model, monkeypatch)
+    fed = _recording_rows(monkeypatch)
     result = _run(assets, " world", mode="continuation", prompt_text="Hello", prompt_audio=assets.prompt_audio)
     assert result["text_chunks"] == [" world"]
     assert torch.equal(fed[0], _continuation_rows(assets, "Hello world", result["reference_audio_token_ids"]))
@@ -186,22 +175,30 @@ def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
 # ------------------------------------------------------------------------------------------------ streaming retry
 
 
-def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
+def _poison_text(monkeypatch, model, steps):
+    """Non-finite text logits at the given step numbers of `model` (not of its float32 retry model)."""
+    import model_runner
+
     seen = []
-    model_class = type(assets.model)
-    real = model_class.generate_stream
+    real = model_runner.sample_frame
 
-    def unstable_once(self, *args, **kwargs):
-        seen.append((self, next(self.parameters()).dtype, self.get_attention_implementation()))
-        if len(seen) == 1:
-            raise RuntimeError("Non-finite audio logits at generation step 0 (simulated)")
-        yield from real(self, *args, **kwargs)
+    def poisoned(step_model, *args, **kwargs):
+        frame = real(step_model, *args, **kwargs)
+        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
+        if step_model is model and len(seen) - 1 in steps:
+            frame.text_finite = torch.zeros_like(frame.text_finite)
+        return frame
 
+    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
+    return seen
+
+
+def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
     before = assets.model.get_attention_implementation()
     expected = _run(assets, prompt_audio=assets.prompt_audio)
-    monkeypatch.setattr(model_class, "generate_stream", unstable_once)
+    seen = _poison_text(monkeypatch, assets.model, steps={0})
     events = _stream(assets, prompt_audio=assets.prompt_audio)
-    assert seen[0] == (assets.model, torch.float32, before) and len(seen) == 2
+    assert seen[0] == (assets.model, torch.float32, before)
     # the retry runs a float32 model with the CPU fallback backend; the caller's model is left alone
     assert seen[1][0] is not assets.model and seen[1][1:] == (torch.float32, ("eager", "eager"))
     assert events[-1]["float32_fallback"] is True and assets.model.get_attention_implementation() == before
@@ -209,23 +206,13 @@ def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, 
 
 
 def test_stream_that_fails_after_audio_went_out_is_not_retried(assets, monkeypatch):
-    calls = []
-    real = assets.model.generate_stream
-
-    def unstable_later(*args, **kwargs):
-        calls.append(1)
-        for event in real(*args, **kwargs):
-            yield event
-            if event["type"] == "frame" and event["step_index"] == 2:
-                raise RuntimeError("Non-finite audio logits at generation step 3 (simulated)")
-
-    monkeypatch.setattr(assets.model, "generate_stream", unstable_later)
+    seen = _poison_text(monkeypatch, assets.model, steps={3})
     stream = assets.model.inference_stream("Hello world.", prompt_audio=assets.prompt_audio, max_new_frames=6,
                                            **assets.resources(), **GREEDY)
     assert next(stream)["type"] == "audio"
     with pytest.raises(RuntimeError, match="Non-finite"):
         list(stream)
-    assert calls == [1]
+    assert all(model is assets.model for model, *_ in seen)  # no float32 re-run
 
 
 # ------------------------------------------------------------------------------------------------ min_new_frames

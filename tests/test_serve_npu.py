@@ -131,7 +131,7 @@ def test_whole_and_streamed_audio_are_the_same_valid_audio(client, response_form
     assert close(samples(response_format, streamed), expected)
     if response_format == "wav":  # an open-length header, then the samples as they are decoded
         assert streamed[4:8] == b"\xff\xff\xff\xff" and streamed[40:44] == b"\xff\xff\xff\xff"
-        # same length; samples within one 16-bit step (decode windows follow the wall clock, see README Serving)
+        # same length; samples within one 16-bit step (a stream decodes in windows, a whole response in one shot)
         assert len(streamed) == len(whole.content)
     if response_format == "pcm":
         assert len(pieces) > 1  # sent in several pieces, not at the end

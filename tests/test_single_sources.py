@@ -81,3 +81,41 @@ def test_one_local_decoder_loop_for_generation_recompute_and_teacher_forcing():
             runner = generation.LocalRunner(model, 3, 4, attend, use_kv_cache=use_kv_cache)
             steps = torch.stack([runner.step(inputs[:, p]) for p in range(5)], dim=1)
             assert torch.allclose(steps, whole, atol=1e-5)
+
+
+def test_one_execution_core_for_every_call(monkeypatch, tmp_path):
+    """Issue 16: generate, inference, inference_stream and the engine all step an EngineCore; the old frame loops,
+    retry copies and the engine's fallback to the plain pipeline are gone."""
+    import engine
+    import engine_core
+    import generation
+    from pipeline_assets import TinyAssets
+
+    gone = {generation: ("generate_frames", "_CachedGlobal", "_RecomputeGlobal", "SlotGlobal"),
+            pipeline: ("generate_robust", "stream_robust", "StreamDecoder", "generate_chunks", "generate_continuation",
+                       "_engine_fallback"),
+            engine: ("_FrameRunner", "_CodecStreams", "_Window")}
+    assert [(m.__name__, n) for m, names in gone.items() for n in names if hasattr(m, n)] == []
+    steps = []
+    real = engine_core.EngineCore.step
+
+    def step(self, *args, **kwargs):
+        steps.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_core.EngineCore, "step", step)
+    assets = TinyAssets(tmp_path)
+    kwargs = dict(prompt_audio=assets.prompt_audio, max_new_frames=2, **assets.resources())
+    cores = []
+    rows, mask = assets.model.build_inference_input_ids(assets.tokenizer, "Hi.")
+    for run in (lambda: assets.model.generate(rows, mask, max_new_frames=2),
+                lambda: assets.model.inference("Hi.", **kwargs),
+                lambda: list(assets.model.inference_stream("Hi.", **kwargs))):
+        steps.clear()
+        run()
+        assert steps and len(set(map(id, steps))) == 1  # one private core, stepped in this thread
+        cores.append(steps[0])
+    with engine.SynthesisEngine(assets.model, **assets.resources(), max_batch_size=2) as eng:
+        steps.clear()
+        eng.submit("Hi.", prompt_audio=assets.prompt_audio, max_new_frames=2).result(timeout=120)
+        assert steps and steps[0] is eng._core
