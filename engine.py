@@ -6,7 +6,7 @@ the calling thread and hands it to the worker, which adds it to the core, applie
 handing each request's events to its `RequestHandle`. A request's text chunks run one after another in its slot, as
 `inference_stream` runs them (voice clone: a pause between chunks; continuation: one stream). A streamed request's
 audio is decoded in windows chosen by its own frame count, a non-streamed one (`stream=False`, what
-`inference(engine=...)` and a non-streamed server response use) once at its end, so its bytes depend only on its
+`inference(engine=...)` uses) once at its end, so its bytes depend only on its
 codes.
 
 Batch invariance is opt-in (`batch_invariant=True`): then a request's codes are bit-identical to running it alone

@@ -400,7 +400,9 @@ def response_headers(req: SpeechRequest, state: ServiceState, log: RequestLog) -
 def submit(state: ServiceState, req: SpeechRequest) -> Any:
     """Check the audio budget, decode the reference audio and submit (CPU work, run off the event loop).
 
-    A whole response is decoded once at the end (its bytes depend only on its codes); a streamed one in windows
-    chosen by frame count, so both give the same bytes whatever runs beside them."""
+    Every response, streamed or whole, is decoded in the windows the codec output chooses by frame count alone, so
+    a whole body is the streamed body joined, byte for byte, and neither depends on what runs beside it.
+    (`inference()` and files decode once at the end instead: cheaper, but a one-shot decode differs from the
+    windowed one in the last bit.)"""
     kwargs = engine_arguments(req, state.defaults, state.voices, state.limits, state.count_tokens)
-    return state.engine.submit(req.input, stream=req.streamed, **kwargs)
+    return state.engine.submit(req.input, stream=True, **kwargs)
