@@ -529,6 +529,25 @@ def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     assert (alone - exact[:1]).abs().max() < 0.05 * scale
 
 
+@needs_int8
+def test_a_lone_int8_row_outside_batch_invariance_takes_fbgemms_own_range_product(assets):
+    """A lone row's range is its own, so outside batch-invariant steps it takes fbgemm's dynamic product directly
+    (the fast kernel); several rows still get each their own range (the result of a row is the same beside others)."""
+    from gpt2_decoder import PrecisionLinear
+
+    torch.manual_seed(1)
+    layer = PrecisionLinear(64, 96)
+    rows = torch.randn(5, 64) * torch.linspace(0.2, 4, 5)[:, None]
+    layer.set_weight_precision("int8")
+    with torch.inference_mode():
+        fbgemm = torch.ops.quantized.linear_dynamic(rows[:1], layer._packed, True) + layer.bias
+        assert torch.equal(layer(rows[:1]), fbgemm)
+        assert torch.equal(layer(rows[None, :1]), fbgemm[None])  # (B, T, C) with one row: the same product
+        assert torch.equal(layer(rows)[3], layer(rows[2:4])[1])  # several rows: each with its own range
+        with row_invariant_products():
+            assert not torch.equal(layer(rows[:1]), fbgemm)  # batch-invariant: the pinned-row form, as beside others
+
+
 def test_an_error_inside_a_frame_fails_its_requests_and_the_engine_serves_on(assets, monkeypatch):
     real, calls = runner_module.sample_frame, []
 
