@@ -27,14 +27,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-try:
-    from . import npu_probes
-    from .torch_compat import OutOfMemoryError, cuda_bf16_supported
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import npu_probes
-    from torch_compat import OutOfMemoryError, cuda_bf16_supported
+from . import npu_probes
+from .torch_compat import OutOfMemoryError, cuda_bf16_supported
 
 logger = logging.getLogger(__name__)
 

@@ -24,50 +24,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from .devices import (
-        CPU_FAST_PATHS,
-        cpu_fast_paths_enabled,
-        cpu_kernel,
-        is_flash_attn_usable,
-        npu_fusion_attention_fn,
-        npu_fusion_attention_problem,
-    )
-    from .rotary import (  # noqa: F401  (apply_rotary, rotate_pairs, rotate_real: re-exported for callers)
-        RotaryEmbedding,
-        Rotation,
-        apply_rotary,
-        choose_rotary_kernel,
-        make_rotation,
-        resolve_rotary_kernel,
-        rotate_pairs,
-        rotate_real,
-    )
-    from .npu_probes import fusion_attention_fits, fusion_attention_limits
-    from .torch_compat import sdpa_mask
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from devices import (
-        CPU_FAST_PATHS,
-        cpu_fast_paths_enabled,
-        cpu_kernel,
-        is_flash_attn_usable,
-        npu_fusion_attention_fn,
-        npu_fusion_attention_problem,
-    )
-    from rotary import (  # noqa: F401
-        RotaryEmbedding,
-        Rotation,
-        apply_rotary,
-        choose_rotary_kernel,
-        make_rotation,
-        resolve_rotary_kernel,
-        rotate_pairs,
-        rotate_real,
-    )
-    from npu_probes import fusion_attention_fits, fusion_attention_limits
-    from torch_compat import sdpa_mask
+from .devices import (
+    CPU_FAST_PATHS,
+    cpu_fast_paths_enabled,
+    cpu_kernel,
+    is_flash_attn_usable,
+    npu_fusion_attention_fn,
+    npu_fusion_attention_problem,
+)
+from .rotary import (  # noqa: F401  (apply_rotary, rotate_pairs, rotate_real: re-exported for callers)
+    RotaryEmbedding,
+    Rotation,
+    apply_rotary,
+    choose_rotary_kernel,
+    make_rotation,
+    resolve_rotary_kernel,
+    rotate_pairs,
+    rotate_real,
+)
+from .npu_probes import fusion_attention_fits, fusion_attention_limits
+from .torch_compat import sdpa_mask
 
 logger = logging.getLogger(__name__)
 

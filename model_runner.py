@@ -23,16 +23,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    from .generation import LocalRunner, frame_constants, sample_frame
-    from .gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask, Segment, SlotKVCache, batched_products
-    from .sampling import RowSampler, SamplingParams
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from generation import LocalRunner, frame_constants, sample_frame
-    from gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask, Segment, SlotKVCache, batched_products
-    from sampling import RowSampler, SamplingParams
+from .generation import LocalRunner, frame_constants, sample_frame
+from .gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask, Segment, SlotKVCache, batched_products
+from .sampling import RowSampler, SamplingParams
 
 _NO_MASK = AttentionMask()
 CAPACITY_STEP = 64  # the slot cache grows in multiples of this many rows

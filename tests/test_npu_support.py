@@ -176,6 +176,7 @@ def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
 def run_python(code: str) -> str:
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
