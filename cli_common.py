@@ -14,7 +14,8 @@ import torch
 
 from . import devices
 from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
-from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
+from .attention import ATTENTION_IMPLEMENTATIONS
+from .linear_kernels import WEIGHT_PRECISIONS
 from .torch_compat import load_pickled_weights, pickled_weights_problem
 from .value_bounds import SAMPLING_BOUNDS, bound_error
 

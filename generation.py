@@ -11,7 +11,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .gpt2_decoder import AttentionFunction, AttentionMask, linear
+from .attention import AttentionFunction, AttentionMask
+
+from .linear_kernels import linear
 from .sampling import RowSampler, apply_repetition_penalty
 
 

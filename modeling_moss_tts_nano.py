@@ -27,20 +27,11 @@ from .codec_output import decode_frames  # noqa: F401  (imported by engine_core;
 from .engine_core import generate_frames
 from .generation import GenerationOutput
 from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-from .gpt2_decoder import (
-    ATTENTION_FUNCTIONS,
-    WEIGHT_PRECISIONS,
-    AttentionFunction,
-    GPT2Decoder,
-    KernelPlan,
-    KVCache,
-    PrecisionLinear,
-    Rotation,
-    build_attention_mask,
-    check_attention_name,
-    positions_from_mask,
-    resolve_kernel_plan,
-)
+from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
+from .gpt2_decoder import GPT2Decoder, KernelPlan, resolve_kernel_plan
+from .kv_cache import KVCache, positions_from_mask
+from .linear_kernels import WEIGHT_PRECISIONS, PrecisionLinear
+from .rotary import Rotation
 from .prompting import (
     PromptTokenIds,
     build_continuation_rows,
