@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import environment
 from . import devices
 from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
 from .attention import ATTENTION_IMPLEMENTATIONS
@@ -203,7 +204,7 @@ def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tu
 
     ``path`` is the checkpoint directory already resolved by ``resolve_model_path`` (resolved here when None).
     """
-    devices.apply_npu_environment_defaults()
+    environment.apply_npu_environment_defaults()
     device = devices.resolve_device(args.device)
     devices.use_device_in_this_thread(device)  # the script's own thread: streams and workspaces on that card
     dtype = devices.resolve_dtype(args.dtype, device)
@@ -242,8 +243,10 @@ def apply_performance_settings(model: Any, args: argparse.Namespace) -> None:
 
 def run_cli(body: Callable[[], int], verbose: bool) -> int:
     """The CLI error boundary: one line per failure, exit 2 for usage, 1 for environment/runtime, 130 on Ctrl-C."""
+    root = logging.getLogger()
+    level = root.level
     if verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
+        root.setLevel(logging.DEBUG)  # for this call only: restored below
     try:
         return body()
     except SystemExit as exc:  # --help / --version
@@ -252,6 +255,8 @@ def run_cli(body: Callable[[], int], verbose: bool) -> int:
         code, message = classify_failure(exc)
         if verbose:
             traceback.print_exc()
+    finally:
+        root.setLevel(level)
     print(f"error: {message}", file=sys.stderr)
     return code
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from . import failures
 from . import devices
 from .codec_output import TARGET_SAMPLE_RATE, CodecStreams, decode_generated, join_with_pauses
 from .generation import GenerationOutput, non_finite_message
@@ -141,7 +142,7 @@ class EngineCore:
             for request, state in zip(block, states):
                 if state is not None:
                     request.generator.set_state(state)
-            if not devices.is_out_of_memory_error(exc):
+            if not failures.is_out_of_memory_error(exc):
                 self._fail_block(block, exc, outputs)
                 return
             if len(block) == 1:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFunction, AttentionMask, resolve_attention_implementation, fused_attention_problem
-from .devices import CPU_FAST_PATHS
+from .cpu_fast_paths import CPU_FAST_PATHS
 from .kv_cache import KVCache
 from .linear_kernels import PrecisionLinear, resolve_linear_kernel
 from .npu_probes import fusion_attention_limits
@@ -34,7 +34,8 @@ class KernelPlan:
     Attributes:
         attention: (global, local) keys of `ATTENTION_FUNCTIONS`.
         rope: a key of `rotary.ROTARY_KERNELS`.
-        linear: what `linear` runs: "split-matvec/onednn" or "split-matvec" (CPU fast paths) or "F.linear".
+        linear: what the decoder Linear layers run: "split-matvec/onednn" or "split-matvec" (CPU fast paths), "F.linear",
+            or "fbgemm" for int8 weights (the model sets it; see `set_weight_precision`).
     """
 
     attention: tuple[str, str]

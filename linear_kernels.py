@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import cpu_fast_paths_enabled, cpu_kernel
+from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class PrecisionLinear(nn.Linear):
 # A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
 # F.linear sends them to a single-threaded GEMV and to a poor small-GEMM path for 2-16 rows; the same product as a
 # batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all threads, so a decoding step
-# uses the whole memory bandwidth (figures: benchmarks/measured/ and README). Same float32 math per output, only
+# uses the whole memory bandwidth (figures: benchmarks/measured/ and docs/performance.md). Same float32 math per output, only
 # the summation order inside a dot product can differ (relative ~1e-7). More rows (a prompt) are GEMMs: see `linear`.
 SPLIT_MAX_ROWS = 16
 SPLIT_PARTS = 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 if not __package__:  # imported by file name from a clone's root: become a package member (see repo_imports.py)
     __import__("repo_imports").adopt(globals())
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, fields
@@ -22,9 +23,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 # Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
 from .configuration_moss_tts_nano import MossTTSNanoConfig
-from .devices import cpu_fast_paths_enabled
+from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
 from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
 from .engine_core import generate_frames
+from .failures import is_out_of_memory_error  # noqa: F401  (imported by engine_core; listed for the loader)
 from .generation import GenerationOutput
 from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
 from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
@@ -238,16 +240,19 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
     def kernel_plan(self) -> KernelPlan:
         """The kernels that run for the model's current device and dtype: attention backends, RoPE and linear kernels.
 
-        Resolved once per (device, dtype) and CPU fast-path setting (`devices.cpu_fast_paths_enabled`), then cached;
-        a new attention request clears the cache.
+        Resolved once per (device, dtype, CPU fast-path setting, weight precision), then cached; a new attention
+        request clears the cache.
         """
         weight = self.transformer.wte.weight
-        key = (weight.device, weight.dtype, cpu_fast_paths_enabled())
+        precision = self.transformer.h[0].attn.c_attn.weight_precision  # every decoder Linear has the same
+        key = (weight.device, weight.dtype, cpu_fast_paths_enabled(), precision)
         plan = self._kernel_plans.get(key)
         if plan is None:
             gpt2 = self.config.gpt2_config
             plan = resolve_kernel_plan(self.get_attention_implementation(), weight.device, weight.dtype,
                                        gpt2.n_head, gpt2.n_embd // gpt2.n_head)
+            if precision == "int8":  # the decoder Linear layers run their packed int8 weights
+                plan = dataclasses.replace(plan, linear=cpu_kernel("int8_weights"))
             self._kernel_plans[key] = plan
         return plan
 

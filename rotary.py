@@ -13,7 +13,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
+from .cpu_fast_paths import cpu_kernel
+from .devices import npu_fused_kernel_problem, npu_rotary_mul_fn
 from .npu_probes import probe_tensor_device, rotary_interleave_problem
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import devices
+from . import environment
 from .cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
 from .cli_common import classify_failure, load_model_for_cli, run_cli
 from .cli_common import resolve_model_path, sampling_kwargs
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         args = build_parser().parse_args(argv)
         setup_logging(args.verbose)
-        devices.apply_npu_environment_defaults()
+        environment.apply_npu_environment_defaults()
         return run(args)
 
     return run_cli(body, verbose="--verbose" in argv)

@@ -382,7 +382,7 @@ def response_headers(req: SpeechRequest, state: ServiceState, log: RequestLog) -
     if req.model is not None:
         headers["X-Model"] = req.model  # matched MODEL_NAME in check_request: a valid header value
     if req.instructions is not None:
-        headers["X-Instructions"] = "ignored"  # this model takes no style instructions (README, Serving)
+        headers["X-Instructions"] = "ignored"  # this model takes no style instructions (docs/serving.md)
     return headers
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from . import environment
 from . import devices
 from .generation import LocalRunner, audio_logits, frame_constants, text_logits
 from .pipeline import decode_frames, encode_prompt_audio
@@ -696,7 +697,7 @@ def _load_check(target: Target, context: _Context) -> tuple[CheckResult, Any]:
 
 def _device_name(device: torch.device) -> Optional[str]:
     try:
-        return devices.describe_environment(device)["device_name"]
+        return environment.describe_environment(device)["device_name"]
     except Exception as exc:  # noqa: BLE001  (a name is nice to have, never worth failing for)
         return f"unknown ({_describe_error(exc)})"
 
@@ -769,12 +770,12 @@ def run_verification(targets: Sequence[Target], source: ModelSource, settings: V
 
 
 def _environment(results: Sequence[TargetResult]) -> dict[str, Any]:
-    """devices.describe_environment of the first accelerator verified (else the CPU): versions and device name."""
+    """environment.describe_environment of the first accelerator verified (else the CPU): versions and device name."""
     accelerators = [r.target.device for r in results if r.target.device is not None and r.target.device.type != "cpu"]
     try:
-        return devices.describe_environment(accelerators[0] if accelerators else REFERENCE_DEVICE)
+        return environment.describe_environment(accelerators[0] if accelerators else REFERENCE_DEVICE)
     except Exception as exc:  # noqa: BLE001  (the report must still be written)
-        return {"error": _describe_error(exc), **devices.describe_environment(REFERENCE_DEVICE)}
+        return {"error": _describe_error(exc), **environment.describe_environment(REFERENCE_DEVICE)}
 
 
 def _build_report(results: Sequence[TargetResult], context: _Context) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import environment
 from . import devices
 from .atomic_files import write_text_atomic
 from .audio_io import load_prompt_audio
@@ -329,7 +330,7 @@ def write_report(report: dict, output_dir: Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    devices.apply_npu_environment_defaults()
+    environment.apply_npu_environment_defaults()
     targets = plan_targets(*requested_lists(args))
     prompt_audio = load_prompt_audio(args.prompt_audio_path) if args.prompt_audio_path else None
     source = demo_source(args, prompt_audio) if args.demo else checkpoint_source(args, prompt_audio)

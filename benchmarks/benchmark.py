@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 __import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
+from environment import describe_environment  # noqa: E402
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
@@ -322,7 +323,7 @@ def _rss_peak_bytes() -> int | None:
 
 
 def environment(device: torch.device, dtype: torch.dtype, weight_precision: str) -> dict[str, Any]:
-    env = devices.describe_environment(device)
+    env = describe_environment(device)
     env.update(
         dtype=str(dtype).replace("torch.", ""),
         weight_precision=weight_precision,

@@ -18,6 +18,8 @@ import types
 import pytest
 import torch
 
+import environment
+import failures
 import devices
 from torch_compat import OutOfMemoryError
 
@@ -526,8 +528,8 @@ def test_simulated_npu_flash_attn_never_usable_but_fusion_kernel_found(monkeypat
     "[Error]: The vector core execution is abnormal. ",
 ])
 def test_stability_errors_are_recognised(message):
-    assert devices.is_stability_error(RuntimeError(message))
-    assert not devices.is_out_of_memory_error(RuntimeError(message))
+    assert failures.is_stability_error(RuntimeError(message))
+    assert not failures.is_out_of_memory_error(RuntimeError(message))
 
 
 @pytest.mark.parametrize("error", [
@@ -539,7 +541,7 @@ def test_stability_errors_are_recognised(message):
     RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB; non-finite garbage follows"),
 ])
 def test_ordinary_errors_and_oom_are_not_stability_errors(error):
-    assert not devices.is_stability_error(error)
+    assert not failures.is_stability_error(error)
 
 
 @pytest.mark.parametrize("error", [
@@ -550,8 +552,8 @@ def test_ordinary_errors_and_oom_are_not_stability_errors(error):
     MemoryError(),
 ])
 def test_out_of_memory_errors_are_recognised(error):
-    assert devices.is_out_of_memory_error(error)
-    assert not devices.is_stability_error(error)
+    assert failures.is_out_of_memory_error(error)
+    assert not failures.is_stability_error(error)
 
 
 def test_error_classification_follows_explicit_causes():
@@ -561,8 +563,8 @@ def test_error_classification_follows_explicit_causes():
         except RuntimeError as inner:
             raise RuntimeError("voice clone chunk 2 failed") from inner
     except RuntimeError as outer:
-        assert devices.is_stability_error(outer)
-    assert not devices.is_out_of_memory_error(ValueError("max_new_frames=0 is not supported"))
+        assert failures.is_stability_error(outer)
+    assert not failures.is_out_of_memory_error(ValueError("max_new_frames=0 is not supported"))
 
 
 @pytest.mark.parametrize(("device", "backend"), [("npu:0", "sdpa"), ("cuda", "sdpa"), ("cpu", "eager")])
@@ -576,16 +578,16 @@ def test_fallback_attention_implementation_per_device(device, backend):
 
 def test_npu_environment_defaults_are_set_only_when_unset():
     environ = {"TASK_QUEUE_ENABLE": "2"}
-    applied = devices.apply_npu_environment_defaults(environ)
+    applied = environment.apply_npu_environment_defaults(environ)
     assert applied == {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True"}
     assert environ == {"TASK_QUEUE_ENABLE": "2", "PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True"}
-    assert devices.apply_npu_environment_defaults(environ) == {}
+    assert environment.apply_npu_environment_defaults(environ) == {}
     empty: dict[str, str] = {}
-    assert devices.apply_npu_environment_defaults(empty) == devices.NPU_ENVIRONMENT_DEFAULTS == empty
+    assert environment.apply_npu_environment_defaults(empty) == environment.NPU_ENVIRONMENT_DEFAULTS == empty
 
 
 def test_describe_environment_on_cpu():
-    info = devices.describe_environment()
+    info = environment.describe_environment()
     assert set(info) == {"python", "platform", "torch", "transformers", "torch_npu", "cann", "cuda", "device",
                          "device_type", "device_name", "device_count"}
     assert info["torch"] == torch.__version__
@@ -596,7 +598,7 @@ def test_describe_environment_on_cpu():
 
 def test_simulated_cuda_describe_environment(monkeypatch):
     install_simulated_cuda(monkeypatch, count=2)
-    info = devices.describe_environment("cuda:1")
+    info = environment.describe_environment("cuda:1")
     assert (info["device"], info["device_name"], info["device_count"], info["cuda"]) == \
         ("cuda:1", "Simulated GPU", 2, "12.4")
 
@@ -607,6 +609,6 @@ def test_simulated_npu_describe_environment_reads_cann_version(monkeypatch, tmp_
     (tmp_path / "runtime" / "version.info").write_text("Version=8.0.RC3\nversion_dir=8.0.RC3\n")
     monkeypatch.setenv(variable, str(tmp_path))
     install_simulated_npu(monkeypatch)
-    info = devices.describe_environment("cpu")
+    info = environment.describe_environment("cpu")
     assert info["cann"] == "8.0.RC3"
     assert info["torch_npu"] == "2.6.0.post-simulated"

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-import devices
+import cpu_fast_paths
 import codec_output
 import model_runner as runner_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
@@ -24,9 +24,9 @@ TEXTS = ("Hello world, this is the first request.", "A second one.",
          "And a third request, which is longer than the other two by a few words.")
 
 needs_int8 = pytest.mark.skipif(
-    devices.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
+    cpu_fast_paths.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 needs_row_invariance = pytest.mark.skipif(
-    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see README)")
+    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see docs/performance.md)")
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,17 @@ def test_int8_teacher_forced_logits_stay_close_to_float32(model):
 
 
 @needs_int8_engine
+def test_kernel_plan_names_the_int8_kernel_while_int8_weights_run(model):
+    """Reports read the plan: with int8 weights it names fbgemm, and float32 again names the float32 kernel."""
+    float32_linear = model.kernel_plan().linear
+    model.set_weight_precision("int8")
+    assert model.kernel_plan().linear == "fbgemm"
+    assert model.kernel_plan().describe()["linear"] == "fbgemm (cpu fast path)"
+    model.set_weight_precision("float32")
+    assert model.kernel_plan().linear == float32_linear != "fbgemm"
+
+
+@needs_int8_engine
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_int8_generates_valid_codes(model, do_sample):
     model.set_weight_precision("int8")

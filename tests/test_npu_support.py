@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config
 
+import failures
 import devices
 import attention
 import kv_cache
@@ -131,20 +132,20 @@ NPU_HARD_FAULTS = [
 
 @pytest.mark.parametrize("error", NPU_OUT_OF_MEMORY, ids=lambda e: str(e)[:40])
 def test_npu_out_of_memory_messages_are_recognised(error):
-    assert devices.is_out_of_memory_error(error)
-    assert not devices.is_stability_error(error)
+    assert failures.is_out_of_memory_error(error)
+    assert not failures.is_stability_error(error)
 
 
 @pytest.mark.parametrize("error", NPU_NUMERICAL_FAULTS, ids=lambda e: str(e).split("error code is ")[1][:6])
 def test_npu_numerical_faults_are_stability_errors(error):
-    assert devices.is_stability_error(error)
-    assert not devices.is_out_of_memory_error(error)
+    assert failures.is_stability_error(error)
+    assert not failures.is_out_of_memory_error(error)
 
 
 @pytest.mark.parametrize("error", NPU_HARD_FAULTS, ids=lambda e: str(e).split("error code is ")[1][:6])
 def test_npu_hard_faults_are_neither(error):
-    assert not devices.is_stability_error(error)
-    assert not devices.is_out_of_memory_error(error)
+    assert not failures.is_stability_error(error)
+    assert not failures.is_out_of_memory_error(error)
 
 
 def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
@@ -190,10 +191,10 @@ def test_simulated_two_card_npu_describes_the_requested_card():
     # cannot be undone), so this runs in its own interpreter.
     output = run_python(
         "import json, pytest, torch\n"
-        "import devices, npu_simulation\n"
+        "import environment, npu_simulation\n"
         "torch.utils.rename_privateuse1_backend('npu')\n"
         "npu_simulation.install(pytest.MonkeyPatch(), npu_simulation.simulated_cards(('Ascend910B3', 'Ascend910B4')))\n"
-        "print(json.dumps([devices.describe_environment(d)['device_name'] for d in ('npu:1', 'npu:0', 'npu')]))\n"
+        "print(json.dumps([environment.describe_environment(d)['device_name'] for d in ('npu:1', 'npu:0', 'npu')]))\n"
     )
     assert json.loads(output.strip().splitlines()[-1]) == ["Ascend910B4", "Ascend910B3", "Ascend910B3"]
 

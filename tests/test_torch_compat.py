@@ -24,6 +24,7 @@ from torch import nn
 import audio_tokenizer.torch_compat as codec_compat
 import cli_common
 import convert_to_safetensors
+import failures
 import devices
 import gpt2_decoder
 import torch_compat
@@ -191,7 +192,7 @@ def test_out_of_memory_error_without_the_top_level_alias(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.OutOfMemoryError is torch.cuda.OutOfMemoryError
-    assert devices.is_out_of_memory_error(module.OutOfMemoryError("simulated: allocation failed"))
+    assert failures.is_out_of_memory_error(module.OutOfMemoryError("simulated: allocation failed"))
 
 
 # ------------------------------------------------------------------------------------------------ CUDA bfloat16
