@@ -23,7 +23,7 @@ from .value_bounds import SAMPLING_BOUNDS, bound_error
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-# The official command-line defaults (TTS_SPEC §6), not upstream's method defaults.
+# The official command-line defaults (docs/model.md, Generation), not upstream's method defaults.
 CLI_SAMPLING_DEFAULTS = {
     "do_sample": True,
     "text_temperature": 1.0,

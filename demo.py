@@ -47,7 +47,7 @@ def _push_towards_continue(model: Any, gap: float) -> None:
 
 
 def build_demo_model(seed: int = 0, config_overrides: dict | None = None) -> Any:
-    """The released TTS architecture (spec §2) with seeded random weights."""
+    """The released TTS architecture (docs/model.md, Configuration) with seeded random weights."""
     torch.manual_seed(seed)
     config = MossTTSNanoConfig(**(config_overrides or {}))
     model = MossTTSNanoForCausalLM(config).eval()

@@ -481,7 +481,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def chunk_batch_size(num_chunks: int, device: DeviceLike, max_gb_per_item: float, cap: Optional[int] = None) -> int:
-    """How many voice-clone chunks to generate together (spec §7).
+    """How many voice-clone chunks to generate together (docs/model.md, Devices).
 
     Accelerators: ``max(1, min(num_chunks, cap, floor(0.9 * free_bytes / (max_gb_per_item * 2**30))))``.
     CPU (free memory unknown): 1, or ``min(cap, num_chunks)`` when the caller gives a cap.

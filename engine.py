@@ -15,7 +15,7 @@ Batch invariance is opt-in (`batch_invariant=True`): then a request's codes are 
 solo runs in practice, sampled codes can diverge after a near tie. On CUDA/NPU a row's last bits can depend on its
 neighbours either way (cuBLAS and the Ascend kernels pick kernels by shape).
 
-Deviations from the contract (ENGINE_CONTRACT.md), all additive: `submit` also takes `output_audio_path` (written by
+Beyond the upstream engine interface, all additive: `submit` also takes `output_audio_path` (written by
 the consuming thread when the result arrives) and `stream`; `use_kv_cache`, `voice_clone_chunk_batch_size`,
 `voice_clone_max_memory_per_sample_gb` and `voice_clone_codec_batch_size` are accepted and have no effect (the
 engine always caches and schedules slots itself); resource keywords belong to the constructor.

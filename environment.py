@@ -13,7 +13,7 @@ import torch
 
 from .devices import _BACKENDS, DeviceLike, _module, distribution_version, resolve_device, torch_npu_version
 
-# Recommended Ascend runtime settings (spec §7); applied only on request and only where the user left them unset.
+# Recommended Ascend runtime settings (docs/model.md, Devices); applied only on request, only where unset.
 NPU_ENVIRONMENT_DEFAULTS = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1"}
 
 

@@ -60,7 +60,7 @@ def is_out_of_memory_error(exc: BaseException) -> bool:
 
 
 def is_stability_error(exc: BaseException) -> bool:
-    """True for numerical-instability failures (NaN/inf probabilities and the device faults they cause, spec §7).
+    """True for numerical-instability failures (NaN/inf probabilities and the device faults they cause).
 
     Out-of-memory errors are never stability errors (see ``is_out_of_memory_error``).
     """

@@ -1,4 +1,4 @@
-"""Frame-by-frame generation for MOSS-TTS-Nano (TTS_SPEC §6).
+"""Frame-by-frame generation for MOSS-TTS-Nano (docs/model.md, Generation).
 
 The local runner (one codebook position per step) and one frame sampler; the global decoder's slots, the batched
 frame step and the loop are the engine core's (model_runner.py, engine_core.py), which every call steps.

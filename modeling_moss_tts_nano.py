@@ -2,7 +2,7 @@
 
 A model input is a tensor of rows (B, T, n_vq + 1): column 0 a text-token id, columns 1..n_vq audio codes (or the
 pad code). The global decoder turns rows into one hidden state per frame; the local decoder expands the last one
-into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). Generation lives in generation.py.
+into a text decision (continue / audio_end) and n_vq codes (docs/model.md). Generation lives in generation.py.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         return self.text_lm_head
 
     def _tie_weights(self) -> None:
-        """Tie text_lm_head to transformer.wte and audio_lm_heads.i to audio_embeddings.i (TTS_SPEC §3)."""
+        """Tie text_lm_head to transformer.wte and audio_lm_heads.i to audio_embeddings.i (docs/model.md, Weights)."""
         self.text_lm_head.weight = self.transformer.wte.weight
         for head, embedding in zip(self.audio_lm_heads, self.audio_embeddings):
             head.weight = embedding.weight
@@ -565,7 +565,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Args:
             text: what to say. A text over `voice_clone_max_text_tokens` (50) is normalised and split into chunks
-                within it (TTS_SPEC §8); a text that fits is used as given. voice_clone chunks are generated
+                within it (docs/model.md); a text that fits is used as given. voice_clone chunks are generated
                 independently (batched) and joined with short pauses; continuation chunks one after another, each
                 continuing the previous chunk's text and audio, into one continuous waveform.
             output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.

@@ -271,8 +271,8 @@ def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Ten
 def plan_chunks(request: SynthesisRequest, resources: Resources) -> tuple[list[str], list[str]]:
     """Return ``(text chunks, separator before each chunk)``: the text split within the token budget.
 
-    A text that fits one chunk is kept as it is: voice clone speaks it stripped (TTS_SPEC §8), continuation
-    exactly as given (its effective text is a plain concatenation, TTS_SPEC §5). A longer continuation text is
+    A text that fits one chunk is kept as it is: voice clone speaks it stripped (docs/model.md, Long text), continuation
+    exactly as given (its effective text is a plain concatenation). A longer continuation text is
     normalised and chunked like voice-clone text; its first chunk keeps one space after prompt_text when the text
     started with whitespace.
     """

@@ -1,4 +1,4 @@
-"""Rotary position embedding (interleaved pairs, TTS_SPEC §4) and its kernels, one table (`ROTARY_KERNELS`).
+"""Rotary position embedding (interleaved pairs, docs/model.md, Weights) and its kernels, one table (`ROTARY_KERNELS`).
 
 The pair (x[2j], x[2j+1]) turns by angle p * base^(-2j/D). Three interchangeable kernels: "complex" (a CPU fast path),
 "real" (real-valued arithmetic, every device) and "npu_rotary_mul" (Ascend's fused kernel in interleave mode where

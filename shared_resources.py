@@ -56,7 +56,7 @@ class Resources:
 
 
 def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """Tokenise without special tokens, as every prompt piece is (spec §5)."""
+    """Tokenise without special tokens, as every prompt piece is (docs/model.md, Prompts)."""
     return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -261,7 +261,7 @@ def teacher_forced_logits(
 ) -> TeacherForcedLogits:
     """Text and audio logits of every step of generation, with the given frames fed back instead of sampled ones.
 
-    The same computation as greedy generation (TTS_SPEC §6) in one pass: the global decoder runs over the prompt
+    The same computation as greedy generation (docs/model.md) in one pass: the global decoder runs over the prompt
     rows plus the rows of frames 0..F-2 (the hidden state before frame t is the output at the row preceding it);
     the local decoder runs, per frame, over [h, wte(continue slot), emb_0(c_0), ..., emb_{nq-2}(c_{nq-2})].
     Position 0 gives the two text-candidate logits, position i + 1 codebook i's logits. Every frame is treated as

@@ -413,7 +413,7 @@ def test_cpu_peak_is_process_rss_and_reset_is_a_no_op():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# chunk_batch_size (spec §7)
+# chunk_batch_size (docs/model.md, Devices)
 
 
 def test_simulated_cuda_chunk_batch_size_formula(monkeypatch):

@@ -1,4 +1,4 @@
-"""Generation (TTS_SPEC §6) on tiny random models: equivalences, stopping, validation and the sampler."""
+"""Generation (docs/model.md, Generation) on tiny random models: equivalences, stopping, validation and the sampler."""
 
 from __future__ import annotations
 
