@@ -24,6 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
 from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
+from .devices import DEVICE_PREFERENCE  # noqa: F401  (imported by engine_core and others; listed for the loader)
 from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
 from .engine_core import generate_frames
 from .failures import is_out_of_memory_error  # noqa: F401  (imported by engine_core; listed for the loader)
