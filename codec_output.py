@@ -18,6 +18,7 @@ from .text_chunking import pause_seconds_after
 
 TARGET_SAMPLE_RATE = 48000
 SAMPLES_PER_FRAME = 3840
+FRAMES_PER_SECOND = TARGET_SAMPLE_RATE / SAMPLES_PER_FRAME  # 12.5
 # (frames decoded so far below which, window frames): 1 + 1 + 2 + 4 frames, then windows of STREAM_MAX_WINDOW.
 STREAM_WINDOWS = ((1, 1), (2, 1), (4, 2), (8, 4))
 STREAM_MAX_WINDOW = 8

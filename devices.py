@@ -28,6 +28,7 @@ import torch
 from . import npu_probes
 from .cpu_fast_paths import cpu_fast_paths_enabled
 from .torch_compat import cuda_bf16_supported
+from .value_bounds import seed_error
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +435,7 @@ def check_seed(seed: Any) -> int:
     Raises:
         ValueError: naming the value and the allowed range.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if seed_error(seed):
         raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
     return seed
 

@@ -26,10 +26,10 @@ from . import devices
 from .cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
 from .cli_common import load_model_for_cli, run_cli
 from .cli_common import resolve_model_path, sampling_kwargs
+from .codec_output import FRAMES_PER_SECOND
 from .demo import DEMO_TEXT
 
 DEFAULT_OUTPUT = "generated_audio/npu_output.wav"
-FRAMES_PER_SECOND = 12.5
 DEMO_FRAMES = 50  # 4 s of audio: enough to show the pipeline without a long wait on a CPU
 
 

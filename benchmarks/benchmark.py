@@ -37,6 +37,7 @@ __import__("repo_imports").install()  # the repository's modules by their names 
 from environment import describe_environment  # noqa: E402
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
+from codec_output import FRAMES_PER_SECOND  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine import SynthesisEngine  # noqa: E402
 from linear_kernels import WEIGHT_PRECISIONS  # noqa: E402
@@ -45,7 +46,6 @@ from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_r
 
 PROMPT_ROWS = 150
 CODEC_SECONDS = 8.0
-FRAMES_PER_SECOND = 12.5
 E2E_TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
 E2E_PROMPT_SECONDS = 8.0  # reference audio: 100 frames; with the demo tokenizer's text rows, a 175-row prompt
 
