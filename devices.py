@@ -61,7 +61,6 @@ class _DeviceOps:
     availability: Callable[[], _Availability]
     default_dtype: Callable[[], torch.dtype]
     free_memory: Callable[[int], Optional[int]]
-    total_memory: Callable[[int], Optional[int]]
     synchronize: Callable[[int], None]
     seed: Callable[[int], None]
     reset_peak: Callable[[int], None]
@@ -202,20 +201,12 @@ def _accelerator_ops(kind: str, availability: Callable[[], _Availability],
         availability=availability,
         default_dtype=default_dtype,
         free_memory=free_memory,
-        total_memory=lambda index: int(_module(kind).get_device_properties(index).total_memory),
         synchronize=lambda index: _module(kind).synchronize(index),
         seed=lambda seed: _module(kind).manual_seed_all(seed),
         reset_peak=lambda index: _module(kind).reset_peak_memory_stats(index),
         peak=lambda index: int(_module(kind).max_memory_allocated(index)),
         fallback_attention="sdpa",
     )
-
-
-def _physical_memory_bytes() -> Optional[int]:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):  # not POSIX or the names are unknown
-        return None
 
 
 def _process_peak_rss_bytes() -> Optional[int]:
@@ -235,7 +226,6 @@ _BACKENDS: dict[str, _DeviceOps] = {
         availability=lambda: _Availability(1),
         default_dtype=lambda: torch.float32,
         free_memory=lambda index: None,  # unknown: callers treat None as "no memory-based batching"
-        total_memory=lambda index: _physical_memory_bytes(),
         synchronize=lambda index: None,
         seed=lambda seed: None,  # torch.manual_seed already seeds the CPU generator
         reset_peak=lambda index: None,  # ru_maxrss is a process-lifetime peak and cannot be reset
@@ -384,12 +374,6 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
     """Memory the device can still hand out: CUDA/NPU ``mem_get_info``, else NPU total - reserved; CPU None."""
     ops, index = _target(device)
     return ops.free_memory(index)
-
-
-def total_memory_bytes(device: DeviceLike) -> Optional[int]:
-    """Device memory (accelerators) or physical RAM (CPU); None when the platform cannot tell."""
-    ops, index = _target(device)
-    return ops.total_memory(index)
 
 
 def synchronize(device: DeviceLike) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .cpu_fast_paths import CPU_FAST_PATHS
 from .kv_cache import KVCache
 from .linear_kernels import PrecisionLinear, resolve_linear_kernel
 from .npu_probes import fusion_attention_limits
-from .rotary import RotaryEmbedding, Rotation, choose_rotary_kernel, make_rotation
+from .rotary import RotaryEmbedding, Rotation, choose_rotary_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class KernelPlan:
     Attributes:
         attention: (global, local) keys of `ATTENTION_FUNCTIONS`.
         rope: a key of `rotary.ROTARY_KERNELS`.
-        linear: what the decoder Linear layers run: "split-matvec/onednn" or "split-matvec" (CPU fast paths), "F.linear",
-            or "fbgemm" for int8 weights (the model sets it; see `set_weight_precision`).
+        linear: what the decoder Linear layers run: "split-matvec/onednn" or "split-matvec" (CPU fast paths),
+            "F.linear", or "fbgemm" for int8 weights (the model sets it; see `set_weight_precision`).
     """
 
     attention: tuple[str, str]
@@ -175,16 +175,15 @@ class GPT2Decoder(nn.Module):
         return KVCache(len(self.h), batch, self.num_heads, self.head_dim, capacity,
                        dtype=dtype, device=device, track_padding=track_padding)
 
-    def forward(self, hidden: torch.Tensor, rope: Union[Rotation, tuple[torch.Tensor, torch.Tensor]],
+    def forward(self, hidden: torch.Tensor, rope: Rotation,
                 mask: AttentionMask, attend: AttentionFunction, cache: Optional[KVCache] = None,
                 collect_hidden: bool = False) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """Run the stack on `hidden` (B, T, H).
 
         Args:
             hidden: input embeddings.
-            rope: the RoPE of the T new positions: a `Rotation` from `self.rotary.rotation` (the model passes the
-                kernel it resolved for its device), or (cos, sin) from `self.rotary.angles` (rotated with the
-                portable "real" kernel).
+            rope: the RoPE of the T new positions, from `self.rotary.rotation` (the model passes the kernel it
+                resolved for its device).
             mask: the attention mask (queries are the last T keys).
             attend: the attention backend.
             cache: when given, keys/values are appended to it and `cache.length` advances by T.
@@ -193,8 +192,6 @@ class GPT2Decoder(nn.Module):
         Returns:
             (output after ln_f (B, T, H), the collected hidden states or None).
         """
-        if not isinstance(rope, Rotation):
-            rope = make_rotation("real", *rope, hidden.dtype)
         padded = None if mask.query_valid is None else ~mask.query_valid[..., None]  # (B, T, 1), once per forward
         hidden = _zero_padded(hidden, padded)
         collected = [hidden] if collect_hidden else None

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent
 class _RootNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolve ``import <name>`` for a ``<name>.py`` of the repository root to ``moss_tts_nano.<name>``."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
         if "." in fullname or fullname == __name__ or not (ROOT / f"{fullname}.py").is_file():
             return None
         return importlib.util.spec_from_loader(fullname, self)
@@ -77,7 +78,7 @@ def adopt(namespace: MutableMapping[str, Any]) -> None:
 
 
 def run_script(path: str) -> NoReturn:
-    """Run the script at ``path`` (in the repository root) as ``moss_tts_nano.<name>`` with ``__name__ == "__main__"``."""
+    """Run the script at ``path`` (in the repository root) as ``moss_tts_nano.<name>``, named "__main__"."""
     install()
     runpy.run_module(f"{PACKAGE}.{Path(path).stem}", run_name="__main__", alter_sys=True)
     raise SystemExit(0)

@@ -365,7 +365,6 @@ def test_float16_on_cpu_is_allowed_with_a_warning(caplog):
 def test_simulated_npu_free_memory_uses_mem_get_info_when_present(monkeypatch):
     install_simulated_npu(monkeypatch, free=20 * GiB, total=32 * GiB)
     assert devices.free_memory_bytes("npu:0") == 20 * GiB
-    assert devices.total_memory_bytes("npu:0") == 32 * GiB
 
 
 @pytest.mark.parametrize("reserved_source", ["memory_reserved", "memory_stats"])
@@ -380,13 +379,10 @@ def test_simulated_npu_free_memory_without_mem_get_info_is_total_minus_reserved(
 def test_simulated_cuda_free_memory_uses_mem_get_info(monkeypatch):
     install_simulated_cuda(monkeypatch, free=11 * GiB, total=80 * GiB)
     assert devices.free_memory_bytes("cuda") == 11 * GiB
-    assert devices.total_memory_bytes(torch.device("cuda", 0)) == 80 * GiB
 
 
 def test_cpu_free_memory_is_unknown():
     assert devices.free_memory_bytes("cpu") is None
-    total = devices.total_memory_bytes("cpu")
-    assert total is None or total > 0
 
 
 def test_memory_queries_on_an_unusable_device_say_what_to_do():

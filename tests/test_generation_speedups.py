@@ -88,12 +88,12 @@ def test_cached_local_decoder_hidden_states_match_the_full_sequence(model):
     local = model.local_transformer
     sequence = torch.randn(2, N_VQ + 1, 64)
     attend = model.attention_functions()[1]
-    cos, sin = local.rotary.angles(torch.arange(N_VQ + 1)[None])  # (1, 1, L, D/2)
-    full, _ = local(sequence, (cos, sin), AttentionMask(), attend, None)
+    positions = torch.arange(N_VQ + 1)[None]
+    full, _ = local(sequence, local.rotary.rotation(positions), AttentionMask(), attend, None)
     cache = local.new_cache(2, N_VQ + 1, dtype=torch.float32, device=torch.device("cpu"), track_padding=False)
     steps = []
     for p in range(N_VQ + 1):
-        rope = (cos[..., p : p + 1, :], sin[..., p : p + 1, :])
+        rope = local.rotary.rotation(positions[:, p : p + 1])
         steps.append(local(sequence[:, p : p + 1], rope, AttentionMask(), attend, cache)[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 

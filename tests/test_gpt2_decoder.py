@@ -334,7 +334,7 @@ def _decoder(layers=2):
 
 def _full(decoder, x, mask, backend):
     attn_mask = build_attention_mask(mask, x.shape[1])
-    return decoder(x, decoder.rotary.angles(positions_from_mask(mask)), attn_mask, ATTENTION_FUNCTIONS[backend])
+    return decoder(x, decoder.rotary.rotation(positions_from_mask(mask)), attn_mask, ATTENTION_FUNCTIONS[backend])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -349,7 +349,7 @@ def test_cached_decoding_matches_full_recompute(backend):
     for start, end in ((0, 6), (6, 7), (7, 8), (8, 9)):
         key_valid, positions = cache.extend_mask(mask[:, start:end])
         attn_mask = build_attention_mask(key_valid, end - start)
-        out, _ = decoder(x[:, start:end], decoder.rotary.angles(positions), attn_mask, ATTENTION_FUNCTIONS[backend],
+        out, _ = decoder(x[:, start:end], decoder.rotary.rotation(positions), attn_mask, ATTENTION_FUNCTIONS[backend],
                          cache)
         outs.append(out)
     assert cache.length == 9 and cache.capacity >= 9
@@ -359,7 +359,7 @@ def test_cached_decoding_matches_full_recompute(backend):
 def test_padded_rows_are_exactly_zero_everywhere():
     decoder = _decoder()
     mask = _left_padded([6, 2], 6)
-    out, states = decoder(torch.randn(2, 6, 32), decoder.rotary.angles(positions_from_mask(mask)),
+    out, states = decoder(torch.randn(2, 6, 32), decoder.rotary.rotation(positions_from_mask(mask)),
                           build_attention_mask(mask, 6), ATTENTION_FUNCTIONS["sdpa"], collect_hidden=True)
     assert len(states) == 3 and states[-1] is out
     for hidden in states:

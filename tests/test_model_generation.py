@@ -128,7 +128,7 @@ def _reference_generate(model, input_ids, mask, frames, penalty, nq):
         def run_local():
             x = torch.stack(sequence, dim=1)
             positions = torch.arange(x.shape[1])[None]
-            hidden, _ = local(x, local.rotary.angles(positions), AttentionMask(), ATTENTION_FUNCTIONS["eager"])
+            hidden, _ = local(x, local.rotary.rotation(positions), AttentionMask(), ATTENTION_FUNCTIONS["eager"])
             return hidden[:, -1]
 
         text_logits = model.text_lm_head(run_local())[:, [9, 7]]
