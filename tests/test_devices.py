@@ -9,9 +9,7 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import pathlib
-import subprocess
 import sys
 import types
 
@@ -21,6 +19,7 @@ import torch
 import environment
 import failures
 import devices
+from npu_simulation import run_python
 from torch_compat import OutOfMemoryError
 
 GiB = 2**30
@@ -145,15 +144,6 @@ def plain_cpu_machine(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Import hygiene and the NPU success paths (both need a fresh interpreter)
-
-
-def run_python(code: str) -> str:
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_import_never_loads_optional_packages_or_touches_devices():

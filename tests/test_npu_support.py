@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +18,7 @@ import devices
 import attention
 import kv_cache
 import npu_simulation
+from npu_simulation import run_python
 import rotary
 from attention import ATTENTION_FUNCTIONS, build_attention_mask, resolve_attention_implementation
 from gpt2_decoder import GPT2Decoder
@@ -174,16 +172,6 @@ def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Card names
-
-
-def run_python(code: str) -> str:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
-    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_simulated_two_card_npu_describes_the_requested_card():
