@@ -25,6 +25,7 @@ import torch
 from . import environment
 from . import devices
 from .generation import LocalRunner, audio_logits, frame_constants, text_logits
+from .sampling import resolve_nq
 from .pipeline import decode_frames, encode_prompt_audio
 from .prompting import infer_mode
 
@@ -281,9 +282,7 @@ def teacher_forced_logits(
         ValueError: for malformed rows, mask, frames or nq.
     """
     config = model.config
-    nq = config.n_vq if nq is None else nq
-    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= config.n_vq:
-        raise ValueError(f"nq={nq!r} must be an integer within 1..{config.n_vq}")
+    nq = resolve_nq(nq, config.n_vq)
     weight = model.transformer.wte.weight
     input_ids = model.check_input_ids(input_ids).to(weight.device)
     batch, length = input_ids.shape[:2]
