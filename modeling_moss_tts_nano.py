@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
 from .devices import DEVICE_PREFERENCE  # noqa: F401  (imported by engine_core and others; listed for the loader)
+from .value_bounds import SEED_LIMIT  # noqa: F401  (imported by devices; listed for the loader)
 from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
 from .engine_core import generate_frames
 from .failures import is_out_of_memory_error  # noqa: F401  (imported by engine_core; listed for the loader)
