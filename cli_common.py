@@ -12,25 +12,18 @@ from typing import Any, Callable
 
 import torch
 
-try:
-    from . import devices
-    from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
-    from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
-    from .torch_compat import load_pickled_weights, pickled_weights_problem
-    from .value_bounds import SAMPLING_BOUNDS, bound_error
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
-    from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
-    from torch_compat import load_pickled_weights, pickled_weights_problem
-    from value_bounds import SAMPLING_BOUNDS, bound_error
+from . import environment
+from . import devices
+from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
+from .attention import ATTENTION_IMPLEMENTATIONS
+from .linear_kernels import WEIGHT_PRECISIONS
+from .torch_compat import load_pickled_weights, pickled_weights_problem
+from .value_bounds import SAMPLING_BOUNDS, bound_error
 
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-# The official command-line defaults (TTS_SPEC §6), not upstream's method defaults.
+# The official command-line defaults (docs/model.md, Generation), not upstream's method defaults.
 CLI_SAMPLING_DEFAULTS = {
     "do_sample": True,
     "text_temperature": 1.0,
@@ -144,10 +137,7 @@ def resolve_model_path(model_path: str | None, local_files_only: bool) -> Path:
 
 
 def _model_class() -> Any:
-    try:
-        from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    except ImportError:
-        from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
     return MossTTSNanoForCausalLM
 
 
@@ -214,15 +204,12 @@ def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tu
 
     ``path`` is the checkpoint directory already resolved by ``resolve_model_path`` (resolved here when None).
     """
-    devices.apply_npu_environment_defaults()
+    environment.apply_npu_environment_defaults()
     device = devices.resolve_device(args.device)
     devices.use_device_in_this_thread(device)  # the script's own thread: streams and workspaces on that card
     dtype = devices.resolve_dtype(args.dtype, device)
     if args.demo:
-        try:
-            from .demo import build_demo_assets
-        except ImportError:
-            from demo import build_demo_assets
+        from .demo import build_demo_assets
         assets = build_demo_assets(args.seed)
         model = assets.model.to(device=device, dtype=dtype)
         resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec,
@@ -256,8 +243,10 @@ def apply_performance_settings(model: Any, args: argparse.Namespace) -> None:
 
 def run_cli(body: Callable[[], int], verbose: bool) -> int:
     """The CLI error boundary: one line per failure, exit 2 for usage, 1 for environment/runtime, 130 on Ctrl-C."""
+    root = logging.getLogger()
+    level = root.level
     if verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
+        root.setLevel(logging.DEBUG)  # for this call only: restored below
     try:
         return body()
     except SystemExit as exc:  # --help / --version
@@ -266,6 +255,8 @@ def run_cli(body: Callable[[], int], verbose: bool) -> int:
         code, message = classify_failure(exc)
         if verbose:
             traceback.print_exc()
+    finally:
+        root.setLevel(level)
     print(f"error: {message}", file=sys.stderr)
     return code
 

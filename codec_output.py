@@ -14,15 +14,11 @@ from typing import Any, Optional
 
 import torch
 
-try:
-    from .text_chunking import pause_seconds_after
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from text_chunking import pause_seconds_after
+from .text_chunking import pause_seconds_after
 
 TARGET_SAMPLE_RATE = 48000
 SAMPLES_PER_FRAME = 3840
+FRAMES_PER_SECOND = TARGET_SAMPLE_RATE / SAMPLES_PER_FRAME  # 12.5
 # (frames decoded so far below which, window frames): 1 + 1 + 2 + 4 frames, then windows of STREAM_MAX_WINDOW.
 STREAM_WINDOWS = ((1, 1), (2, 1), (4, 2), (8, 4))
 STREAM_MAX_WINDOW = 8

@@ -1,4 +1,4 @@
-"""Configuration of MOSS-TTS-Nano (`model_type = "moss_tts_nano"`): fields and validation (TTS_SPEC §2).
+"""Configuration of MOSS-TTS-Nano (`model_type = "moss_tts_nano"`): fields and validation (docs/model.md).
 
 Deliberate departure from upstream: the class defaults describe the released 100M model (12 x 768 global decoder,
 1 local layer, 16 x 1024 codebooks, special ids 3..9). Upstream's class defaults describe another model (n_vq 8,
@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from transformers import GPT2Config, PretrainedConfig
 
-# Same names as gpt2_decoder.ATTENTION_IMPLEMENTATIONS (kept torch-free here; a test checks they agree).
+# Same names as attention.ATTENTION_IMPLEMENTATIONS (kept torch-free here; a test checks they agree).
 ATTENTION_NAMES = ("auto", "eager", "sdpa", "flash_attention_2", "npu_fusion_attention")
 
 RELEASED_GPT2_CONFIG: dict[str, Any] = {
@@ -71,7 +71,7 @@ class MossTTSNanoConfig(PretrainedConfig):
         local_transformer_layers: blocks of the local decoder.
         attn_implementation / local_transformer_attn_implementation: requested attention of the global / local
             decoder, one of `ATTENTION_NAMES`; resolved per device by the model ("auto" -> sdpa).
-        The remaining arguments are the special ids, tokenizer and codec metadata of TTS_SPEC §2.
+        The remaining arguments are the special ids, tokenizer and codec metadata of docs/model.md, Configuration.
 
     Raises:
         ValueError: for inconsistent or unsupported values (the message names the field, value and rule).
@@ -166,7 +166,7 @@ class MossTTSNanoConfig(PretrainedConfig):
         return self.gpt2_config.n_embd // self.gpt2_config.n_head
 
     def validate_moss_config(self) -> None:
-        """Check the rules of TTS_SPEC §2 and what this implementation supports.
+        """Check the rules of docs/model.md, Configuration and what this implementation supports.
 
         Raises:
             ValueError: naming the field, its value and the rule.
@@ -192,7 +192,7 @@ class MossTTSNanoConfig(PretrainedConfig):
         if not self.tie_word_embeddings:
             raise ValueError(
                 "tie_word_embeddings=False is not supported: the text head is tied to transformer.wte and each audio "
-                "head to its audio embedding (TTS_SPEC §3)"
+                "head to its audio embedding (docs/model.md, Weights)"
             )
 
 

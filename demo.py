@@ -14,18 +14,10 @@ from typing import Any
 
 import torch
 
-try:
-    from .codec_loading import codec_code_module
-    from .configuration_moss_tts_nano import MossTTSNanoConfig
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    from .tokenization_moss_tts_nano import build_demo_tokenizer
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from codec_loading import codec_code_module
-    from configuration_moss_tts_nano import MossTTSNanoConfig
-    from modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    from tokenization_moss_tts_nano import build_demo_tokenizer
+from .codec_loading import codec_code_module
+from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from .tokenization_moss_tts_nano import build_demo_tokenizer
 
 DEMO_TEXT = "Hello! This is the MOSS-TTS-Nano demo running with random weights, so expect noise, not speech."
 CONTINUE_LOGIT_GAP = 40.0  # how strongly the random local decoder is pushed to keep generating (see below)
@@ -55,7 +47,7 @@ def _push_towards_continue(model: Any, gap: float) -> None:
 
 
 def build_demo_model(seed: int = 0, config_overrides: dict | None = None) -> Any:
-    """The released TTS architecture (spec §2) with seeded random weights."""
+    """The released TTS architecture (docs/model.md, Configuration) with seeded random weights."""
     torch.manual_seed(seed)
     config = MossTTSNanoConfig(**(config_overrides or {}))
     model = MossTTSNanoForCausalLM(config).eval()

@@ -15,26 +15,20 @@ import importlib.util
 import logging
 import math
 import os
-import platform
 import random
 import re
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-try:
-    from . import npu_probes
-    from .torch_compat import OutOfMemoryError, cuda_bf16_supported
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import npu_probes
-    from torch_compat import OutOfMemoryError, cuda_bf16_supported
+from . import npu_probes
+from .cpu_fast_paths import cpu_fast_paths_enabled
+from .torch_compat import cuda_bf16_supported
+from .value_bounds import seed_error
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +36,6 @@ DEVICE_PREFERENCE = ("npu", "cuda", "cpu")
 DeviceLike = Union[str, torch.device, None]
 DtypeLike = Union[str, torch.dtype, None]
 
-# Recommended Ascend runtime settings (spec §7); applied only on request and only where the user left them unset.
-NPU_ENVIRONMENT_DEFAULTS = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1"}
 
 _ALLOWED_DEVICES = '"auto", "npu", "npu:N", "cuda", "cuda:N", "cpu" or a torch.device of type npu, cuda or cpu'
 _DEVICE_PATTERN = re.compile(r"(npu|cuda|cpu)(?::(\d+))?")
@@ -69,7 +61,6 @@ class _DeviceOps:
     availability: Callable[[], _Availability]
     default_dtype: Callable[[], torch.dtype]
     free_memory: Callable[[int], Optional[int]]
-    total_memory: Callable[[int], Optional[int]]
     synchronize: Callable[[int], None]
     seed: Callable[[int], None]
     reset_peak: Callable[[int], None]
@@ -210,20 +201,12 @@ def _accelerator_ops(kind: str, availability: Callable[[], _Availability],
         availability=availability,
         default_dtype=default_dtype,
         free_memory=free_memory,
-        total_memory=lambda index: int(_module(kind).get_device_properties(index).total_memory),
         synchronize=lambda index: _module(kind).synchronize(index),
         seed=lambda seed: _module(kind).manual_seed_all(seed),
         reset_peak=lambda index: _module(kind).reset_peak_memory_stats(index),
         peak=lambda index: int(_module(kind).max_memory_allocated(index)),
         fallback_attention="sdpa",
     )
-
-
-def _physical_memory_bytes() -> Optional[int]:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):  # not POSIX or the names are unknown
-        return None
 
 
 def _process_peak_rss_bytes() -> Optional[int]:
@@ -243,7 +226,6 @@ _BACKENDS: dict[str, _DeviceOps] = {
         availability=lambda: _Availability(1),
         default_dtype=lambda: torch.float32,
         free_memory=lambda index: None,  # unknown: callers treat None as "no memory-based batching"
-        total_memory=lambda index: _physical_memory_bytes(),
         synchronize=lambda index: None,
         seed=lambda seed: None,  # torch.manual_seed already seeds the CPU generator
         reset_peak=lambda index: None,  # ru_maxrss is a process-lifetime peak and cannot be reset
@@ -394,12 +376,6 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
     return ops.free_memory(index)
 
 
-def total_memory_bytes(device: DeviceLike) -> Optional[int]:
-    """Device memory (accelerators) or physical RAM (CPU); None when the platform cannot tell."""
-    ops, index = _target(device)
-    return ops.total_memory(index)
-
-
 def synchronize(device: DeviceLike) -> None:
     """Wait for queued kernels on ``device`` (no-op on CPU), e.g. before reading a timer."""
     ops, index = _target(device)
@@ -443,7 +419,7 @@ def check_seed(seed: Any) -> int:
     Raises:
         ValueError: naming the value and the allowed range.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if seed_error(seed):
         raise ValueError(f"seed={seed!r} is not supported; use an int in [0, 2**32)")
     return seed
 
@@ -490,7 +466,7 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def chunk_batch_size(num_chunks: int, device: DeviceLike, max_gb_per_item: float, cap: Optional[int] = None) -> int:
-    """How many voice-clone chunks to generate together (spec §7).
+    """How many voice-clone chunks to generate together (docs/model.md, Devices).
 
     Accelerators: ``max(1, min(num_chunks, cap, floor(0.9 * free_bytes / (max_gb_per_item * 2**30))))``.
     CPU (free memory unknown): 1, or ``min(cap, num_chunks)`` when the caller gives a cap.
@@ -584,12 +560,26 @@ def npu_fused_kernel_problem() -> Optional[str]:
             "(npu_fusion_attention: A2 only)")
 
 
+def distribution_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torch_npu_version() -> Optional[str]:
+    module = sys.modules.get("torch_npu")
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    return distribution_version("torch_npu")
+
+
 def npu_fusion_attention_problem() -> Optional[str]:
     """Why ``torch_npu.npu_fusion_attention`` cannot run here (no usable NPU, an op-less torch_npu, a card other than
     Atlas A2/A3), or None when it can."""
     problem = npu_fused_kernel_problem()
     if problem is None and getattr(_torch_npu_import()[0], "npu_fusion_attention", None) is None:
-        problem = f"torch_npu {_torch_npu_version()} has no npu_fusion_attention"
+        problem = f"torch_npu {torch_npu_version()} has no npu_fusion_attention"
     return problem
 
 
@@ -617,186 +607,7 @@ def npu_rotary_mul_fn() -> Optional[Callable[..., Any]]:
     return op if "rotary_mode" in arguments else None
 
 
-CPU_FAST_PATHS_VARIABLE = "MOSS_TTS_CPU_FAST_PATHS"
-# Every CPU fast path: (what the CPU runs by default, what it runs instead with MOSS_TTS_CPU_FAST_PATHS=0, which is
-# what accelerators run). None: refused (int8 weights raise a RuntimeError that names the variable).
-CPU_FAST_PATHS: dict[str, tuple[str, Optional[str]]] = {
-    "rope": ("complex", "real"),  # rotary.rotate_pairs vs rotary.rotate_real
-    "linear": ("split-matvec/onednn", "F.linear"),  # gpt2_decoder.linear
-    "int8_weights": ("fbgemm", None),  # gpt2_decoder.PrecisionLinear.set_weight_precision("int8")
-}
-_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                  "off": False}
-
-
-@functools.cache
-def cpu_fast_paths_enabled() -> bool:
-    """Whether the CPU runs its fast paths (``MOSS_TTS_CPU_FAST_PATHS``, read once per process; default on).
-
-    With ``MOSS_TTS_CPU_FAST_PATHS=0`` the CPU runs the operations an accelerator runs (real-valued RoPE, F.linear,
-    no int8 weights), so the accelerator code path can be tested on a CPU. ``clear_caches()`` re-reads it.
-
-    Raises:
-        ValueError: the variable holds something other than 1/0 (true/false, yes/no, on/off).
-    """
-    value = os.environ.get(CPU_FAST_PATHS_VARIABLE, "").strip().lower() or "1"  # set but empty: the default
-    if value not in _SWITCH_VALUES:
-        raise ValueError(f"{CPU_FAST_PATHS_VARIABLE}={value!r} is not supported; use 1 (the CPU fast paths, the "
-                         "default) or 0 (the operations an accelerator runs)")
-    return _SWITCH_VALUES[value]
-
-
-def cpu_kernel(kind: str) -> Optional[str]:
-    """What the CPU runs for `kind` (a key of ``CPU_FAST_PATHS``) under the current ``MOSS_TTS_CPU_FAST_PATHS``."""
-    fast, portable = CPU_FAST_PATHS[kind]
-    return fast if cpu_fast_paths_enabled() else portable
-
-
-_OOM_TYPES = (OutOfMemoryError, MemoryError)
-# Ascend error text, from the torch_npu wheels (2.1.0.post12 to 2.14.0): a failed ACL call raises
-# "NPU function error: <call>, error code is <N>" (or "NPU error, error code is <N>", "OPS function error: ...") with
-# the code's description from include/torch_npu/csrc/core/npu/NPUErrorCodes.h; the symbolic names of
-# third_party/acl/inc/acl/error_codes/rt_error_codes.h (ACL_ERROR_RT_MEMORY_ALLOCATION, ...) are never printed.
-# Allocation failures: 200000 and 207001 / 207005 ("Failed to apply for memory."), 207018 ("The memory on the device
-# is exhausted."); the caching allocator's own "NPU out of memory. Tried to allocate ..." (libtorch_npu.so).
-_NPU_OOM_CODES = "200000|207001|207005|207018"
-_OOM_PATTERN = re.compile(
-    r"out of memory"  # "CUDA out of memory", "NPU out of memory. Tried to allocate", "CUDA error: out of memory"
-    rf"|error code is (?:{_NPU_OOM_CODES})\b"
-    r"|Failed to apply for memory|The memory on the device is exhausted"
-    r"|EL0004"  # CANN: "EL0004: Failed to allocate memory"
-    r"|can't allocate memory",  # torch CPU allocator
-    re.IGNORECASE,
-)
-# Numerical failures that a float32 retry with the fallback attention backend can cure. Ascend has no device assert:
-# a kernel fed NaN/inf-derived values or indices (an embedding row picked from NaN probabilities) faults, reported by
-# code (NPUErrorCodes.h) and in the CANN log text ("there is an aicore error exception" / "aivec error exception"):
-#   numerical or data-dependent, retried: 207003 aicore operator overflow; 507015 aicore / 507035 vector core
-#   execution abnormal; 507016 / 507036 their trap exceptions; 507018 AI CPU execution abnormal; 507042-507045
-#   aicore / vector core trap read or write out of bounds.
-#   hard faults, not retried (a float32 rerun cannot help and a timeout would only double the wait): the timeouts
-#   507014 / 507017 / 507034 / 507048, 507010 lost heartbeat, 507013 DMA hardware error, 507033 device start failure,
-#   507899-507901 driver / AI CPU module / host-device link, "FORCE STOP", "HBM MULTI BIT ECC ERROR", "UCE ERROR".
-# Also deliberately not matched: CUDA "illegal memory access" (a kernel bug that poisons the context); the generic
-# Ascend "EZ9999: Inner Error" and torch_npu "ERR01xxx" (operator-category) codes, which also cover invalid
-# shapes/parameters. Note a CUDA device-side assert is sticky: the retry then fails with the same error, which
-# propagates.
-_NPU_NUMERICAL_FAULT_CODES = "207003|5070(?:15|16|18|35|36|4[2-5])"
-_STABILITY_PATTERN = re.compile(
-    r"non-finite"  # this repository's and upstream's check on logits/probabilities
-    r"|probability tensor contains either"  # torch.multinomial on inf/nan/negative probabilities
-    r"|device-side assert triggered"  # CUDA kernels asserting on NaN-derived indices
-    r"|aicore (?:error )?exception|aivec error exception|vector core exception"
-    rf"|\b(?:{_NPU_NUMERICAL_FAULT_CODES})\b",  # "error code is 507015", "... synchronize failed, error code:507015"
-    re.IGNORECASE,
-)
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain = [exc]
-    while chain[-1].__cause__ is not None and len(chain) < 8:
-        chain.append(chain[-1].__cause__)
-    return chain
-
-
-def is_out_of_memory_error(exc: BaseException) -> bool:
-    """True for out-of-memory failures on any device (OutOfMemoryError, MemoryError, CUDA/NPU messages)."""
-    return any(isinstance(e, _OOM_TYPES) or _OOM_PATTERN.search(str(e)) for e in _exception_chain(exc))
-
-
-def is_stability_error(exc: BaseException) -> bool:
-    """True for numerical-instability failures (NaN/inf probabilities and the device faults they cause, spec §7).
-
-    Out-of-memory errors are never stability errors (see ``is_out_of_memory_error``).
-    """
-    if is_out_of_memory_error(exc):
-        return False
-    return any(_STABILITY_PATTERN.search(str(e)) for e in _exception_chain(exc))
-
-
 def fallback_attention_implementation(device: DeviceLike) -> str:
     """Attention backend of the float32 stability retry: sdpa on npu (eager there is the upstream defect) and
     cuda, eager (the reference) on cpu."""
     return _BACKENDS[_parse_device(device)[0]].fallback_attention
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Environment
-
-
-def apply_npu_environment_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """Set ``NPU_ENVIRONMENT_DEFAULTS`` entries that are not already in ``environ`` (call before the first NPU
-    allocation: the allocator reads PYTORCH_NPU_ALLOC_CONF once).
-
-    Returns:
-        The variables this call set, with their values (empty when the user had set them all).
-    """
-    applied = {name: value for name, value in NPU_ENVIRONMENT_DEFAULTS.items() if name not in environ}
-    environ.update(applied)
-    return applied
-
-
-def _distribution_version(name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _torch_npu_version() -> Optional[str]:
-    module = sys.modules.get("torch_npu")
-    if module is not None and getattr(module, "__version__", None):
-        return str(module.__version__)
-    return _distribution_version("torch_npu")
-
-
-def _cann_version() -> Optional[str]:
-    """CANN version from the toolkit's version files (set_env.sh exports ASCEND_TOOLKIT_HOME/ASCEND_HOME_PATH)."""
-    for variable in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH"):
-        home = os.environ.get(variable)
-        if not home:
-            continue
-        root = Path(home)
-        candidates = [root / "compiler" / "version.info", root / "runtime" / "version.info", root / "version.info"]
-        for path in [*candidates, *sorted(root.glob("*/ascend_toolkit_install.info"))]:
-            if not path.is_file():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                key, _, value = line.partition("=")
-                if key.strip().lower() == "version" and value.strip():
-                    return value.strip()
-    return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cpu":
-        return platform.processor() or platform.machine()
-    # Why not get_device_name(index): torch_npu's ignores the index (it names the current card) in 2.1.0.post12,
-    # 2.3.1.post6, 2.4.0.post4 and 2.5.1 on; get_device_properties(index).name is the indexed card's everywhere.
-    return str(_module(device.type).get_device_properties(device.index).name)
-
-
-def describe_environment(device: DeviceLike = None) -> dict[str, Any]:
-    """Versions and the device, for logs and bug reports.
-
-    Args:
-        device: the device to describe (None: ``resolve_device("auto")``).
-
-    Returns:
-        Keys python, platform, torch, transformers, torch_npu, cann, cuda (None where absent), device,
-        device_type, device_name, device_count.
-    """
-    resolved = resolve_device(device)
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": _distribution_version("transformers"),
-        "torch_npu": _torch_npu_version(),
-        "cann": _cann_version(),
-        "cuda": torch.version.cuda,
-        "device": str(resolved),
-        "device_type": resolved.type,
-        "device_name": _device_name(resolved),
-        "device_count": _BACKENDS[resolved.type].availability().count,
-    }

@@ -15,13 +15,16 @@ Batch invariance is opt-in (`batch_invariant=True`): then a request's codes are 
 solo runs in practice, sampled codes can diverge after a near tie. On CUDA/NPU a row's last bits can depend on its
 neighbours either way (cuBLAS and the Ascend kernels pick kernels by shape).
 
-Deviations from the contract (ENGINE_CONTRACT.md), all additive: `submit` also takes `output_audio_path` (written by
+Beyond the upstream engine interface, all additive: `submit` also takes `output_audio_path` (written by
 the consuming thread when the result arrives) and `stream`; `use_kv_cache`, `voice_clone_chunk_batch_size`,
 `voice_clone_max_memory_per_sample_gb` and `voice_clone_codec_batch_size` are accepted and have no effect (the
 engine always caches and schedules slots itself); resource keywords belong to the constructor.
 """
 
 from __future__ import annotations
+
+if not __package__:  # imported by file name from a clone's root: become a package member (see repo_imports.py)
+    __import__("repo_imports").adopt(globals())
 
 import itertools
 import logging
@@ -34,38 +37,20 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-try:
-    from . import devices
-    from .engine_core import EngineCore, RequestOutput
-    from .pipeline import (
-        Plan,
-        build_request,
-        check_position_limit,
-        core_request,
-        finish_result,
-        generated_of,
-        plan_chunks,
-        prepare_prompt,
-    )
-    from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
-    from .shared_resources import RESOURCE_KEYS, cached_resources
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from engine_core import EngineCore, RequestOutput
-    from pipeline import (
-        Plan,
-        build_request,
-        check_position_limit,
-        core_request,
-        finish_result,
-        generated_of,
-        plan_chunks,
-        prepare_prompt,
-    )
-    from scheduler import EngineClosed, EngineFull, Request, RequestCancelled
-    from shared_resources import RESOURCE_KEYS, cached_resources
+from . import devices
+from .engine_core import EngineCore, RequestOutput
+from .pipeline import (
+    Plan,
+    build_request,
+    check_position_limit,
+    core_request,
+    finish_result,
+    generated_of,
+    plan_chunks,
+    prepare_prompt,
+)
+from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
+from .shared_resources import RESOURCE_KEYS, cached_resources
 
 logger = logging.getLogger(__name__)
 

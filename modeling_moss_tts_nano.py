@@ -2,11 +2,15 @@
 
 A model input is a tensor of rows (B, T, n_vq + 1): column 0 a text-token id, columns 1..n_vq audio codes (or the
 pad code). The global decoder turns rows into one hidden state per frame; the local decoder expands the last one
-into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). Generation lives in generation.py.
+into a text decision (continue / audio_end) and n_vq codes (docs/model.md). Generation lives in generation.py.
 """
 
 from __future__ import annotations
 
+if not __package__:  # imported by file name from a clone's root: become a package member (see repo_imports.py)
+    __import__("repo_imports").adopt(globals())
+
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, fields
@@ -18,76 +22,35 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 # Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
-try:
-    from .configuration_moss_tts_nano import MossTTSNanoConfig
-    from .devices import cpu_fast_paths_enabled
-    from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .engine_core import generate_frames
-    from .generation import GenerationOutput
-    from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-    from .gpt2_decoder import (
-        ATTENTION_FUNCTIONS,
-        WEIGHT_PRECISIONS,
-        AttentionFunction,
-        GPT2Decoder,
-        KernelPlan,
-        KVCache,
-        PrecisionLinear,
-        Rotation,
-        build_attention_mask,
-        check_attention_name,
-        positions_from_mask,
-        resolve_kernel_plan,
-    )
-    from .prompting import (
-        PromptTokenIds,
-        build_continuation_rows,
-        build_prompt_template,
-        build_voice_clone_rows,
-        left_pad_batch,
-        validate_mode,
-    )
-    from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-    from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
-    from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
-    from .sampling import SamplingParams
-    from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from configuration_moss_tts_nano import MossTTSNanoConfig
-    from devices import cpu_fast_paths_enabled
-    from engine_core import generate_frames
-    from generation import GenerationOutput
-    from npu_probes import fusion_attention_limits  # noqa: F401
-    from gpt2_decoder import (
-        ATTENTION_FUNCTIONS,
-        WEIGHT_PRECISIONS,
-        AttentionFunction,
-        GPT2Decoder,
-        KernelPlan,
-        KVCache,
-        PrecisionLinear,
-        Rotation,
-        build_attention_mask,
-        check_attention_name,
-        positions_from_mask,
-        resolve_kernel_plan,
-    )
-    from prompting import (
-        PromptTokenIds,
-        build_continuation_rows,
-        build_prompt_template,
-        build_voice_clone_rows,
-        left_pad_batch,
-        validate_mode,
-    )
-    from rotary import ROTARY_KERNELS  # noqa: F401
-    from safe_checkpoint import UnsafeCheckpointError  # noqa: F401
-    from sampling import SamplingParams
-    from torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
+from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
+from .devices import DEVICE_PREFERENCE  # noqa: F401  (imported by engine_core and others; listed for the loader)
+from .value_bounds import SEED_LIMIT  # noqa: F401  (imported by devices; listed for the loader)
+from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
+from .engine_core import generate_frames
+from .failures import is_out_of_memory_error  # noqa: F401  (imported by engine_core; listed for the loader)
+from .generation import GenerationOutput
+from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
+from .gpt2_decoder import GPT2Decoder, KernelPlan, resolve_kernel_plan
+from .kv_cache import KVCache, positions_from_mask
+from .linear_kernels import WEIGHT_PRECISIONS, PrecisionLinear
+from .rotary import Rotation
+from .prompting import (
+    PromptTokenIds,
+    build_continuation_rows,
+    build_prompt_template,
+    build_voice_clone_rows,
+    left_pad_batch,
+    validate_mode,
+)
+from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
+from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
+from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
+from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
+from .sampling import SamplingParams
+from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +156,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         return self.text_lm_head
 
     def _tie_weights(self) -> None:
-        """Tie text_lm_head to transformer.wte and audio_lm_heads.i to audio_embeddings.i (TTS_SPEC §3)."""
+        """Tie text_lm_head to transformer.wte and audio_lm_heads.i to audio_embeddings.i (docs/model.md, Weights)."""
         self.text_lm_head.weight = self.transformer.wte.weight
         for head, embedding in zip(self.audio_lm_heads, self.audio_embeddings):
             head.weight = embedding.weight
@@ -279,16 +242,19 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
     def kernel_plan(self) -> KernelPlan:
         """The kernels that run for the model's current device and dtype: attention backends, RoPE and linear kernels.
 
-        Resolved once per (device, dtype) and CPU fast-path setting (`devices.cpu_fast_paths_enabled`), then cached;
-        a new attention request clears the cache.
+        Resolved once per (device, dtype, CPU fast-path setting, weight precision), then cached; a new attention
+        request clears the cache.
         """
         weight = self.transformer.wte.weight
-        key = (weight.device, weight.dtype, cpu_fast_paths_enabled())
+        precision = self.transformer.h[0].attn.c_attn.weight_precision  # every decoder Linear has the same
+        key = (weight.device, weight.dtype, cpu_fast_paths_enabled(), precision)
         plan = self._kernel_plans.get(key)
         if plan is None:
             gpt2 = self.config.gpt2_config
             plan = resolve_kernel_plan(self.get_attention_implementation(), weight.device, weight.dtype,
                                        gpt2.n_head, gpt2.n_embd // gpt2.n_head)
+            if precision == "int8":  # the decoder Linear layers run their packed int8 weights
+                plan = dataclasses.replace(plan, linear=cpu_kernel("int8_weights"))
             self._kernel_plans[key] = plan
         return plan
 
@@ -601,7 +567,7 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
         Args:
             text: what to say. A text over `voice_clone_max_text_tokens` (50) is normalised and split into chunks
-                within it (TTS_SPEC §8); a text that fits is used as given. voice_clone chunks are generated
+                within it (docs/model.md); a text that fits is used as given. voice_clone chunks are generated
                 independently (batched) and joined with short pauses; continuation chunks one after another, each
                 continuing the previous chunk's text and audio, into one continuous waveform.
             output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
@@ -676,20 +642,15 @@ def _pipeline_module() -> Any:
     The `from .x import` lines name pipeline.py's sibling dependencies for transformers 4.57's remote-code loader,
     which copies only the relative imports written in this file when loading from a local folder.
     """
-    try:
-        from . import pipeline
-        from .atomic_files import write_atomic  # noqa: F401
-        from .audio_io import write_audio_atomic  # noqa: F401
-        from .codec_loading import load_codec  # noqa: F401
-        from .engine import SynthesisEngine  # noqa: F401
-        from .pipeline import run_inference  # noqa: F401
-        from .shared_resources import load_resources  # noqa: F401
-        from .text_chunking import split_text_into_chunks  # noqa: F401
-        from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
-    except ImportError:  # not part of a package: imported from the repository root or run as a script
-        if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-            raise
-        import pipeline
+    from . import pipeline
+    from .atomic_files import write_atomic  # noqa: F401
+    from .audio_io import write_audio_atomic  # noqa: F401
+    from .codec_loading import load_codec  # noqa: F401
+    from .engine import SynthesisEngine  # noqa: F401
+    from .pipeline import run_inference  # noqa: F401
+    from .shared_resources import load_resources  # noqa: F401
+    from .text_chunking import split_text_into_chunks  # noqa: F401
+    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
     return pipeline
 
 

@@ -23,62 +23,32 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-try:
-    from . import devices
-    from .audio_io import (
-        TARGET_SAMPLE_RATE,
-        load_prompt_audio,
-        prepare_prompt_waveform,
-        write_audio_atomic,
-    )
-    from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
-        SAMPLES_PER_FRAME,
-        decode_frames,
-        decode_generated,
-        join_with_pauses,
-        pause_waveform,
-    )
-    from .engine_core import EngineCore
-    from .prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
-    from .scheduler import AudioPlan, Request
-    from .sampling import SamplingParams
-    from .shared_resources import (
-        RESOURCE_KEYS,
-        Resources,
-        cached_resources,
-        load_resources,
-        place_model,
-    )
-    from .text_chunking import chunk_separators, normalize_text, split_text_into_chunks
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from audio_io import (
-        TARGET_SAMPLE_RATE,
-        load_prompt_audio,
-        prepare_prompt_waveform,
-        write_audio_atomic,
-    )
-    from codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
-        SAMPLES_PER_FRAME,
-        decode_frames,
-        decode_generated,
-        join_with_pauses,
-        pause_waveform,
-    )
-    from engine_core import EngineCore
-    from prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
-    from scheduler import AudioPlan, Request
-    from sampling import SamplingParams
-    from shared_resources import (
-        RESOURCE_KEYS,
-        Resources,
-        cached_resources,
-        load_resources,
-        place_model,
-    )
-    from text_chunking import chunk_separators, normalize_text, split_text_into_chunks
+from . import devices
+from .audio_io import (
+    TARGET_SAMPLE_RATE,
+    load_prompt_audio,
+    prepare_prompt_waveform,
+    write_audio_atomic,
+)
+from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
+    SAMPLES_PER_FRAME,
+    decode_frames,
+    decode_generated,
+    join_with_pauses,
+    pause_waveform,
+)
+from .engine_core import EngineCore
+from .prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
+from .scheduler import AudioPlan, Request
+from .sampling import SamplingParams
+from .shared_resources import (
+    RESOURCE_KEYS,
+    Resources,
+    cached_resources,
+    load_resources,
+    place_model,
+)
+from .text_chunking import chunk_separators, normalize_text, split_text_into_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +271,8 @@ def prepare_prompt(request: SynthesisRequest, resources: Resources) -> torch.Ten
 def plan_chunks(request: SynthesisRequest, resources: Resources) -> tuple[list[str], list[str]]:
     """Return ``(text chunks, separator before each chunk)``: the text split within the token budget.
 
-    A text that fits one chunk is kept as it is: voice clone speaks it stripped (TTS_SPEC §8), continuation
-    exactly as given (its effective text is a plain concatenation, TTS_SPEC §5). A longer continuation text is
+    A text that fits one chunk is kept as it is: voice clone speaks it stripped (docs/model.md, Long text), continuation
+    exactly as given (its effective text is a plain concatenation). A longer continuation text is
     normalised and chunked like voice-clone text; its first chunk keeps one space after prompt_text when the text
     started with whitespace.
     """

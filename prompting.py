@@ -1,7 +1,7 @@
 """Prompt rows for MOSS-TTS-Nano: template ids, text and audio rows, voice-clone / continuation layouts, batching.
 
 A model input is a tensor of rows `[T, n_vq + 1]` (int64): column 0 holds a text-token id (or an audio slot id),
-columns 1..n_vq the codes of codebooks 0..n_vq-1, or `audio_pad` where there is no code (TTS_SPEC §1, §5).
+columns 1..n_vq the codes of codebooks 0..n_vq-1, or `audio_pad` where there is no code (docs/model.md).
 Everything here is pure: no model, no device choice, no tokenizer object (an `encode` callable is passed in).
 """
 
@@ -13,12 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-try:
-    from .sampling import resolve_nq
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from sampling import resolve_nq
+from .sampling import resolve_nq
 
 MODES = ("voice_clone", "continuation")
 
@@ -109,7 +104,7 @@ class PromptTokenIds:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """Token ids of the fixed prompt pieces (TTS_SPEC §5), built once per tokenizer."""
+    """Token ids of the fixed prompt pieces (docs/model.md, Prompts), built once per tokenizer."""
 
     user_prefix: tuple[int, ...]
     after_reference: tuple[int, ...]
@@ -244,7 +239,7 @@ def infer_mode(mode: str | None, *, has_prompt_audio: bool, has_prompt_text: boo
 
 
 def validate_mode(mode: str, *, has_prompt_audio: bool, has_prompt_text: bool) -> None:
-    """Check the TTS_SPEC §5 mode rules.
+    """Check the docs/model.md, Prompts mode rules.
 
     Args:
         mode: "voice_clone" or "continuation".

@@ -1,4 +1,4 @@
-"""Rotary position embedding (interleaved pairs, TTS_SPEC §4) and its kernels, one table (`ROTARY_KERNELS`).
+"""Rotary position embedding (interleaved pairs, docs/model.md, Weights) and its kernels, one table (`ROTARY_KERNELS`).
 
 The pair (x[2j], x[2j+1]) turns by angle p * base^(-2j/D). Three interchangeable kernels: "complex" (a CPU fast path),
 "real" (real-valued arithmetic, every device) and "npu_rotary_mul" (Ascend's fused kernel in interleave mode where
@@ -13,14 +13,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-try:
-    from .devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
-    from .npu_probes import probe_tensor_device, rotary_interleave_problem
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
-    from npu_probes import probe_tensor_device, rotary_interleave_problem
+from .cpu_fast_paths import cpu_kernel
+from .devices import npu_fused_kernel_problem, npu_rotary_mul_fn
+from .npu_probes import probe_tensor_device, rotary_interleave_problem
 
 
 class RotaryEmbedding:

@@ -1,4 +1,4 @@
-"""Sampling of one logits vector per row (TTS_SPEC §6) and the frozen settings of a generation call.
+"""Sampling of one logits vector per row (docs/model.md, Generation) and the frozen settings of a generation call.
 
 Order: repetition penalty (also when greedy), then greedy argmax, or temperature -> top-k -> top-p -> softmax ->
 one draw. Top-p works on the top-k values when top-k is active (no full sort), and the draw uses the exponential

@@ -7,16 +7,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-try:
-    from .audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
-    from .speech_request import RequestLimits, SpeechRequest
-    from .value_bounds import SAMPLING_BOUNDS
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
-    from speech_request import RequestLimits, SpeechRequest
-    from value_bounds import SAMPLING_BOUNDS
+from .audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
+from .speech_request import RequestLimits, SpeechRequest
+from .value_bounds import SAMPLING_BOUNDS, SEED_LIMIT
 
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "additionalProperties": False,
@@ -84,7 +77,7 @@ def request_schema(limits: RequestLimits) -> dict:
         if high is not None:
             target["maximum"] = high
     _non_null(props["max_new_frames"])["maximum"] = limits.max_new_frames
-    _non_null(props["seed"]).update(minimum=-(2**63), maximum=2**64 - 1)
+    _non_null(props["seed"]).update(minimum=0, maximum=SEED_LIMIT - 1)
     _non_null(props["mode"])["enum"] = ["continuation", "voice_clone"]
     _non_null(props["model"])["pattern"] = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
     return schema

@@ -1,4 +1,4 @@
-"""Voice-clone text chunking (TTS_SPEC §8): normalise the text, then cut it into chunks within a token budget.
+"""Voice-clone text chunking (docs/model.md): normalise the text, then cut it into chunks within a token budget.
 
 A text that fits the budget is returned as it is (stripped), like upstream. Otherwise chunks are spans of the
 normalised text. Cutting only ever happens at a position of the normalised text, and a
@@ -82,7 +82,7 @@ def _ends_sentence(text: str) -> bool:
 
 
 def normalize_text(text: str) -> str:
-    """Normalise text before chunking (upstream's rules, TTS_SPEC §8).
+    """Normalise text before chunking (upstream's rules, docs/model.md, Long text).
 
     Control characters are removed, whitespace runs become one space, the ends are stripped. CJK text gets a final
     "。" when it does not end a sentence; other text gets a capital first letter and a final "." when it ends with a
@@ -145,7 +145,7 @@ def split_text_into_chunks(text: str, count_tokens: Callable[[str], int], max_to
         max_tokens: the budget per chunk (>= 1).
 
     Returns:
-        The chunks in order. When the normalised text fits in one chunk, `[text.strip()]`: upstream (TTS_SPEC §8)
+        The chunks in order. When the normalised text fits in one chunk, `[text.strip()]`: upstream (docs/model.md)
         speaks the original text then, so short inputs get the same prompt tokens as upstream; only when the
         original text alone exceeds the budget (a whitespace or control-character run) is the normalised one used.
         See the module docstring for the exact no-loss guarantee of several chunks and the one exception to the

@@ -1,7 +1,7 @@
 """A thin SentencePiece tokenizer for MOSS-TTS-Nano (loadable as transformers remote code).
 
 The released tokenizer is a 16384-piece SentencePiece BPE model (`tokenizer.model`, nmt_nfkc normalisation, byte
-fallback) whose first pieces are the special tokens the prompt layout uses (TTS_SPEC §1). This class only maps text
+fallback) whose first pieces are the special tokens the prompt layout uses (docs/model.md). This class only maps text
 to those ids and back: it never adds BOS/EOS (the prompt builders in `prompting.py` place every special id
 themselves), so `encode(text)` and `encode(text, add_special_tokens=False)` give the same ids.
 
@@ -20,12 +20,7 @@ from typing import Any
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
-try:
-    from .atomic_files import write_bytes_atomic
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from atomic_files import write_bytes_atomic
+from .atomic_files import write_bytes_atomic
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 

@@ -15,6 +15,17 @@ SAMPLING_BOUNDS: dict[str, tuple] = {
 }
 
 
+# Seeds are ints in [0, 2**32) (numpy's range) everywhere: the library (devices.check_seed), the flags and the server.
+SEED_LIMIT = 2**32
+
+
+def seed_error(seed: object) -> str | None:
+    """Why ``seed`` is not a valid seed, or None when it is."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        return f"must be an int in [0, 2**32), got {seed!r}"
+    return None
+
+
 def bound_error(value: float, low: float | None = None, high: float | None = None, low_open: bool = False,
                 shown: str | None = None) -> str | None:
     """Why ``value`` is outside [low, high] (``(low, high]`` with ``low_open``), or None when it is inside."""

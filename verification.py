@@ -22,18 +22,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-try:
-    from . import devices
-    from .generation import LocalRunner, audio_logits, frame_constants, text_logits
-    from .pipeline import decode_frames, encode_prompt_audio
-    from .prompting import infer_mode
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from generation import LocalRunner, audio_logits, frame_constants, text_logits
-    from pipeline import decode_frames, encode_prompt_audio
-    from prompting import infer_mode
+from . import environment
+from . import devices
+from .generation import LocalRunner, audio_logits, frame_constants, text_logits
+from .sampling import resolve_nq
+from .pipeline import decode_frames, encode_prompt_audio
+from .prompting import infer_mode
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +262,7 @@ def teacher_forced_logits(
 ) -> TeacherForcedLogits:
     """Text and audio logits of every step of generation, with the given frames fed back instead of sampled ones.
 
-    The same computation as greedy generation (TTS_SPEC §6) in one pass: the global decoder runs over the prompt
+    The same computation as greedy generation (docs/model.md) in one pass: the global decoder runs over the prompt
     rows plus the rows of frames 0..F-2 (the hidden state before frame t is the output at the row preceding it);
     the local decoder runs, per frame, over [h, wte(continue slot), emb_0(c_0), ..., emb_{nq-2}(c_{nq-2})].
     Position 0 gives the two text-candidate logits, position i + 1 codebook i's logits. Every frame is treated as
@@ -288,9 +282,7 @@ def teacher_forced_logits(
         ValueError: for malformed rows, mask, frames or nq.
     """
     config = model.config
-    nq = config.n_vq if nq is None else nq
-    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= config.n_vq:
-        raise ValueError(f"nq={nq!r} must be an integer within 1..{config.n_vq}")
+    nq = resolve_nq(nq, config.n_vq)
     weight = model.transformer.wte.weight
     input_ids = model.check_input_ids(input_ids).to(weight.device)
     batch, length = input_ids.shape[:2]
@@ -704,7 +696,7 @@ def _load_check(target: Target, context: _Context) -> tuple[CheckResult, Any]:
 
 def _device_name(device: torch.device) -> Optional[str]:
     try:
-        return devices.describe_environment(device)["device_name"]
+        return environment.describe_environment(device)["device_name"]
     except Exception as exc:  # noqa: BLE001  (a name is nice to have, never worth failing for)
         return f"unknown ({_describe_error(exc)})"
 
@@ -777,12 +769,12 @@ def run_verification(targets: Sequence[Target], source: ModelSource, settings: V
 
 
 def _environment(results: Sequence[TargetResult]) -> dict[str, Any]:
-    """devices.describe_environment of the first accelerator verified (else the CPU): versions and device name."""
+    """environment.describe_environment of the first accelerator verified (else the CPU): versions and device name."""
     accelerators = [r.target.device for r in results if r.target.device is not None and r.target.device.type != "cpu"]
     try:
-        return devices.describe_environment(accelerators[0] if accelerators else REFERENCE_DEVICE)
+        return environment.describe_environment(accelerators[0] if accelerators else REFERENCE_DEVICE)
     except Exception as exc:  # noqa: BLE001  (the report must still be written)
-        return {"error": _describe_error(exc), **devices.describe_environment(REFERENCE_DEVICE)}
+        return {"error": _describe_error(exc), **environment.describe_environment(REFERENCE_DEVICE)}
 
 
 def _build_report(results: Sequence[TargetResult], context: _Context) -> dict[str, Any]:

@@ -32,18 +32,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
+from environment import describe_environment  # noqa: E402
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
+from codec_output import FRAMES_PER_SECOND  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine import SynthesisEngine  # noqa: E402
-from gpt2_decoder import WEIGHT_PRECISIONS  # noqa: E402
+from linear_kernels import WEIGHT_PRECISIONS  # noqa: E402
 from pipeline import encode_prompt_audio  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 
 PROMPT_ROWS = 150
 CODEC_SECONDS = 8.0
-FRAMES_PER_SECOND = 12.5
 E2E_TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
 E2E_PROMPT_SECONDS = 8.0  # reference audio: 100 frames; with the demo tokenizer's text rows, a 175-row prompt
 
@@ -321,7 +323,7 @@ def _rss_peak_bytes() -> int | None:
 
 
 def environment(device: torch.device, dtype: torch.dtype, weight_precision: str) -> dict[str, Any]:
-    env = devices.describe_environment(device)
+    env = describe_environment(device)
     env.update(
         dtype=str(dtype).replace("torch.", ""),
         weight_precision=weight_precision,

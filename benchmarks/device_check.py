@@ -35,7 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
+import environment  # noqa: E402
 import devices  # noqa: E402
 from atomic_files import write_text_atomic  # noqa: E402
 from cli_common import Parser, run_cli  # noqa: E402
@@ -237,7 +239,7 @@ def build_report(device: torch.device, dtypes: Sequence[torch.dtype], results: S
         "device": str(device),
         "dry_run": device.type == "cpu",
         "dtypes": [dtype_name(d) for d in dtypes],
-        "environment": devices.describe_environment(device),
+        "environment": environment.describe_environment(device),
         "overall_pass": bool(results) and all(r.passed for r in results),
         "seconds": round(seconds, 1),
         "steps": [dataclasses.asdict(r) for r in results],

@@ -5,6 +5,9 @@ taken from the torch_npu wheels (2.1.0.post12 to 2.14.0: ``_op_plugin_docs.py``,
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
 import sys
 import threading
 import types
@@ -156,3 +159,14 @@ def install(monkeypatch: pytest.MonkeyPatch, cards: Optional[types.SimpleNamespa
     monkeypatch.setattr(rotary, "probe_tensor_device", lambda device: torch.device("cpu"))
     devices.clear_caches()
     return calls
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter at the repository root (torch_npu autoload off); return its stdout."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import devices
+import cpu_fast_paths
 from pipeline_assets import TinyAssets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_concurrency_section_runs_every_level_in_rounds(tiny_benchmark, tmp_path
     assert all(entry["aggregate_vs_without_engine"] > 0 for entry in section["levels"].values())
 
 
-@pytest.mark.skipif(devices.cpu_kernel("int8_weights") is None,
+@pytest.mark.skipif(cpu_fast_paths.cpu_kernel("int8_weights") is None,
                     reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 def test_concurrency_section_batch_invariant(tiny_benchmark, tmp_path):
     report = _run(tiny_benchmark, tmp_path, "--skip", "generation,codec,e2e", "--concurrency", "2",

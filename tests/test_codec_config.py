@@ -113,3 +113,12 @@ def test_rejected_values_leave_inputs_untouched():
     snapshot = copy.deepcopy(data)
     MossAudioTokenizerConfig(**data)
     assert data == snapshot
+
+
+def test_the_frame_rate_the_scripts_use_is_the_released_codecs():
+    """infer_npu.py and benchmarks/ convert frames to seconds with codec_output.FRAMES_PER_SECOND (one source)."""
+    from codec_output import FRAMES_PER_SECOND, SAMPLES_PER_FRAME
+
+    config = MossAudioTokenizerConfig(**released_config_dict())
+    assert FRAMES_PER_SECOND == config.frame_rate
+    assert SAMPLES_PER_FRAME == config.sampling_rate / config.frame_rate

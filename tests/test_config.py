@@ -109,5 +109,8 @@ def test_validation_errors_name_the_field(overrides, message):
         _tiny(**overrides)
 
 
-def test_attention_names_include_auto():
-    assert ATTENTION_NAMES[0] == "auto" and "npu_fusion_attention" in ATTENTION_NAMES
+def test_every_attention_name_is_accepted_and_others_are_not():
+    for name in ATTENTION_NAMES:
+        assert MossTTSNanoConfig(attn_implementation=name).attn_implementation == name
+    with pytest.raises(ValueError, match="flash_attention_3"):
+        MossTTSNanoConfig(attn_implementation="flash_attention_3")

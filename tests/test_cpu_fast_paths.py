@@ -8,15 +8,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cpu_fast_paths
 import devices
-import gpt2_decoder
+import linear_kernels
 from test_model_generation import batch, tiny_model
 
 COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 
 
 def use_cpu_fast_paths(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> None:
-    monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "1" if enabled else "0")
+    monkeypatch.setenv(cpu_fast_paths.CPU_FAST_PATHS_VARIABLE, "1" if enabled else "0")
     devices.clear_caches()  # read once per process: forget the last reading
 
 
@@ -76,8 +77,8 @@ def test_no_complex_dtype_or_cpu_only_kernel_on_the_accelerator_path(monkeypatch
     model = tiny_model()
     input_ids, mask = batch(9, 6)
     split_calls = []
-    real_split = gpt2_decoder.split_matvec_linear
-    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear", lambda *a: split_calls.append(1) or real_split(*a))
+    real_split = linear_kernels.split_matvec_linear
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear", lambda *a: split_calls.append(1) or real_split(*a))
     recorded = {}
     for fast in (True, False):
         use_cpu_fast_paths(monkeypatch, fast)
@@ -103,21 +104,21 @@ def test_int8_weights_are_refused_on_the_accelerator_path(monkeypatch):
 
 def test_the_variable_is_read_once_per_process_and_validated(monkeypatch):
     use_cpu_fast_paths(monkeypatch, False)
-    assert devices.cpu_fast_paths_enabled() is False
-    monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "1")
-    assert devices.cpu_fast_paths_enabled() is False  # not re-read
+    assert cpu_fast_paths.cpu_fast_paths_enabled() is False
+    monkeypatch.setenv(cpu_fast_paths.CPU_FAST_PATHS_VARIABLE, "1")
+    assert cpu_fast_paths.cpu_fast_paths_enabled() is False  # not re-read
     devices.clear_caches()
-    assert devices.cpu_fast_paths_enabled() is True
-    monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "")
+    assert cpu_fast_paths.cpu_fast_paths_enabled() is True
+    monkeypatch.setenv(cpu_fast_paths.CPU_FAST_PATHS_VARIABLE, "")
     devices.clear_caches()
-    assert devices.cpu_fast_paths_enabled() is True  # set but empty: the default
-    monkeypatch.delenv(devices.CPU_FAST_PATHS_VARIABLE)
+    assert cpu_fast_paths.cpu_fast_paths_enabled() is True  # set but empty: the default
+    monkeypatch.delenv(cpu_fast_paths.CPU_FAST_PATHS_VARIABLE)
     devices.clear_caches()
-    assert devices.cpu_fast_paths_enabled() is True  # unset: the default
-    monkeypatch.setenv(devices.CPU_FAST_PATHS_VARIABLE, "fast")
+    assert cpu_fast_paths.cpu_fast_paths_enabled() is True  # unset: the default
+    monkeypatch.setenv(cpu_fast_paths.CPU_FAST_PATHS_VARIABLE, "fast")
     devices.clear_caches()
     with pytest.raises(ValueError, match="MOSS_TTS_CPU_FAST_PATHS='fast'.*use 1.*or 0"):
-        devices.cpu_fast_paths_enabled()
+        cpu_fast_paths.cpu_fast_paths_enabled()
 
 
 def test_kernel_plan_names_the_paths_for_reports(monkeypatch):

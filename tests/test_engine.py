@@ -9,12 +9,12 @@ import threading
 import pytest
 import torch
 
-import devices
+import cpu_fast_paths
 import codec_output
 import model_runner as runner_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
 from model_runner import SlotGlobal
-from gpt2_decoder import batched_products, linear, onednn_rows_invariant, row_invariant_products
+from linear_kernels import batched_products, linear, onednn_rows_invariant, row_invariant_products
 from pipeline_assets import TinyAssets
 from sampling import RowSampler, SamplingParams, select_tokens
 
@@ -24,9 +24,9 @@ TEXTS = ("Hello world, this is the first request.", "A second one.",
          "And a third request, which is longer than the other two by a few words.")
 
 needs_int8 = pytest.mark.skipif(
-    devices.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
+    cpu_fast_paths.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 needs_row_invariance = pytest.mark.skipif(
-    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see README)")
+    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see docs/performance.md)")
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +511,7 @@ def test_numerical_failure_on_the_engine_runs_the_request_again_in_float32(asset
 def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     """int8 inside batched_products(row_invariant=True): a row's result does not depend on the rows beside it,
     and stays as close to float32 as the one-row int8 product."""
-    from gpt2_decoder import PrecisionLinear
+    from linear_kernels import PrecisionLinear
 
     torch.manual_seed(0)
     layer = PrecisionLinear(64, 96)
@@ -533,7 +533,7 @@ def test_int8_rows_are_quantized_each_with_its_own_range(assets):
 def test_a_lone_int8_row_outside_batch_invariance_takes_fbgemms_own_range_product(assets):
     """A lone row's range is its own, so outside batch-invariant steps it takes fbgemm's dynamic product directly
     (the fast kernel); several rows still get each their own range (the result of a row is the same beside others)."""
-    from gpt2_decoder import PrecisionLinear
+    from linear_kernels import PrecisionLinear
 
     torch.manual_seed(1)
     layer = PrecisionLinear(64, 96)

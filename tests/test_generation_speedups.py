@@ -9,21 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
-import gpt2_decoder
-from gpt2_decoder import (
-    ATTENTION_FUNCTIONS,
+import linear_kernels
+from attention import AttentionMask
+from linear_kernels import (
     SPLIT_MAX_ROWS,
     SPLIT_PARTS,
-    WEIGHT_PRECISIONS,
-    AttentionMask,
-    PrecisionLinear,
-    RotaryEmbedding,
-    apply_rotary,
-    build_attention_mask,
     linear,
-    rotate_pairs,
     split_matvec_linear,
 )
+from rotary import RotaryEmbedding, apply_rotary, rotate_pairs
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from verification import teacher_forced_logits
 
@@ -92,12 +86,12 @@ def test_cached_local_decoder_hidden_states_match_the_full_sequence(model):
     local = model.local_transformer
     sequence = torch.randn(2, N_VQ + 1, 64)
     attend = model.attention_functions()[1]
-    cos, sin = local.rotary.angles(torch.arange(N_VQ + 1)[None])  # (1, 1, L, D/2)
-    full, _ = local(sequence, (cos, sin), AttentionMask(), attend, None)
+    positions = torch.arange(N_VQ + 1)[None]
+    full, _ = local(sequence, local.rotary.rotation(positions), AttentionMask(), attend, None)
     cache = local.new_cache(2, N_VQ + 1, dtype=torch.float32, device=torch.device("cpu"), track_padding=False)
     steps = []
     for p in range(N_VQ + 1):
-        rope = (cos[..., p : p + 1, :], sin[..., p : p + 1, :])
+        rope = local.rotary.rotation(positions[:, p : p + 1])
         steps.append(local(sequence[:, p : p + 1], rope, AttentionMask(), attend, cache)[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -116,8 +110,8 @@ def test_split_matvec_linear_equals_f_linear(with_bias, lead):
 
 def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
     calls = []
-    real_split = gpt2_decoder.split_matvec_linear
-    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear",
+    real_split = linear_kernels.split_matvec_linear
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear",
                         lambda *a: calls.append(("split", a[0].shape)) or real_split(*a))
     real_ops = torch.ops.mkldnn
 
@@ -130,7 +124,7 @@ def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
     weight, bias = torch.randn(4 * SPLIT_PARTS, 8), torch.randn(4 * SPLIT_PARTS)
     for x in (torch.randn(1, 1, 8), torch.randn(SPLIT_MAX_ROWS, 8), torch.randn(2, SPLIT_MAX_ROWS, 8)):
         torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
-    prompt = ("onednn", (2 * SPLIT_MAX_ROWS, 8)) if gpt2_decoder.onednn_linear_usable() else None
+    prompt = ("onednn", (2 * SPLIT_MAX_ROWS, 8)) if linear_kernels.onednn_linear_usable() else None
     assert calls == [("split", (1, 1, 8)), ("split", (SPLIT_MAX_ROWS, 8))] + ([prompt] if prompt else [])
     calls.clear()
     for x, w in [
@@ -146,46 +140,14 @@ def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
 
 
 def test_onednn_linear_is_only_used_where_it_was_measured(monkeypatch):
-    gpt2_decoder.onednn_linear_usable.cache_clear()
-    monkeypatch.setattr(gpt2_decoder.platform, "machine", lambda: "aarch64")
+    linear_kernels.onednn_linear_usable.cache_clear()
+    monkeypatch.setattr(linear_kernels.platform, "machine", lambda: "aarch64")
     try:
-        assert gpt2_decoder.onednn_linear_usable() is False
+        assert linear_kernels.onednn_linear_usable() is False
         x, w = torch.randn(SPLIT_MAX_ROWS + 1, 8), torch.randn(12, 8)
         torch.testing.assert_close(linear(x, w), F.linear(x, w))
     finally:
-        gpt2_decoder.onednn_linear_usable.cache_clear()
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_one_row_decode_path_equals_the_general_path(model, backend):
-    """The generation step (`GPT2Decoder._decode_one`) against the general forward (forced by collect_hidden)."""
-    decoder = model.transformer
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 7, 64, generator=gen)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[0, :3] = False  # left padding
-    mask[1, 6] = False  # a finished row
-    outputs, caches = [], []
-    for collect in (False, True):
-        cache = decoder.new_cache(2, 8, dtype=torch.float32, device=torch.device("cpu"))
-        key_valid, positions = cache.extend_mask(mask[:, :5])
-        decoder(x[:, :5], decoder.rotary.angles(positions), build_attention_mask(key_valid, 5),
-                ATTENTION_FUNCTIONS[backend], cache)
-        steps = []
-        for p in (5, 6):
-            key_valid, positions = cache.extend_mask(mask[:, p : p + 1])
-            out, states = decoder(x[:, p : p + 1], decoder.rotary.angles(positions), build_attention_mask(key_valid, 1),
-                                  ATTENTION_FUNCTIONS[backend], cache, collect_hidden=collect)
-            assert (states is None) != collect
-            steps.append(out)
-        outputs.append(torch.cat(steps, dim=1))
-        caches.append(cache)
-    assert cache.length == 7 and outputs[0].shape == (2, 2, 64)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
-    assert (outputs[0][1, 1] == 0).all() and (outputs[0][0] != 0).any()
-    for layer in range(len(decoder.h)):
-        torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(caches[0].values[layer], caches[1].values[layer], atol=1e-6, rtol=1e-6)
+        linear_kernels.onednn_linear_usable.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------ int8 weights
@@ -203,6 +165,17 @@ def test_int8_teacher_forced_logits_stay_close_to_float32(model):
     text_cos = F.cosine_similarity(quantized.text.flatten(0, -2), reference.text.flatten(0, -2), dim=-1)
     assert audio_cos.min() >= INT8_MIN_COSINE and text_cos.min() >= INT8_MIN_COSINE
     assert not torch.equal(quantized.audio, reference.audio)  # the int8 path really ran
+
+
+@needs_int8_engine
+def test_kernel_plan_names_the_int8_kernel_while_int8_weights_run(model):
+    """Reports read the plan: with int8 weights it names fbgemm, and float32 again names the float32 kernel."""
+    float32_linear = model.kernel_plan().linear
+    model.set_weight_precision("int8")
+    assert model.kernel_plan().linear == "fbgemm"
+    assert model.kernel_plan().describe()["linear"] == "fbgemm (cpu fast path)"
+    model.set_weight_precision("float32")
+    assert model.kernel_plan().linear == float32_linear != "fbgemm"
 
 
 @needs_int8_engine
@@ -243,16 +216,9 @@ def test_unknown_weight_precision_is_a_value_error(model):
     expected = r"precision='int4' is not a known weight precision; valid: \('float32', 'int8'\)"
     with pytest.raises(ValueError, match=expected):
         model.set_weight_precision("int4")
-    assert WEIGHT_PRECISIONS == ("float32", "int8")
 
 
 def test_int8_needs_a_float32_cpu_model(model):
     model.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="int8 weight precision needs a float32 CPU model"):
         model.set_weight_precision("int8")
-
-
-def test_decoder_linears_are_precision_linears_with_checkpoint_names(model):
-    names = {n for n, m in model.named_modules() if isinstance(m, PrecisionLinear)}
-    assert "transformer.h.0.attn.c_attn" in names and "local_transformer.h.0.mlp.fc_out" in names
-    assert not any(n.startswith(("audio_lm_heads", "text_lm_head")) for n in names)

@@ -12,7 +12,7 @@ import torch
 
 import demo
 import infer_npu
-from gpt2_decoder import resolve_linear_kernel
+from linear_kernels import resolve_linear_kernel
 from pipeline_assets import TinyAssets
 from rotary import resolve_rotary_kernel
 
@@ -264,3 +264,17 @@ def test_truncated_chunks_are_warned_about_with_the_remedy_and_counted(tiny_demo
                        "ended it, so its audio is cut off; raise --max-new-frames or lower --voice-clone-max-text-tokens"]
     line = [x for x in captured.out.splitlines() if x.startswith("summary: ")][-1]
     assert "truncated=2" in line.split()
+
+
+def test_verbose_debug_logging_ends_with_the_call():
+    """run_cli(verbose=True) logs at DEBUG while its body runs, and leaves the process's root level as it was."""
+    import logging
+
+    from cli_common import run_cli
+
+    root = logging.getLogger()
+    before = root.level
+    seen = []
+    assert run_cli(lambda: seen.append(root.level) or 0, verbose=True) == 0
+    assert run_cli(lambda: 1 / 0, verbose=True) == 1
+    assert seen == [logging.DEBUG] and root.level == before

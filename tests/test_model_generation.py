@@ -1,4 +1,4 @@
-"""Generation (TTS_SPEC §6) on tiny random models: equivalences, stopping, validation and the sampler."""
+"""Generation (docs/model.md, Generation) on tiny random models: equivalences, stopping, validation and the sampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
-from gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask
+from attention import ATTENTION_FUNCTIONS, AttentionMask
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p, select_tokens
 
@@ -128,7 +128,7 @@ def _reference_generate(model, input_ids, mask, frames, penalty, nq):
         def run_local():
             x = torch.stack(sequence, dim=1)
             positions = torch.arange(x.shape[1])[None]
-            hidden, _ = local(x, local.rotary.angles(positions), AttentionMask(), ATTENTION_FUNCTIONS["eager"])
+            hidden, _ = local(x, local.rotary.rotation(positions), AttentionMask(), ATTENTION_FUNCTIONS["eager"])
             return hidden[:, -1]
 
         text_logits = model.text_lm_head(run_local())[:, [9, 7]]

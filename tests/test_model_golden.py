@@ -1,4 +1,4 @@
-"""Same numbers as upstream: the golden tts_tiny fixture (float32, CPU), TTS_SPEC §10, on the CPU fast paths and on the
+"""Same numbers as upstream: the golden tts_tiny fixture (float32, CPU), docs/model.md, on the CPU fast paths and on the
 accelerator path (MOSS_TTS_CPU_FAST_PATHS=0, the `cpu_path` fixture)."""
 
 from __future__ import annotations

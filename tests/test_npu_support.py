@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -16,17 +13,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config
 
+import failures
 import devices
-import gpt2_decoder
+import attention
+import kv_cache
 import npu_simulation
+from npu_simulation import run_python
 import rotary
-from gpt2_decoder import ATTENTION_FUNCTIONS, GPT2Decoder, build_attention_mask, resolve_attention_implementation
+from attention import ATTENTION_FUNCTIONS, build_attention_mask, resolve_attention_implementation
+from gpt2_decoder import GPT2Decoder
 from rotary import make_rotation, resolve_rotary_kernel
 
 
 @pytest.fixture(autouse=True)
 def fresh_probes(monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
     devices.clear_caches()
     yield
     devices.clear_caches()
@@ -53,7 +54,7 @@ def test_simulated_atlas_a2_a3_soc_gets_the_fused_kernel(monkeypatch, name, with
 @pytest.mark.parametrize("with_soc_getter", [True, False])
 def test_simulated_older_soc_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog, name, with_soc_getter):
     calls = npu_simulation.install(monkeypatch, _cards(name, with_soc_getter=with_soc_getter))
-    with caplog.at_level(logging.WARNING, logger=gpt2_decoder.logger.name):
+    with caplog.at_level(logging.WARNING, logger=attention.logger.name):
         for _ in range(3):
             assert resolve_attention_implementation("npu_fusion_attention", "npu:0", torch.float16) == "sdpa"
     warnings = [r.getMessage() for r in caplog.records]
@@ -129,20 +130,20 @@ NPU_HARD_FAULTS = [
 
 @pytest.mark.parametrize("error", NPU_OUT_OF_MEMORY, ids=lambda e: str(e)[:40])
 def test_npu_out_of_memory_messages_are_recognised(error):
-    assert devices.is_out_of_memory_error(error)
-    assert not devices.is_stability_error(error)
+    assert failures.is_out_of_memory_error(error)
+    assert not failures.is_stability_error(error)
 
 
 @pytest.mark.parametrize("error", NPU_NUMERICAL_FAULTS, ids=lambda e: str(e).split("error code is ")[1][:6])
 def test_npu_numerical_faults_are_stability_errors(error):
-    assert devices.is_stability_error(error)
-    assert not devices.is_out_of_memory_error(error)
+    assert failures.is_stability_error(error)
+    assert not failures.is_out_of_memory_error(error)
 
 
 @pytest.mark.parametrize("error", NPU_HARD_FAULTS, ids=lambda e: str(e).split("error code is ")[1][:6])
 def test_npu_hard_faults_are_neither(error):
-    assert not devices.is_stability_error(error)
-    assert not devices.is_out_of_memory_error(error)
+    assert not failures.is_stability_error(error)
+    assert not failures.is_out_of_memory_error(error)
 
 
 def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
@@ -173,24 +174,15 @@ def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
 # Card names
 
 
-def run_python(code: str) -> str:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_simulated_two_card_npu_describes_the_requested_card():
     # torch.device("npu") parses only after the privateuse1 backend is renamed (torch_npu does it on import, and it
     # cannot be undone), so this runs in its own interpreter.
     output = run_python(
         "import json, pytest, torch\n"
-        "import devices, npu_simulation\n"
+        "import environment, npu_simulation\n"
         "torch.utils.rename_privateuse1_backend('npu')\n"
         "npu_simulation.install(pytest.MonkeyPatch(), npu_simulation.simulated_cards(('Ascend910B3', 'Ascend910B4')))\n"
-        "print(json.dumps([devices.describe_environment(d)['device_name'] for d in ('npu:1', 'npu:0', 'npu')]))\n"
+        "print(json.dumps([environment.describe_environment(d)['device_name'] for d in ('npu:1', 'npu:0', 'npu')]))\n"
     )
     assert json.loads(output.strip().splitlines()[-1]) == ["Ascend910B4", "Ascend910B3", "Ascend910B3"]
 
@@ -312,7 +304,7 @@ def test_simulated_npu_rotary_mul_decoder_matches_the_real_kernel(monkeypatch):
     decoder = _decoder().float()
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :2] = False
-    positions = gpt2_decoder.positions_from_mask(mask)
+    positions = kv_cache.positions_from_mask(mask)
     x = torch.randn(2, 6, 32)
     outs = {}
     for kernel in ("npu_rotary_mul", "real", "complex"):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prompting import (
+    infer_mode,
     PromptTemplate,
     PromptTokenIds,
     audio_rows,
@@ -200,7 +201,10 @@ def test_mode_rule_violations(mode: str, audio: bool, text: bool, message: str) 
     [("voice_clone", True, False), ("continuation", False, False), ("continuation", True, True)],
 )
 def test_valid_modes(mode: str, audio: bool, text: bool) -> None:
+    """A valid combination passes the rules, and it is the mode a call without `mode=` infers from its prompt."""
     validate_mode(mode, has_prompt_audio=audio, has_prompt_text=text)
+    assert infer_mode(None, has_prompt_audio=audio, has_prompt_text=text) == mode
+    assert infer_mode(mode, has_prompt_audio=audio, has_prompt_text=text) == mode
 
 
 def test_builders_reject_empty_text_and_empty_prompt() -> None:

@@ -274,7 +274,9 @@ def _short_wav() -> str:
     (b'{"input": "x", "text_temperature": 0}', 400, "text_temperature must be > 0, got 0.0", "text_temperature"),
     (b'{"input": "x", "audio_top_k": -1}', 400, "audio_top_k must be >= 0, got -1", "audio_top_k"),
     (b'{"input": "x", "max_new_frames": 0}', 400, "max_new_frames must be >= 1, got 0", "max_new_frames"),
-    (b'{"input": "x", "seed": 100000000000000000000}', 400, "seed must be a 64-bit integer", "seed"),
+    (b'{"input": "x", "seed": 100000000000000000000}', 400, "seed must be an int in [0, 2**32)", "seed"),
+    (b'{"input": "x", "seed": -1}', 400, "seed must be an int in [0, 2**32), got -1", "seed"),  # as check_seed
+    (b'{"input": "x", "seed": 4294967296}', 400, "seed must be an int in [0, 2**32)", "seed"),
     (b'{"input": "x", "audio_temperature": NaN}', 400, "audio_temperature", "audio_temperature"),
     (b'{"input": "x", "mode": "sing"}', 400, "mode='sing' is not supported", "mode"),
     (b'{"input": "x", "mode": "voice_clone"}', 400, "needs prompt audio", "mode"),

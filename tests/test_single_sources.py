@@ -25,12 +25,23 @@ def test_generate_signatures_and_pipeline_defaults_are_the_sampling_params_defau
     assert pipeline.SynthesisRequest.__dataclass_fields__["max_new_frames"].default == defaults["max_new_frames"]
 
 
-def test_one_nq_rule_for_prompts_and_generation():
-    assert prompting.resolve_nq is sampling.resolve_nq
-    for nq in (0, 17, True, 2.0):
-        with pytest.raises(ValueError, match=r"must be an integer within 1\.\.16"):
-            sampling.resolve_nq(nq, 16)
-    assert SamplingParams(nq=3).resolve_nq(16) == 3 and sampling.resolve_nq(None, 16) == 16
+def test_one_nq_rule_for_prompts_generation_and_teacher_forcing():
+    """The same nq values fail with the same message wherever nq is taken."""
+    import verification
+    from pipeline_assets import tiny_tts
+
+    model = tiny_tts()
+    n_vq = model.config.n_vq
+    rows = torch.full((1, 3, n_vq + 1), model.config.audio_pad_token_id)
+    rows[..., 0] = 5
+    frames = torch.zeros(1, 2, n_vq, dtype=torch.long)
+    takers = [lambda nq: sampling.resolve_nq(nq, n_vq), lambda nq: prompting.resolve_nq(nq, n_vq),
+              lambda nq: verification.teacher_forced_logits(model, rows, None, frames, nq=nq)]
+    for nq in (0, n_vq + 1, True, 2.0):
+        for take in takers:
+            with pytest.raises(ValueError, match=rf"nq={nq!r} must be an integer within 1\.\.{n_vq}"):
+                take(nq)
+    assert SamplingParams(nq=3).resolve_nq(n_vq) == 3 and sampling.resolve_nq(None, n_vq) == n_vq
 
 
 @pytest.mark.parametrize(("mode", "audio", "text", "expected"), [
