@@ -65,8 +65,7 @@ def compile_problem(backend: str = "inductor") -> Optional[str]:
 def enable(model: Any, backend: str = "inductor") -> "StepGraphs":
     """Compile `model`'s frame steps by default from now on (runners built afterwards with compile=None use them);
     returns its graphs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a known compile backend; valid: {BACKENDS}")
+    _check_backend(backend)
     graphs = graphs_for(model, create=True, backend=backend)
     graphs.default = True
     return graphs
@@ -86,14 +85,19 @@ def enabled(model: Any) -> bool:
 def graphs_for(model: Any, create: bool = False, backend: Optional[str] = None) -> Optional["StepGraphs"]:
     """The model's compiled-step cache, or None; `create` makes one (with `backend`, default inductor), and a
     `backend` other than the cache's replaces it."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a known compile backend; valid: {BACKENDS}")
+    if backend is not None:
+        _check_backend(backend)
     with _STATE_LOCK:
         graphs = _STATE.get(model)
         if create and (graphs is None or backend not in (None, graphs.backend)):
             backend = backend or "inductor"
             graphs = _STATE[model] = StepGraphs(model, backend)
         return graphs
+
+
+def _check_backend(backend: Any) -> None:
+    if not callable(backend) and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a known compile backend; valid: {BACKENDS} or a callable")
 
 
 def status(model: Any) -> str:
@@ -103,7 +107,8 @@ def status(model: Any) -> str:
         return "eager"
     if graphs.problem is not None:
         return f"eager (compile fell back: {graphs.problem})"
-    return f"compiled ({graphs.backend}, {len(graphs.frames)} graphs)"
+    name = graphs.backend if isinstance(graphs.backend, str) else getattr(graphs.backend, "__name__", "custom")
+    return f"compiled ({name}, {len(graphs.frames)} graphs)"
 
 
 def bucket(rows: int) -> int:
@@ -147,12 +152,13 @@ class StepGraphs:
 
     def fail(self, error: BaseException) -> None:
         """A compile error: every later step runs eager (chosen once)."""
-        self.problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        self.problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
         logger.warning("frame step compilation failed (%s); the eager step runs from now on", self.problem)
 
 
 def _sampling_key(sampler: RowSampler, size: int) -> tuple:
-    """The sampling settings of every selection, with padding rows (size - batch of them) in no group."""
+    """The sampling settings of every selection (a group of every row covers the padding rows too: they are
+    dropped), and each row's nq with the padding rows' as the largest, so that B rows and their bucket share a key."""
     selections = []
     for channel in [None] + list(range(sampler.nq)):
         kind = "text" if channel is None else "audio"
@@ -160,14 +166,14 @@ def _sampling_key(sampler: RowSampler, size: int) -> tuple:
         for params, rows, _ in sampler.groups:
             if channel is not None and params.resolve_nq(sampler.n_vq) <= channel:
                 continue
-            rows = tuple(range(sampler.batch)) if rows is None and size != sampler.batch else rows
             choices.append(_Choice(params.do_sample, getattr(params, f"{kind}_temperature"),
                                    getattr(params, f"{kind}_top_k"), getattr(params, f"{kind}_top_p"),
                                    None if rows is None else tuple(rows)))
         selections.append(tuple(choices))
     penalties = sampler.penalty(torch.device("cpu"))
     penalty = penalties if not isinstance(penalties, torch.Tensor) else "per-row"
-    return tuple(selections), tuple(sampler.row_nq), sampler.tracks_repetition, penalty
+    row_nq = tuple(sampler.row_nq) + (sampler.nq,) * (size - sampler.batch)
+    return tuple(selections), row_nq, sampler.tracks_repetition, penalty
 
 
 class CompiledFrame:
@@ -182,8 +188,9 @@ class CompiledFrame:
         self.local = LocalRunner(model, size, sampler.nq, attend, use_kv_cache=True)
         self.selections = [[(c, None if c.rows is None else _row_mask(c.rows, size, device)) for c in choices]
                            for choices in self.key[0]]
-        self.uses = [None if all(n > c for n in sampler.row_nq) else
-                     _row_mask([i for i, n in enumerate(sampler.row_nq) if n > c], size, device)
+        row_nq = self.key[1]
+        self.uses = [None if all(n > c for n in row_nq) else
+                     _row_mask([i for i, n in enumerate(row_nq) if n > c], size, device)
                      for c in range(sampler.nq)]
         widths = [min(self.consts.codebook_sizes[c], model.audio_lm_heads[c].weight.shape[0]) for c in range(self.nq)]
         self.races = [torch.ones(size, width, dtype=torch.float32, device=device) for width in [2] + widths]
