@@ -107,8 +107,10 @@ def status(model: Any) -> str:
         return "eager"
     if graphs.problem is not None:
         return f"eager (compile fell back: {graphs.problem})"
+    if graphs.skipped is not None:
+        return f"eager ({graphs.skipped})"
     name = graphs.backend if isinstance(graphs.backend, str) else getattr(graphs.backend, "__name__", "custom")
-    return f"compiled ({name}, {len(graphs.frames)} graphs)"
+    return f"compiled ({name}, {sum(f is not None for f in graphs.frames.values())} graphs)"
 
 
 def bucket(rows: int) -> int:
@@ -135,7 +137,8 @@ class StepGraphs:
         self.problem = compile_problem(backend)
         if self.problem is not None:
             logger.warning("frame step compilation is off: %s; the eager step runs", self.problem)
-        self.frames: dict[tuple, CompiledFrame] = {}
+        self.frames: dict[tuple, Optional[CompiledFrame]] = {}  # None: this key runs eager (`skipped` says why)
+        self.skipped: Optional[str] = None
         self._lock = threading.Lock()
 
     def frame(self, batch: int, sampler: RowSampler, attend: Any) -> Optional["CompiledFrame"]:
@@ -145,15 +148,25 @@ class StepGraphs:
         size = bucket(batch)
         key = (size, sampler.nq, _sampling_key(sampler, size), attend)
         with self._lock:
-            frame = self.frames.get(key)
-            if frame is None:
-                frame = self.frames[key] = CompiledFrame(self, size, sampler, attend, len(self.frames))
-        return frame
+            if key not in self.frames:
+                self.skipped = _model_problem(self.model)
+                self.frames[key] = None if self.skipped else CompiledFrame(self, size, sampler, attend,
+                                                                           len(self.frames))
+            return self.frames[key]
 
     def fail(self, error: BaseException) -> None:
         """A compile error: every later step runs eager (chosen once)."""
         self.problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
         logger.warning("frame step compilation failed (%s); the eager step runs from now on", self.problem)
+
+
+def _model_problem(model: Any) -> Optional[str]:
+    """Why this model's weights run eager even with compilation on (None: they compile)."""
+    precision = getattr(model, "weight_precision", "float32")
+    if precision != "float32":
+        return (f"weight precision {precision}: its packed fbgemm products break the graph into per-position pieces "
+                "(slower than eager), so the eager step runs")
+    return None
 
 
 def _sampling_key(sampler: RowSampler, size: int) -> tuple:

@@ -118,3 +118,31 @@ def test_inductor_step_gives_eager_greedy_codes(model):
     compiled_step.enable(model)  # inductor: one tiny one-codebook graph (seconds; cached on disk afterwards)
     assert torch.equal(_codes(model, None, 1, params, frames=3), _codes(model, False, 1, params, frames=3))
     assert compiled_step.status(model) == "compiled (inductor, 1 graphs)"
+
+
+def test_golden_greedy_codes_through_the_compiled_step():
+    np = pytest.importorskip("numpy")
+    from conftest import shared_path
+    from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+
+    golden = dict(np.load(shared_path("golden", "tts_tiny", "golden.npz")))
+    model = MossTTSNanoForCausalLM.from_pretrained(shared_path("golden", "tts_tiny")).eval()
+    model.set_attention_implementation("sdpa")
+    backend = CountingBackend()
+    compiled_step.enable(model, backend=backend)
+    ids, mask = torch.from_numpy(golden["batch_input_ids"]), torch.from_numpy(golden["batch_attention_mask"])
+    out = model.generate(ids, mask, max_new_frames=12, do_sample=False, audio_repetition_penalty=1.2)
+    assert torch.equal(out.audio_token_ids, torch.from_numpy(golden["greedy_sdpa_kv1"]))
+    assert backend.compiled == 1
+
+
+def test_int8_weights_run_the_eager_step_and_say_why(model):
+    int8 = tiny_tts()
+    try:
+        int8.set_weight_precision("int8")
+    except RuntimeError as error:
+        pytest.skip(f"no int8 engine here: {error}")
+    backend = CountingBackend()
+    compiled_step.enable(int8, backend=backend)
+    assert torch.equal(_codes(int8, None, 2, GREEDY, frames=2), _codes(int8, False, 2, GREEDY, frames=2))
+    assert backend.compiled == 0 and "weight precision int8" in compiled_step.status(int8)
