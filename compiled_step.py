@@ -46,7 +46,7 @@ except ImportError:  # not part of a package: imported from the repository root 
 logger = logging.getLogger(__name__)
 
 MIN_TORCH = (2, 3)
-BACKENDS = ("inductor", "eager", "aot_eager")
+BACKENDS = ("inductor", "eager", "aot_eager", "capture")  # capture: a CUDA / NPU graph (step_capture.py)
 _STATE: "weakref.WeakKeyDictionary[Any, StepGraphs]" = weakref.WeakKeyDictionary()
 _STATE_LOCK = threading.Lock()
 
@@ -62,9 +62,11 @@ def compile_problem(backend: str = "inductor") -> Optional[str]:
     return None
 
 
-def enable(model: Any, backend: str = "inductor") -> "StepGraphs":
+def enable(model: Any, backend: str = "auto") -> "StepGraphs":
     """Compile `model`'s frame steps by default from now on (runners built afterwards with compile=None use them);
-    returns its graphs."""
+    returns its graphs. "auto": inductor on a CPU, graph capture on CUDA and NPU."""
+    if backend == "auto":
+        backend = _auto_backend(model)
     _check_backend(backend)
     graphs = graphs_for(model, create=True, backend=backend)
     graphs.default = True
@@ -90,9 +92,13 @@ def graphs_for(model: Any, create: bool = False, backend: Optional[str] = None) 
     with _STATE_LOCK:
         graphs = _STATE.get(model)
         if create and (graphs is None or backend not in (None, graphs.backend)):
-            backend = backend or "inductor"
+            backend = backend or _auto_backend(model)
             graphs = _STATE[model] = StepGraphs(model, backend)
         return graphs
+
+
+def _auto_backend(model: Any) -> str:
+    return "inductor" if model.transformer.wte.weight.device.type == "cpu" else "capture"
 
 
 def _check_backend(backend: Any) -> None:
@@ -134,7 +140,11 @@ class StepGraphs:
 
     def __init__(self, model: Any, backend: str) -> None:
         self.model, self.backend, self.default = model, backend, False
-        self.problem = compile_problem(backend)
+        self.api = None
+        if backend == "capture":
+            self.api, self.problem = _capture_module().graph_api(model.transformer.wte.weight.device)
+        else:
+            self.problem = compile_problem(backend)
         if self.problem is not None:
             logger.warning("frame step compilation is off: %s; the eager step runs", self.problem)
         self.frames: dict[tuple, Optional[CompiledFrame]] = {}  # None: this key runs eager (`skipped` says why)
@@ -150,14 +160,29 @@ class StepGraphs:
         with self._lock:
             if key not in self.frames:
                 self.skipped = _model_problem(self.model)
-                self.frames[key] = None if self.skipped else CompiledFrame(self, size, sampler, attend,
-                                                                           len(self.frames))
+                self.frames[key] = None if self.skipped else self._new_frame(size, sampler, attend)
             return self.frames[key]
+
+    def _new_frame(self, size: int, sampler: RowSampler, attend: Any) -> "CompiledFrame":
+        if self.backend == "capture":
+            return _capture_module().CapturedFrame(self, size, sampler, attend, len(self.frames), self.api)
+        return CompiledFrame(self, size, sampler, attend, len(self.frames))
 
     def fail(self, error: BaseException) -> None:
         """A compile error: every later step runs eager (chosen once)."""
         self.problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
         logger.warning("frame step compilation failed (%s); the eager step runs from now on", self.problem)
+
+
+def _capture_module() -> Any:
+    """step_capture (imported when first used: it builds on this module)."""
+    try:
+        from . import step_capture
+    except ImportError:
+        if __package__:
+            raise
+        import step_capture
+    return step_capture
 
 
 def _model_problem(model: Any) -> Optional[str]:
@@ -192,7 +217,8 @@ def _sampling_key(sampler: RowSampler, size: int) -> tuple:
 class CompiledFrame:
     """One key's compiled local frame: its static local KV cache, masks, race buffers and graph."""
 
-    def __init__(self, owner: StepGraphs, size: int, sampler: RowSampler, attend: Any, number: int) -> None:
+    def __init__(self, owner: StepGraphs, size: int, sampler: RowSampler, attend: Any, number: int,
+                 compile_graph: bool = True) -> None:
         model = owner.model
         self.owner, self.size, self.nq, self.batch = owner, size, sampler.nq, sampler.batch
         self.key = _sampling_key(sampler, size)
@@ -209,6 +235,8 @@ class CompiledFrame:
         self.races = [torch.ones(size, width, dtype=torch.float32, device=device) for width in [2] + widths]
         self.lock = threading.Lock()
         self.ready = False  # compiled (its first call succeeded)
+        if not compile_graph:
+            return
         # a code object of its own: dynamo caches compiled code per code object (see the module docstring)
         code = _local_frame.__code__.replace(co_name=f"local_frame_{number}")
         function = types.FunctionType(code, _local_frame.__globals__, code.co_name)
@@ -252,11 +280,11 @@ class CompiledFrame:
             self.draw(sampler)
             self.local.reset()
             if self.ready:
-                out = self.graph(self, h, tuple(self.races), seen, force, penalty)
+                out = self._call(h, seen, force, penalty)
             else:
                 try:
-                    out = self.graph(self, h, tuple(self.races), seen, force, penalty)
-                except Exception as error:  # noqa: BLE001  (any compile failure: eager from now on, said once)
+                    out = self._call(h, seen, force, penalty)
+                except Exception as error:  # noqa: BLE001  (any compile/capture failure: eager from now on, once)
                     self.owner.fail(error)
                     return None
                 self.ready = True
@@ -265,6 +293,10 @@ class CompiledFrame:
         if seen is not None:
             seen = seen[:, :batch]
         return Frame(codes, continues, embeds, text_ok, audio_ok), seen
+
+
+    def _call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any) -> tuple:
+        return self.graph(self, h, tuple(self.races), seen, force, penalty)
 
 
 def _groups_for(sampler: RowSampler, channel: Optional[int]) -> list:
