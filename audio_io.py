@@ -24,12 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from .atomic_files import write_atomic
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from atomic_files import write_atomic
+from .atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 

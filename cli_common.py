@@ -12,21 +12,12 @@ from typing import Any, Callable
 
 import torch
 
-try:
-    from . import compiled_step, devices
-    from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
-    from .gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
-    from .torch_compat import load_pickled_weights, pickled_weights_problem
-    from .value_bounds import SAMPLING_BOUNDS, bound_error
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import compiled_step
-    import devices
-    from codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
-    from gpt2_decoder import ATTENTION_IMPLEMENTATIONS, WEIGHT_PRECISIONS
-    from torch_compat import load_pickled_weights, pickled_weights_problem
-    from value_bounds import SAMPLING_BOUNDS, bound_error
+from . import compiled_step, devices
+from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
+from .attention import ATTENTION_IMPLEMENTATIONS
+from .linear_kernels import WEIGHT_PRECISIONS
+from .torch_compat import load_pickled_weights, pickled_weights_problem
+from .value_bounds import SAMPLING_BOUNDS, bound_error
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +136,7 @@ def resolve_model_path(model_path: str | None, local_files_only: bool) -> Path:
 
 
 def _model_class() -> Any:
-    try:
-        from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    except ImportError:
-        from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
     return MossTTSNanoForCausalLM
 
 
@@ -220,10 +208,7 @@ def load_model_for_cli(args: argparse.Namespace, path: Path | None = None) -> tu
     devices.use_device_in_this_thread(device)  # the script's own thread: streams and workspaces on that card
     dtype = devices.resolve_dtype(args.dtype, device)
     if args.demo:
-        try:
-            from .demo import build_demo_assets
-        except ImportError:
-            from demo import build_demo_assets
+        from .demo import build_demo_assets
         assets = build_demo_assets(args.seed)
         model = assets.model.to(device=device, dtype=dtype)
         resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec,

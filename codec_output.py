@@ -14,12 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-try:
-    from .text_chunking import pause_seconds_after
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from text_chunking import pause_seconds_after
+from .text_chunking import pause_seconds_after
 
 TARGET_SAMPLE_RATE = 48000
 SAMPLES_PER_FRAME = 3840

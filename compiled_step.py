@@ -32,16 +32,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    from .generation import Frame, FrameConstants, LocalRunner, audio_logits, frame_constants, text_logits
-    from .sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
-    from .torch_compat import torch_version
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from generation import Frame, FrameConstants, LocalRunner, audio_logits, frame_constants, text_logits
-    from sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
-    from torch_compat import torch_version
+from .generation import Frame, FrameConstants, LocalRunner, audio_logits, frame_constants, text_logits
+from .sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
+from .torch_compat import torch_version
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +169,8 @@ class StepGraphs:
 
 def _capture_module() -> Any:
     """step_capture (imported when first used: it builds on this module)."""
-    try:
-        from . import step_capture
-    except ImportError:
-        if __package__:
-            raise
-        import step_capture
+    from . import step_capture
+
     return step_capture
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from transformers import GPT2Config, PretrainedConfig
 
-# Same names as gpt2_decoder.ATTENTION_IMPLEMENTATIONS (kept torch-free here; a test checks they agree).
+# Same names as attention.ATTENTION_IMPLEMENTATIONS (kept torch-free here; a test checks they agree).
 ATTENTION_NAMES = ("auto", "eager", "sdpa", "flash_attention_2", "npu_fusion_attention")
 
 RELEASED_GPT2_CONFIG: dict[str, Any] = {

@@ -14,6 +14,10 @@ The .bin stays; loaders prefer model.safetensors when both exist. Exit codes: 0 
 
 from __future__ import annotations
 
+# Run as `python convert_to_safetensors.py`: execute this file as a package module instead (repo_imports.py).
+if __name__ == "__main__" and not __package__:
+    __import__("repo_imports").run_script(__file__)
+
 import argparse
 import sys
 from pathlib import Path
@@ -22,16 +26,9 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-try:
-    from .atomic_files import write_atomic
-    from .cli_common import Parser, run_cli
-    from .torch_compat import load_pickled_weights
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from atomic_files import write_atomic
-    from cli_common import Parser, run_cli
-    from torch_compat import load_pickled_weights
+from .atomic_files import write_atomic
+from .cli_common import Parser, run_cli
+from .torch_compat import load_pickled_weights
 
 
 def convert_directory(directory: Path) -> Optional[Path]:

@@ -14,18 +14,10 @@ from typing import Any
 
 import torch
 
-try:
-    from .codec_loading import codec_code_module
-    from .configuration_moss_tts_nano import MossTTSNanoConfig
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    from .tokenization_moss_tts_nano import build_demo_tokenizer
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from codec_loading import codec_code_module
-    from configuration_moss_tts_nano import MossTTSNanoConfig
-    from modeling_moss_tts_nano import MossTTSNanoForCausalLM
-    from tokenization_moss_tts_nano import build_demo_tokenizer
+from .codec_loading import codec_code_module
+from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from .tokenization_moss_tts_nano import build_demo_tokenizer
 
 DEMO_TEXT = "Hello! This is the MOSS-TTS-Nano demo running with random weights, so expect noise, not speech."
 CONTINUE_LOGIT_GAP = 40.0  # how strongly the random local decoder is pushed to keep generating (see below)

@@ -27,14 +27,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-try:
-    from . import npu_probes
-    from .torch_compat import OutOfMemoryError, cuda_bf16_supported
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import npu_probes
-    from torch_compat import OutOfMemoryError, cuda_bf16_supported
+from . import npu_probes
+from .torch_compat import OutOfMemoryError, cuda_bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -622,8 +616,8 @@ CPU_FAST_PATHS_VARIABLE = "MOSS_TTS_CPU_FAST_PATHS"
 # what accelerators run). None: refused (int8 weights raise a RuntimeError that names the variable).
 CPU_FAST_PATHS: dict[str, tuple[str, Optional[str]]] = {
     "rope": ("complex", "real"),  # rotary.rotate_pairs vs rotary.rotate_real
-    "linear": ("split-matvec/onednn", "F.linear"),  # gpt2_decoder.linear
-    "int8_weights": ("fbgemm", None),  # gpt2_decoder.PrecisionLinear.set_weight_precision("int8")
+    "linear": ("split-matvec/onednn", "F.linear"),  # linear_kernels.linear
+    "int8_weights": ("fbgemm", None),  # linear_kernels.PrecisionLinear.set_weight_precision("int8")
 }
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
                   "off": False}

@@ -23,6 +23,9 @@ engine always caches and schedules slots itself); resource keywords belong to th
 
 from __future__ import annotations
 
+if not __package__:  # imported by file name from a clone's root: become a package member (see repo_imports.py)
+    __import__("repo_imports").adopt(globals())
+
 import itertools
 import logging
 import queue
@@ -34,38 +37,20 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-try:
-    from . import devices
-    from .engine_core import EngineCore, RequestOutput
-    from .pipeline import (
-        Plan,
-        build_request,
-        check_position_limit,
-        core_request,
-        finish_result,
-        generated_of,
-        plan_chunks,
-        prepare_prompt,
-    )
-    from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
-    from .shared_resources import RESOURCE_KEYS, cached_resources
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from engine_core import EngineCore, RequestOutput
-    from pipeline import (
-        Plan,
-        build_request,
-        check_position_limit,
-        core_request,
-        finish_result,
-        generated_of,
-        plan_chunks,
-        prepare_prompt,
-    )
-    from scheduler import EngineClosed, EngineFull, Request, RequestCancelled
-    from shared_resources import RESOURCE_KEYS, cached_resources
+from . import devices
+from .engine_core import EngineCore, RequestOutput
+from .pipeline import (
+    Plan,
+    build_request,
+    check_position_limit,
+    core_request,
+    finish_result,
+    generated_of,
+    plan_chunks,
+    prepare_prompt,
+)
+from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
+from .shared_resources import RESOURCE_KEYS, cached_resources
 
 logger = logging.getLogger(__name__)
 

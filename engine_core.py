@@ -19,22 +19,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-try:
-    from . import devices
-    from .codec_output import TARGET_SAMPLE_RATE, CodecStreams, decode_generated, join_with_pauses
-    from .generation import GenerationOutput, non_finite_message
-    from .model_runner import ModelRunner, RowInput
-    from .sampling import SamplingParams
-    from .scheduler import Request, RequestCancelled, Scheduler
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from codec_output import TARGET_SAMPLE_RATE, CodecStreams, decode_generated, join_with_pauses
-    from generation import GenerationOutput, non_finite_message
-    from model_runner import ModelRunner, RowInput
-    from sampling import SamplingParams
-    from scheduler import Request, RequestCancelled, Scheduler
+from . import devices
+from .codec_output import TARGET_SAMPLE_RATE, CodecStreams, decode_generated, join_with_pauses
+from .generation import GenerationOutput, non_finite_message
+from .model_runner import ModelRunner, RowInput
+from .sampling import SamplingParams
+from .scheduler import Request, RequestCancelled, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +125,7 @@ class EngineCore:
             return self.runner
         if self._float32_runner is None:
             # imported here: shared_resources needs the tokenizer/codec stack, which frame generation never does
-            try:
-                from .shared_resources import float32_retry_model
-            except ImportError:
-                if __package__:
-                    raise
-                from shared_resources import float32_retry_model
+            from .shared_resources import float32_retry_model
             model = float32_retry_model(self.model, self.model.transformer.wte.weight.device)
             self._float32_runner = ModelRunner(model, self.scheduler.slots, **self._runner_args)
         return self._float32_runner

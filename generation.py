@@ -11,14 +11,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-try:
-    from .gpt2_decoder import AttentionFunction, AttentionMask, linear
-    from .sampling import RowSampler, apply_repetition_penalty
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from gpt2_decoder import AttentionFunction, AttentionMask, linear
-    from sampling import RowSampler, apply_repetition_penalty
+from .attention import AttentionFunction, AttentionMask
+
+from .linear_kernels import linear
+from .sampling import RowSampler, apply_repetition_penalty
 
 
 @dataclass

@@ -19,14 +19,8 @@ from typing import Any, Callable
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-try:
-    from .speech_request import ApiError
-    from .web_page import PAGE_PATHS
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from speech_request import ApiError
-    from web_page import PAGE_PATHS
+from .speech_request import ApiError
+from .web_page import PAGE_PATHS
 
 logger = logging.getLogger("moss_tts_nano.server")
 

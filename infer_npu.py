@@ -9,6 +9,10 @@ Exit codes: 0 success, 1 environment or runtime failure, 2 invalid input (usage)
 
 from __future__ import annotations
 
+# Run as `python infer_npu.py`: execute this file as a package module instead (repo_imports.py).
+if __name__ == "__main__" and not __package__:
+    __import__("repo_imports").run_script(__file__)
+
 import argparse
 import logging
 import sys
@@ -18,21 +22,11 @@ from typing import Any, Sequence
 
 import torch
 
-try:
-    from . import compiled_step, devices
-    from .cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
-    from .cli_common import load_model_for_cli, run_cli
-    from .cli_common import resolve_model_path, sampling_kwargs
-    from .demo import DEMO_TEXT
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import compiled_step
-    import devices
-    from cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
-    from cli_common import load_model_for_cli, run_cli
-    from cli_common import resolve_model_path, sampling_kwargs
-    from demo import DEMO_TEXT
+from . import compiled_step, devices
+from .cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
+from .cli_common import load_model_for_cli, run_cli
+from .cli_common import resolve_model_path, sampling_kwargs
+from .demo import DEMO_TEXT
 
 DEFAULT_OUTPUT = "generated_audio/npu_output.wav"
 FRAMES_PER_SECOND = 12.5

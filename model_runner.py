@@ -23,18 +23,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    from . import compiled_step
-    from .generation import LocalRunner, frame_constants, sample_frame
-    from .gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask, Segment, SlotKVCache, batched_products
-    from .sampling import RowSampler, SamplingParams
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import compiled_step
-    from generation import LocalRunner, frame_constants, sample_frame
-    from gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask, Segment, SlotKVCache, batched_products
-    from sampling import RowSampler, SamplingParams
+from . import compiled_step
+from .generation import LocalRunner, frame_constants, sample_frame
+from .attention import ATTENTION_FUNCTIONS, AttentionMask
+from .kv_cache import Segment, SlotKVCache
+from .linear_kernels import batched_products
+from .sampling import RowSampler, SamplingParams
 
 _NO_MASK = AttentionMask()
 CAPACITY_STEP = 64  # the slot cache grows in multiples of this many rows
@@ -96,7 +90,7 @@ class SlotGlobal:
         """One new row (B, 1, H) for each of `slots`; outputs (B, H)."""
         view = _DecodeView(self.cache, slots, self.batch_invariant)
         rope = self.model.rotation(self.model.transformer, view.positions[:, None])
-        out = self.model.transformer._decode_one(embeds, rope, _NO_MASK, view.attention(self.attend), view)
+        out, _ = self.model.transformer(embeds, rope, _NO_MASK, view.attention(self.attend), view)
         view.commit()
         return out[:, 0]
 
@@ -121,7 +115,7 @@ class _DecodeView:
             # keys right-padded per row and every query real (build_attention_mask is for left padding)
             self.mask = AttentionMask(dense=valid[:, None, None, :], key_valid=valid,
                                       query_valid=torch.ones(len(slots), 1, dtype=torch.bool, device=device))
-        self.length = 0  # GPT2Decoder._decode_one advances it; `commit` is what counts
+        self.length = 0  # GPT2Decoder.forward advances it; `commit` is what counts
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.cache.keys[layer], self.cache.values[layer]

@@ -7,6 +7,9 @@ into a text decision (continue / audio_end) and n_vq codes (TTS_SPEC §4-§6). G
 
 from __future__ import annotations
 
+if not __package__:  # imported by file name from a clone's root: become a package member (see repo_imports.py)
+    __import__("repo_imports").adopt(globals())
+
 import inspect
 import logging
 from dataclasses import dataclass, fields
@@ -18,76 +21,32 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 # Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
 # transformers 4.57's remote-code loader copies only the relative imports written in this file.
-try:
-    from .configuration_moss_tts_nano import MossTTSNanoConfig
-    from .devices import cpu_fast_paths_enabled
-    from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .engine_core import generate_frames
-    from .generation import GenerationOutput
-    from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-    from .gpt2_decoder import (
-        ATTENTION_FUNCTIONS,
-        WEIGHT_PRECISIONS,
-        AttentionFunction,
-        GPT2Decoder,
-        KernelPlan,
-        KVCache,
-        PrecisionLinear,
-        Rotation,
-        build_attention_mask,
-        check_attention_name,
-        positions_from_mask,
-        resolve_kernel_plan,
-    )
-    from .prompting import (
-        PromptTokenIds,
-        build_continuation_rows,
-        build_prompt_template,
-        build_voice_clone_rows,
-        left_pad_batch,
-        validate_mode,
-    )
-    from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-    from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
-    from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
-    from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
-    from .sampling import SamplingParams
-    from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from configuration_moss_tts_nano import MossTTSNanoConfig
-    from devices import cpu_fast_paths_enabled
-    from engine_core import generate_frames
-    from generation import GenerationOutput
-    from npu_probes import fusion_attention_limits  # noqa: F401
-    from gpt2_decoder import (
-        ATTENTION_FUNCTIONS,
-        WEIGHT_PRECISIONS,
-        AttentionFunction,
-        GPT2Decoder,
-        KernelPlan,
-        KVCache,
-        PrecisionLinear,
-        Rotation,
-        build_attention_mask,
-        check_attention_name,
-        positions_from_mask,
-        resolve_kernel_plan,
-    )
-    from prompting import (
-        PromptTokenIds,
-        build_continuation_rows,
-        build_prompt_template,
-        build_voice_clone_rows,
-        left_pad_batch,
-        validate_mode,
-    )
-    from rotary import ROTARY_KERNELS  # noqa: F401
-    from safe_checkpoint import UnsafeCheckpointError  # noqa: F401
-    from sampling import SamplingParams
-    from torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
+from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .devices import cpu_fast_paths_enabled
+from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
+from .engine_core import generate_frames
+from .generation import GenerationOutput
+from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
+from .gpt2_decoder import GPT2Decoder, KernelPlan, resolve_kernel_plan
+from .kv_cache import KVCache, positions_from_mask
+from .linear_kernels import WEIGHT_PRECISIONS, PrecisionLinear
+from .rotary import Rotation
+from .prompting import (
+    PromptTokenIds,
+    build_continuation_rows,
+    build_prompt_template,
+    build_voice_clone_rows,
+    left_pad_batch,
+    validate_mode,
+)
+from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
+from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
+from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
+from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
+from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
+from .sampling import SamplingParams
+from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
 
 logger = logging.getLogger(__name__)
 
@@ -676,20 +635,15 @@ def _pipeline_module() -> Any:
     The `from .x import` lines name pipeline.py's sibling dependencies for transformers 4.57's remote-code loader,
     which copies only the relative imports written in this file when loading from a local folder.
     """
-    try:
-        from . import pipeline
-        from .atomic_files import write_atomic  # noqa: F401
-        from .audio_io import write_audio_atomic  # noqa: F401
-        from .codec_loading import load_codec  # noqa: F401
-        from .engine import SynthesisEngine  # noqa: F401
-        from .pipeline import run_inference  # noqa: F401
-        from .shared_resources import load_resources  # noqa: F401
-        from .text_chunking import split_text_into_chunks  # noqa: F401
-        from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
-    except ImportError:  # not part of a package: imported from the repository root or run as a script
-        if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-            raise
-        import pipeline
+    from . import pipeline
+    from .atomic_files import write_atomic  # noqa: F401
+    from .audio_io import write_audio_atomic  # noqa: F401
+    from .codec_loading import load_codec  # noqa: F401
+    from .engine import SynthesisEngine  # noqa: F401
+    from .pipeline import run_inference  # noqa: F401
+    from .shared_resources import load_resources  # noqa: F401
+    from .text_chunking import split_text_into_chunks  # noqa: F401
+    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
     return pipeline
 
 

@@ -23,62 +23,32 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-try:
-    from . import devices
-    from .audio_io import (
-        TARGET_SAMPLE_RATE,
-        load_prompt_audio,
-        prepare_prompt_waveform,
-        write_audio_atomic,
-    )
-    from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
-        SAMPLES_PER_FRAME,
-        decode_frames,
-        decode_generated,
-        join_with_pauses,
-        pause_waveform,
-    )
-    from .engine_core import EngineCore
-    from .prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
-    from .scheduler import AudioPlan, Request
-    from .sampling import SamplingParams
-    from .shared_resources import (
-        RESOURCE_KEYS,
-        Resources,
-        cached_resources,
-        load_resources,
-        place_model,
-    )
-    from .text_chunking import chunk_separators, normalize_text, split_text_into_chunks
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from audio_io import (
-        TARGET_SAMPLE_RATE,
-        load_prompt_audio,
-        prepare_prompt_waveform,
-        write_audio_atomic,
-    )
-    from codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
-        SAMPLES_PER_FRAME,
-        decode_frames,
-        decode_generated,
-        join_with_pauses,
-        pause_waveform,
-    )
-    from engine_core import EngineCore
-    from prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
-    from scheduler import AudioPlan, Request
-    from sampling import SamplingParams
-    from shared_resources import (
-        RESOURCE_KEYS,
-        Resources,
-        cached_resources,
-        load_resources,
-        place_model,
-    )
-    from text_chunking import chunk_separators, normalize_text, split_text_into_chunks
+from . import devices
+from .audio_io import (
+    TARGET_SAMPLE_RATE,
+    load_prompt_audio,
+    prepare_prompt_waveform,
+    write_audio_atomic,
+)
+from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: imported from here by others)
+    SAMPLES_PER_FRAME,
+    decode_frames,
+    decode_generated,
+    join_with_pauses,
+    pause_waveform,
+)
+from .engine_core import EngineCore
+from .prompting import build_continuation_rows, build_voice_clone_rows, infer_mode, validate_mode
+from .scheduler import AudioPlan, Request
+from .sampling import SamplingParams
+from .shared_resources import (
+    RESOURCE_KEYS,
+    Resources,
+    cached_resources,
+    load_resources,
+    place_model,
+)
+from .text_chunking import chunk_separators, normalize_text, split_text_into_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-try:
-    from .sampling import resolve_nq
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from sampling import resolve_nq
+from .sampling import resolve_nq
 
 MODES = ("voice_clone", "continuation")
 

@@ -13,14 +13,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-try:
-    from .devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
-    from .npu_probes import probe_tensor_device, rotary_interleave_problem
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
-    from npu_probes import probe_tensor_device, rotary_interleave_problem
+from .devices import cpu_kernel, npu_fused_kernel_problem, npu_rotary_mul_fn
+from .npu_probes import probe_tensor_device, rotary_interleave_problem
 
 
 class RotaryEmbedding:

@@ -16,12 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-try:
-    from .sampling import SamplingParams
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from sampling import SamplingParams
+from .sampling import SamplingParams
 
 
 class EngineFull(RuntimeError):

@@ -18,6 +18,10 @@ Exit codes: 0 success, 1 environment or runtime failure, 2 invalid input (usage)
 
 from __future__ import annotations
 
+# Run as `python serve_npu.py`: execute this file as a package module instead (repo_imports.py).
+if __name__ == "__main__" and not __package__:
+    __import__("repo_imports").run_script(__file__)
+
 import argparse
 import contextlib
 import logging
@@ -32,34 +36,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-try:
-    from . import devices
-    from .cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
-    from .cli_common import classify_failure, load_model_for_cli, run_cli
-    from .cli_common import resolve_model_path, sampling_kwargs
-    from .engine import SynthesisEngine
-    from .pipeline import load_resources
-    from .audio_formats import OUTPUT_LAYOUTS
-    from .http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
-    from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
-    from .speech_api import load_voices
-    from .speech_request import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_INPUT_CHARS, RequestLimits
-    from .web_page import add_web_page
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
-    from cli_common import classify_failure, load_model_for_cli, run_cli
-    from cli_common import resolve_model_path, sampling_kwargs
-    from engine import SynthesisEngine
-    from pipeline import load_resources
-    from audio_formats import OUTPUT_LAYOUTS
-    from http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
-    from speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
-    from speech_api import load_voices
-    from speech_request import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_INPUT_CHARS, RequestLimits
-    from web_page import add_web_page
+from . import devices
+from .cli_common import Parser, _bounded, add_model_arguments, add_performance_arguments, add_sampling_arguments
+from .cli_common import classify_failure, load_model_for_cli, run_cli
+from .cli_common import resolve_model_path, sampling_kwargs
+from .engine import SynthesisEngine
+from .pipeline import load_resources
+from .audio_formats import OUTPUT_LAYOUTS
+from .http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
+from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
+from .speech_api import load_voices
+from .speech_request import DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_INPUT_CHARS, RequestLimits
+from .web_page import add_web_page
 
 logger = logging.getLogger("moss_tts_nano.server")
 

@@ -20,18 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-try:
-    from . import devices
-    from .codec_loading import load_codec, resolve_codec_directory, session_codec
-    from .prompting import PromptTokenIds, build_prompt_template
-    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from codec_loading import load_codec, resolve_codec_directory, session_codec
-    from prompting import PromptTokenIds, build_prompt_template
-    from tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
+from . import devices
+from .codec_loading import load_codec, resolve_codec_directory, session_codec
+from .prompting import PromptTokenIds, build_prompt_template
+from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -31,24 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-try:
-    from .audio_formats import RESPONSE_FORMATS, AudioEncoder
-    from .audio_io import TARGET_SAMPLE_RATE
-    from .http_guards import GuardMiddleware, Guards
-    from .speech_openapi import install_openapi, speech_route_docs
-    from .speech_request import (DEFAULT_MAX_BODY_BYTES, ApiError, RequestLimits, SpeechRequest, check_request,
-                                 engine_arguments, failure_to_api_error, parse_request)
-    from .voices import Voice, describe_voices, encode_voice, load_voices
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from audio_formats import RESPONSE_FORMATS, AudioEncoder
-    from audio_io import TARGET_SAMPLE_RATE
-    from http_guards import GuardMiddleware, Guards
-    from speech_openapi import install_openapi, speech_route_docs
-    from speech_request import (DEFAULT_MAX_BODY_BYTES, ApiError, RequestLimits, SpeechRequest, check_request,
-                                engine_arguments, failure_to_api_error, parse_request)
-    from voices import Voice, describe_voices, encode_voice, load_voices
+from .audio_formats import RESPONSE_FORMATS, AudioEncoder
+from .audio_io import TARGET_SAMPLE_RATE
+from .http_guards import GuardMiddleware, Guards
+from .speech_openapi import install_openapi, speech_route_docs
+from .speech_request import (DEFAULT_MAX_BODY_BYTES, ApiError, RequestLimits, SpeechRequest, check_request,
+                             engine_arguments, failure_to_api_error, parse_request)
+from .voices import Voice, describe_voices, encode_voice, load_voices
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ServiceState", "Voice", "create_app", "encode_voice", "load_voices"]
 

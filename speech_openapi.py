@@ -7,16 +7,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-try:
-    from .audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
-    from .speech_request import RequestLimits, SpeechRequest
-    from .value_bounds import SAMPLING_BOUNDS
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
-    from speech_request import RequestLimits, SpeechRequest
-    from value_bounds import SAMPLING_BOUNDS
+from .audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
+from .speech_request import RequestLimits, SpeechRequest
+from .value_bounds import SAMPLING_BOUNDS
 
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "additionalProperties": False,

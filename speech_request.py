@@ -10,24 +10,13 @@ from typing import Any, Callable, Literal, Optional, Union
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-try:
-    from .audio_formats import MAX_SPEED, MIN_SPEED, OUTPUT_LAYOUTS, RESPONSE_FORMATS, AudioLayout
-    from .audio_io import TARGET_SAMPLE_RATE
-    from .engine import EngineClosed, EngineFull, RequestCancelled
-    from .pipeline import SAMPLES_PER_FRAME
-    from .text_chunking import split_text_into_chunks
-    from .value_bounds import SAMPLING_BOUNDS, bound_error
-    from .voices import Voice, decode_ref_audio, resolve_voice
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from audio_formats import MAX_SPEED, MIN_SPEED, OUTPUT_LAYOUTS, RESPONSE_FORMATS, AudioLayout
-    from audio_io import TARGET_SAMPLE_RATE
-    from engine import EngineClosed, EngineFull, RequestCancelled
-    from pipeline import SAMPLES_PER_FRAME
-    from text_chunking import split_text_into_chunks
-    from value_bounds import SAMPLING_BOUNDS, bound_error
-    from voices import Voice, decode_ref_audio, resolve_voice
+from .audio_formats import MAX_SPEED, MIN_SPEED, OUTPUT_LAYOUTS, RESPONSE_FORMATS, AudioLayout
+from .audio_io import TARGET_SAMPLE_RATE
+from .engine import EngineClosed, EngineFull, RequestCancelled
+from .pipeline import SAMPLES_PER_FRAME
+from .text_chunking import split_text_into_chunks
+from .value_bounds import SAMPLING_BOUNDS, bound_error
+from .voices import Voice, decode_ref_audio, resolve_voice
 
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
 DEFAULT_MAX_INPUT_CHARS = 4096  # OpenAI's limit

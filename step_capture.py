@@ -17,12 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-try:
-    from .compiled_step import CompiledFrame, _local_frame
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from compiled_step import CompiledFrame, _local_frame
+from .compiled_step import CompiledFrame, _local_frame
 
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (lazy initialisation stays out of the graph)
 

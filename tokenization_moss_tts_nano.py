@@ -20,12 +20,7 @@ from typing import Any
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
-try:
-    from .atomic_files import write_bytes_atomic
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from atomic_files import write_bytes_atomic
+from .atomic_files import write_bytes_atomic
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 

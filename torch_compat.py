@@ -21,12 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-try:
-    from .safe_checkpoint import load_state_dict as read_zip_state_dict
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from safe_checkpoint import load_state_dict as read_zip_state_dict
+from .safe_checkpoint import load_state_dict as read_zip_state_dict
 
 
 def torch_version() -> tuple[int, int]:

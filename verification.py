@@ -22,18 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-try:
-    from . import devices
-    from .generation import LocalRunner, audio_logits, frame_constants, text_logits
-    from .pipeline import decode_frames, encode_prompt_audio
-    from .prompting import infer_mode
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from generation import LocalRunner, audio_logits, frame_constants, text_logits
-    from pipeline import decode_frames, encode_prompt_audio
-    from prompting import infer_mode
+from . import devices
+from .generation import LocalRunner, audio_logits, frame_constants, text_logits
+from .pipeline import decode_frames, encode_prompt_audio
+from .prompting import infer_mode
 
 logger = logging.getLogger(__name__)
 

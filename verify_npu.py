@@ -16,6 +16,10 @@ Exit codes: 0 every check passed, 1 a check failed or a requested device is unav
 
 from __future__ import annotations
 
+# Run as `python verify_npu.py`: execute this file as a package module instead (repo_imports.py).
+if __name__ == "__main__" and not __package__:
+    __import__("repo_imports").run_script(__file__)
+
 import argparse
 import copy
 import functools
@@ -28,32 +32,17 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-try:
-    from . import devices
-    from .atomic_files import write_text_atomic
-    from .audio_io import load_prompt_audio
-    from .cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
-    from .cli_common import resolve_model_path, run_cli
-    from .demo import build_demo_assets
-    from .pipeline import load_resources
-    from .verification import (
-        DTYPE_NAMES, JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings,
-        run_verification,
-    )
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    import devices
-    from atomic_files import write_text_atomic
-    from audio_io import load_prompt_audio
-    from cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
-    from cli_common import resolve_model_path, run_cli
-    from demo import build_demo_assets
-    from pipeline import load_resources
-    from verification import (
-        DTYPE_NAMES, JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings,
-        run_verification,
-    )
+from . import devices
+from .atomic_files import write_text_atomic
+from .audio_io import load_prompt_audio
+from .cli_common import CLI_SAMPLING_DEFAULTS, Parser, add_model_arguments, load_checkpoint
+from .cli_common import resolve_model_path, run_cli
+from .demo import build_demo_assets
+from .pipeline import load_resources
+from .verification import (
+    DTYPE_NAMES, JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings,
+    run_verification,
+)
 
 DEFAULT_OUTPUT_DIR = "./verification_results"
 DEFAULT_TEXT = "Hello world. This is a verification run."

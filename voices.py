@@ -13,16 +13,9 @@ from typing import Any
 
 import torch
 
-try:
-    from .audio_io import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE,
-                           load_prompt_audio, prepare_prompt_waveform, read_audio_file)
-    from .pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
-except ImportError:  # not part of a package: imported from the repository root or run as a script
-    if __package__:  # inside a package (remote code): a real missing dependency, reported as itself
-        raise
-    from audio_io import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE,
-                          load_prompt_audio, prepare_prompt_waveform, read_audio_file)
-    from pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
+from .audio_io import (MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS, TARGET_CHANNELS, TARGET_SAMPLE_RATE,
+                       load_prompt_audio, prepare_prompt_waveform, read_audio_file)
+from .pipeline import SAMPLES_PER_FRAME, encode_prompt_audio
 
 DEFAULT_VOICE = "default"
 VOICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

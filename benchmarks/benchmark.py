@@ -32,13 +32,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
 import compiled_step  # noqa: E402
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine import SynthesisEngine  # noqa: E402
-from gpt2_decoder import WEIGHT_PRECISIONS  # noqa: E402
+from linear_kernels import WEIGHT_PRECISIONS  # noqa: E402
 from pipeline import encode_prompt_audio  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r'''
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
+if __import__("os").path.isfile(sys.argv[1] + "/repo_imports.py"):  # trees with relative imports only
+    __import__("repo_imports").install()
 from cli_common import CLI_SAMPLING_DEFAULTS
 from demo import build_demo_assets, demo_prompt_audio
 from engine import SynthesisEngine

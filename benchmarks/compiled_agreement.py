@@ -21,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
 import compiled_step  # noqa: E402
 from benchmark import _cpu_info, _load_average, voice_clone_prompt  # noqa: E402

@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
 import devices  # noqa: E402
 from atomic_files import write_text_atomic  # noqa: E402

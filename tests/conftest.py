@@ -14,6 +14,7 @@ SHARED = pathlib.Path(os.environ.get("MOSS_TTS_SHARED_DIR", ROOT.parent / "share
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+__import__("repo_imports").install()  # `import devices` means the package module moss_tts_nano.devices (repo_imports.py)
 
 from torch_compat import SAFE_TORCH_LOAD_VERSION, torch_version  # noqa: E402
 

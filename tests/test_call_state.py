@@ -17,7 +17,7 @@ import torch
 
 import audio_io
 import pipeline
-from gpt2_decoder import PrecisionLinear
+from linear_kernels import PrecisionLinear
 from pipeline_assets import TinyAssets, tiny_tts, upstream_style_codec
 
 FRAMES = 6

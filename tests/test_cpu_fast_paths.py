@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import devices
-import gpt2_decoder
+import linear_kernels
 from test_model_generation import batch, tiny_model
 
 COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
@@ -76,8 +76,8 @@ def test_no_complex_dtype_or_cpu_only_kernel_on_the_accelerator_path(monkeypatch
     model = tiny_model()
     input_ids, mask = batch(9, 6)
     split_calls = []
-    real_split = gpt2_decoder.split_matvec_linear
-    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear", lambda *a: split_calls.append(1) or real_split(*a))
+    real_split = linear_kernels.split_matvec_linear
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear", lambda *a: split_calls.append(1) or real_split(*a))
     recorded = {}
     for fast in (True, False):
         use_cpu_fast_paths(monkeypatch, fast)

@@ -147,6 +147,7 @@ def plain_cpu_machine(monkeypatch):
 
 def run_python(code: str) -> str:
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -215,7 +216,7 @@ def test_simulated_auto_prefers_cuda_then_cpu_when_npu_unusable(monkeypatch, cap
         install_broken_torch_npu(monkeypatch)
     elif npu_state == "no_devices":
         install_simulated_npu(monkeypatch, count=0)
-    with caplog.at_level(logging.INFO, logger="devices"):
+    with caplog.at_level(logging.INFO, logger=devices.logger.name):
         device = devices.resolve_device("auto")
     assert device == (torch.device("cuda", 0) if cuda_count else torch.device("cpu"))
     assert f"picked {device}" in caplog.text
@@ -346,11 +347,11 @@ def test_resolve_dtype_rejects_unsupported(bad):
 
 
 def test_float16_on_cpu_is_allowed_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="devices"):
+    with caplog.at_level(logging.WARNING, logger=devices.logger.name):
         assert devices.resolve_dtype("fp16", "cpu") is torch.float16
     assert "float16 on CPU is slow" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="devices"):
+    with caplog.at_level(logging.WARNING, logger=devices.logger.name):
         devices.resolve_dtype("bf16", "cpu")
     assert caplog.text == ""
 

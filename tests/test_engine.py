@@ -14,7 +14,7 @@ import codec_output
 import model_runner as runner_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
 from model_runner import SlotGlobal
-from gpt2_decoder import batched_products, linear, onednn_rows_invariant, row_invariant_products
+from linear_kernels import batched_products, linear, onednn_rows_invariant, row_invariant_products
 from pipeline_assets import TinyAssets
 from sampling import RowSampler, SamplingParams, select_tokens
 
@@ -511,7 +511,7 @@ def test_numerical_failure_on_the_engine_runs_the_request_again_in_float32(asset
 def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     """int8 inside batched_products(row_invariant=True): a row's result does not depend on the rows beside it,
     and stays as close to float32 as the one-row int8 product."""
-    from gpt2_decoder import PrecisionLinear
+    from linear_kernels import PrecisionLinear
 
     torch.manual_seed(0)
     layer = PrecisionLinear(64, 96)

@@ -9,21 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
-import gpt2_decoder
-from gpt2_decoder import (
-    ATTENTION_FUNCTIONS,
+import linear_kernels
+from attention import ATTENTION_FUNCTIONS, AttentionMask, build_attention_mask
+from linear_kernels import (
     SPLIT_MAX_ROWS,
     SPLIT_PARTS,
     WEIGHT_PRECISIONS,
-    AttentionMask,
     PrecisionLinear,
-    RotaryEmbedding,
-    apply_rotary,
-    build_attention_mask,
     linear,
-    rotate_pairs,
     split_matvec_linear,
 )
+from rotary import RotaryEmbedding, apply_rotary, rotate_pairs
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from verification import teacher_forced_logits
 
@@ -116,8 +112,8 @@ def test_split_matvec_linear_equals_f_linear(with_bias, lead):
 
 def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
     calls = []
-    real_split = gpt2_decoder.split_matvec_linear
-    monkeypatch.setattr(gpt2_decoder, "split_matvec_linear",
+    real_split = linear_kernels.split_matvec_linear
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear",
                         lambda *a: calls.append(("split", a[0].shape)) or real_split(*a))
     real_ops = torch.ops.mkldnn
 
@@ -130,7 +126,7 @@ def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
     weight, bias = torch.randn(4 * SPLIT_PARTS, 8), torch.randn(4 * SPLIT_PARTS)
     for x in (torch.randn(1, 1, 8), torch.randn(SPLIT_MAX_ROWS, 8), torch.randn(2, SPLIT_MAX_ROWS, 8)):
         torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
-    prompt = ("onednn", (2 * SPLIT_MAX_ROWS, 8)) if gpt2_decoder.onednn_linear_usable() else None
+    prompt = ("onednn", (2 * SPLIT_MAX_ROWS, 8)) if linear_kernels.onednn_linear_usable() else None
     assert calls == [("split", (1, 1, 8)), ("split", (SPLIT_MAX_ROWS, 8))] + ([prompt] if prompt else [])
     calls.clear()
     for x, w in [
@@ -146,46 +142,14 @@ def test_linear_picks_its_path_by_rows_dtype_and_layout(monkeypatch):
 
 
 def test_onednn_linear_is_only_used_where_it_was_measured(monkeypatch):
-    gpt2_decoder.onednn_linear_usable.cache_clear()
-    monkeypatch.setattr(gpt2_decoder.platform, "machine", lambda: "aarch64")
+    linear_kernels.onednn_linear_usable.cache_clear()
+    monkeypatch.setattr(linear_kernels.platform, "machine", lambda: "aarch64")
     try:
-        assert gpt2_decoder.onednn_linear_usable() is False
+        assert linear_kernels.onednn_linear_usable() is False
         x, w = torch.randn(SPLIT_MAX_ROWS + 1, 8), torch.randn(12, 8)
         torch.testing.assert_close(linear(x, w), F.linear(x, w))
     finally:
-        gpt2_decoder.onednn_linear_usable.cache_clear()
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_one_row_decode_path_equals_the_general_path(model, backend):
-    """The generation step (`GPT2Decoder._decode_one`) against the general forward (forced by collect_hidden)."""
-    decoder = model.transformer
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 7, 64, generator=gen)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[0, :3] = False  # left padding
-    mask[1, 6] = False  # a finished row
-    outputs, caches = [], []
-    for collect in (False, True):
-        cache = decoder.new_cache(2, 8, dtype=torch.float32, device=torch.device("cpu"))
-        key_valid, positions = cache.extend_mask(mask[:, :5])
-        decoder(x[:, :5], decoder.rotary.angles(positions), build_attention_mask(key_valid, 5),
-                ATTENTION_FUNCTIONS[backend], cache)
-        steps = []
-        for p in (5, 6):
-            key_valid, positions = cache.extend_mask(mask[:, p : p + 1])
-            out, states = decoder(x[:, p : p + 1], decoder.rotary.angles(positions), build_attention_mask(key_valid, 1),
-                                  ATTENTION_FUNCTIONS[backend], cache, collect_hidden=collect)
-            assert (states is None) != collect
-            steps.append(out)
-        outputs.append(torch.cat(steps, dim=1))
-        caches.append(cache)
-    assert cache.length == 7 and outputs[0].shape == (2, 2, 64)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
-    assert (outputs[0][1, 1] == 0).all() and (outputs[0][0] != 0).any()
-    for layer in range(len(decoder.h)):
-        torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(caches[0].values[layer], caches[1].values[layer], atol=1e-6, rtol=1e-6)
+        linear_kernels.onednn_linear_usable.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------ int8 weights

@@ -12,19 +12,20 @@ import torch
 from transformers import GPT2Config
 
 import devices
-import gpt2_decoder
+import attention
+import rotary as rotary_module
 import npu_simulation
 from configuration_moss_tts_nano import ATTENTION_NAMES
-from gpt2_decoder import (
+from attention import (
     ATTENTION_FUNCTIONS,
     ATTENTION_IMPLEMENTATIONS,
     AttentionMask,
-    GPT2Decoder,
-    apply_rotary,
     build_attention_mask,
-    positions_from_mask,
     resolve_attention_implementation,
 )
+from gpt2_decoder import GPT2Decoder
+from kv_cache import positions_from_mask
+from rotary import apply_rotary
 
 # The backends that run their own code on a CPU. flash_attention_2 and npu_fusion_attention need their kernels
 # (CUDA / Ascend): here they are tested for what they really do on a CPU (resolution, delegation to sdpa) and,
@@ -213,16 +214,16 @@ def test_simulated_npu_fusion_attention_unpadded_and_float32(simulated_torch_npu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_backends_without_their_kernel_run_sdpa(backend, dtype, monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_flash_attn_module", lambda: None)  # as on a machine without flash-attn
-    monkeypatch.setattr(gpt2_decoder, "npu_fusion_attention_fn", lambda: None)  # ... and without torch_npu
+    monkeypatch.setattr(attention, "_flash_attn_module", lambda: None)  # as on a machine without flash-attn
+    monkeypatch.setattr(attention, "npu_fusion_attention_fn", lambda: None)  # ... and without torch_npu
     calls = []
-    real = gpt2_decoder.sdpa_attention
+    real = attention.sdpa_attention
 
     def recording(*args):
         calls.append(args[0].dtype)
         return real(*args)
 
-    monkeypatch.setattr(gpt2_decoder, "sdpa_attention", recording)
+    monkeypatch.setattr(attention, "sdpa_attention", recording)
     q, k, v = _qkv(dtype=dtype)
     mask = build_attention_mask(_left_padded([5, 3], 5), 5)
     out = ATTENTION_FUNCTIONS[backend](q, k, v, mask, 0.3)
@@ -233,7 +234,7 @@ def test_kernel_backends_without_their_kernel_run_sdpa(backend, dtype, monkeypat
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_backends_requested_on_cpu_resolve_to_sdpa(backend, dtype, monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
     assert resolve_attention_implementation(backend, "cpu", dtype) == "sdpa"
     assert resolve_attention_implementation(backend, torch.device("cpu"), dtype) == "sdpa"
 
@@ -260,15 +261,15 @@ def test_unknown_attention_name_lists_valid_names():
 
 
 def test_flash_on_cpu_falls_back_to_sdpa_with_one_warning(caplog, monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
-    with caplog.at_level(logging.WARNING, logger=gpt2_decoder.logger.name):
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
+    with caplog.at_level(logging.WARNING, logger=attention.logger.name):
         for _ in range(3):
             assert resolve_attention_implementation("flash_attention_2", "cpu", torch.float32) == "sdpa"
     assert len([r for r in caplog.records if "flash_attention_2" in r.getMessage()]) == 1
 
 
 def test_flash_on_cuda_when_usable(monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "is_flash_attn_usable", lambda device, dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(attention, "is_flash_attn_usable", lambda device, dtype: dtype == torch.bfloat16)
     assert resolve_attention_implementation("flash_attention_2", "cuda", torch.bfloat16) == "flash_attention_2"
     assert resolve_attention_implementation("flash_attention_2", "cuda", torch.float32) == "sdpa"
 
@@ -281,7 +282,7 @@ def test_simulated_npu_resolution(simulated_torch_npu):
 
 
 def test_npu_without_torch_npu_falls_back_to_sdpa(monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "npu_fusion_attention_fn", lambda: None)
+    monkeypatch.setattr(attention, "npu_fusion_attention_fn", lambda: None)
     assert resolve_attention_implementation("flash_attention_2", "npu", torch.float16) == "sdpa"
 
 
@@ -289,7 +290,7 @@ def test_npu_without_torch_npu_falls_back_to_sdpa(monkeypatch):
 
 
 def test_rope_rotates_interleaved_pairs_in_float32():
-    rotary = gpt2_decoder.RotaryEmbedding(head_dim=8, base=10000.0)
+    rotary = rotary_module.RotaryEmbedding(head_dim=8, base=10000.0)
     positions = torch.tensor([[0, 1, 5]])
     cos, sin = rotary.angles(positions)
     assert cos.dtype == torch.float32 and cos.shape == (1, 1, 3, 4)
@@ -304,7 +305,7 @@ def test_rope_rotates_interleaved_pairs_in_float32():
 
 
 def test_rope_angles_exact_for_large_positions_in_bfloat16_models():
-    rotary = gpt2_decoder.RotaryEmbedding(head_dim=4, base=10000.0)
+    rotary = rotary_module.RotaryEmbedding(head_dim=4, base=10000.0)
     cos, _ = rotary.angles(torch.tensor([[1000, 1001]]))
     assert cos[0, 0, 0, 0] != cos[0, 0, 1, 0]  # float32 angles: neighbouring positions above 256 stay distinct
     x = torch.randn(1, 1, 2, 4, dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ import torch
 
 import demo
 import infer_npu
-from gpt2_decoder import resolve_linear_kernel
+from linear_kernels import resolve_linear_kernel
 from pipeline_assets import TinyAssets
 from rotary import resolve_rotary_kernel
 

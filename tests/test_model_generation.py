@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configuration_moss_tts_nano import MossTTSNanoConfig
-from gpt2_decoder import ATTENTION_FUNCTIONS, AttentionMask
+from attention import ATTENTION_FUNCTIONS, AttentionMask
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p, select_tokens
 

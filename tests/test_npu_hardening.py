@@ -15,18 +15,19 @@ from transformers import GPT2Config
 
 import devices
 import engine
-import gpt2_decoder
+import attention
 import npu_probes
 import npu_simulation
 import rotary
 import verification
-from gpt2_decoder import ATTENTION_FUNCTIONS, GPT2Decoder, build_attention_mask, resolve_kernel_plan
+from attention import ATTENTION_FUNCTIONS, build_attention_mask
+from gpt2_decoder import GPT2Decoder, resolve_kernel_plan
 from sampling import select_tokens
 
 
 @pytest.fixture(autouse=True)
 def fresh_probes(monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
     devices.clear_caches()
     yield
     devices.clear_caches()

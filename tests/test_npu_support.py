@@ -17,16 +17,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config
 
 import devices
-import gpt2_decoder
+import attention
+import kv_cache
 import npu_simulation
 import rotary
-from gpt2_decoder import ATTENTION_FUNCTIONS, GPT2Decoder, build_attention_mask, resolve_attention_implementation
+from attention import ATTENTION_FUNCTIONS, build_attention_mask, resolve_attention_implementation
+from gpt2_decoder import GPT2Decoder
 from rotary import make_rotation, resolve_rotary_kernel
 
 
 @pytest.fixture(autouse=True)
 def fresh_probes(monkeypatch):
-    monkeypatch.setattr(gpt2_decoder, "_DOWNGRADES_LOGGED", set())
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
     devices.clear_caches()
     yield
     devices.clear_caches()
@@ -53,7 +55,7 @@ def test_simulated_atlas_a2_a3_soc_gets_the_fused_kernel(monkeypatch, name, with
 @pytest.mark.parametrize("with_soc_getter", [True, False])
 def test_simulated_older_soc_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog, name, with_soc_getter):
     calls = npu_simulation.install(monkeypatch, _cards(name, with_soc_getter=with_soc_getter))
-    with caplog.at_level(logging.WARNING, logger=gpt2_decoder.logger.name):
+    with caplog.at_level(logging.WARNING, logger=attention.logger.name):
         for _ in range(3):
             assert resolve_attention_implementation("npu_fusion_attention", "npu:0", torch.float16) == "sdpa"
     warnings = [r.getMessage() for r in caplog.records]
@@ -176,6 +178,7 @@ def test_npu_out_of_memory_message_halves_the_row_budget(tmp_path, monkeypatch):
 def run_python(code: str) -> str:
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    code = "__import__('repo_imports').install()\n" + code  # modules by their names (repo_imports.py)
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -312,7 +315,7 @@ def test_simulated_npu_rotary_mul_decoder_matches_the_real_kernel(monkeypatch):
     decoder = _decoder().float()
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :2] = False
-    positions = gpt2_decoder.positions_from_mask(mask)
+    positions = kv_cache.positions_from_mask(mask)
     x = torch.randn(2, 6, 32)
     outs = {}
     for kernel in ("npu_rotary_mul", "real", "complex"):

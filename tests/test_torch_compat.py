@@ -187,7 +187,7 @@ def test_codec_decodes_in_bfloat16_autocast_without_torch_amp_probe(monkeypatch)
 
 def test_out_of_memory_error_without_the_top_level_alias(monkeypatch):
     monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)  # as in torch < 2.5
-    spec = importlib.util.spec_from_file_location("torch_compat_without_alias", ROOT / "torch_compat.py")
+    spec = importlib.util.spec_from_file_location("moss_tts_nano.torch_compat_without_alias", ROOT / "torch_compat.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.OutOfMemoryError is torch.cuda.OutOfMemoryError

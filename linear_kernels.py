@@ -1,0 +1,300 @@
+"""Linear layers and the CPU kernels behind them: `linear` (split matrix-vector products and oneDNN rows on the CPU
+fast paths, `F.linear` elsewhere), the row-invariant products batched requests need, and `PrecisionLinear` with its
+int8 weights (fbgemm). With MOSS_TTS_CPU_FAST_PATHS=0 the CPU runs what accelerators run."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import platform
+import warnings
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .devices import cpu_fast_paths_enabled, cpu_kernel
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PRECISIONS = ("float32", "int8")
+
+
+class PrecisionLinear(nn.Linear):
+    """nn.Linear that can run from a derived reduced-precision copy of its weight (opt-in, CPU, never saved).
+
+    The parameters stay as they are (same names, dtype, ties, state_dict); "int8" adds a packed copy of the weight
+    (per-output-channel symmetric int8, ~1/4 of the float32 bytes) used by `forward` through fbgemm's dynamic
+    quantized linear: activations are quantized per row with the row's own range (per-token dynamic quantization,
+    7-bit range as fbgemm needs on AVX2 without VNNI), products accumulate in int32 and the output is float32. "float32" drops the copy. Change the weights
+    (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
+    """
+
+    _packed: Any = None  # the packed int8 weight (without bias: `_int8_rows` adds it), None in float32
+    _packed_rows: Any = None  # (that packed copy, the sums of its dequantized rows) for `_int8_rows`
+
+    @property
+    def weight_precision(self) -> str:
+        return "float32" if self._packed is None else "int8"
+
+    def set_weight_precision(self, precision: str) -> None:
+        """Switch between the float32 weight ("float32") and a packed int8 copy ("int8").
+
+        Raises:
+            ValueError: for an unknown precision.
+            RuntimeError: for "int8" when the weight is not a float32 CPU tensor, no int8 engine is available, or
+                MOSS_TTS_CPU_FAST_PATHS=0.
+        """
+        if precision not in WEIGHT_PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
+        self._packed_rows = None if precision == "float32" else _pack_int8_rows(self.weight)
+        self._packed = None if self._packed_rows is None else self._packed_rows[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            # Per-row (per-token) dynamic quantization in every mode, a lone row included: a row's int8 result
+            # never depends on the rows beside it (fbgemm alone would quantize a product with one range).
+            return self._int8_rows(x)
+        return linear(x, self.weight, self.bias)
+
+    def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 products whose rows do not depend on each other (per-row dynamic activation quantization).
+
+        Why: fbgemm quantizes the activations of a product with one range for all its rows, so a row's result would
+        depend on its neighbours. Here each row is mapped onto [0, 1] by its own range first, and two pinned rows (0
+        and 1) fix the product's range, so every row is quantized exactly as alone, with its own 7-bit range like
+        the one-row product; W x = span * (W x') + low * (W 1) restores it (W as quantized).
+        """
+        if self._packed_rows is None:  # derived once, like the packed copy itself
+            self._packed_rows = _pack_int8_rows(self.weight)
+        packed, weight_sums = self._packed_rows
+        flat = x.reshape(-1, x.shape[-1])
+        low = flat.amin(dim=1, keepdim=True)
+        span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(torch.float32).tiny)
+        pins = torch.stack((flat.new_zeros(flat.shape[1]), flat.new_ones(flat.shape[1])))
+        out = torch.ops.quantized.linear_dynamic(torch.cat(((flat - low) / span, pins)), packed, True)
+        out = out[: flat.shape[0]] * span + low * weight_sums
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
+        result = super()._apply(fn, *args, **kwargs)
+        if self._packed is not None:
+            # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
+            if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+                self._packed_rows = _pack_int8_rows(self.weight)
+                self._packed = self._packed_rows[0]
+            else:
+                logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
+                self._packed = self._packed_rows = None
+        return result
+
+
+# A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
+# F.linear sends them to a single-threaded GEMV and to a poor small-GEMM path for 2-16 rows; the same product as a
+# batched matmul over SPLIT_PARTS equal blocks of output rows runs the blocks on all threads, so a decoding step
+# uses the whole memory bandwidth (figures: benchmarks/measured/ and README). Same float32 math per output, only
+# the summation order inside a dot product can differ (relative ~1e-7). More rows (a prompt) are GEMMs: see `linear`.
+SPLIT_MAX_ROWS = 16
+SPLIT_PARTS = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
+    step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
+    the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
+    two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
+    MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
+        return F.linear(x, weight, bias)
+    batched = _BATCHED_PRODUCTS.get()
+    if batched and (batched == "row-invariant" or x.numel() > x.shape[-1]) and not _needs_autograd(x, weight) \
+            and row_invariant_limit():
+        return _onednn_rows(x, weight, bias)
+    if x.numel() <= SPLIT_MAX_ROWS * x.shape[-1]:
+        if weight.shape[0] % SPLIT_PARTS == 0:
+            return split_matvec_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+    if _needs_autograd(x, weight) or not onednn_linear_usable():
+        return F.linear(x, weight, bias)  # Why: the oneDNN op has no backward
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_usable() -> bool:
+    """Whether oneDNN's float32 linear (`torch.ops.mkldnn._linear_pointwise`, which inductor uses) runs here.
+
+    x86-64 only (where it was measured faster than F.linear), and only if it gives F.linear's result on a probe.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, weight = torch.arange(40.0).view(5, 8) / 7, torch.arange(24.0).view(3, 8) / 5
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, weight), rtol=1e-6, atol=1e-6))
+    except (AttributeError, RuntimeError, TypeError):  # op missing or not built for this CPU
+        return False
+
+
+_BATCHED_PRODUCTS: contextvars.ContextVar[str] = contextvars.ContextVar("moss_tts_batched_products", default="")
+
+
+@contextlib.contextmanager
+def batched_products(row_invariant: bool = True) -> Iterator[int]:
+    """Products for batched decoding, where a few rows share each product (this thread only; the engine's steps).
+
+    Float32 CPU products of two or more rows go through oneDNN: its GEMM reads the weights once for all rows and
+    gives a row the same bits for every row count within a range (one kernel; `row_invariant_limit()` probes it
+    once), while the split matvec and MKL's GEMM change a row's summation order with the row count. With
+    `row_invariant`, one row too is padded to two, so a row's result never depends on how many rows share the
+    product or where it sits: a request batched with others computes exactly what it computes alone. That costs a
+    lone row: the split matvec reads the weights with every thread and is faster for one row (up to about twice on
+    a CPU whose local-decoder weights stay in cache). Without it, one row takes the split matvec and only its
+    last bits can differ from the same row beside others. int8 weights: with `row_invariant`, each row's
+    activations are quantized with the row's own range (`PrecisionLinear._int8_rows`; integer sums, so exact).
+    Other devices and dtypes run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
+    low bits may depend on the batch.
+
+    Yields:
+        `row_invariant_limit()`: products of 2 up to that many rows keep a row's bits here (0: none).
+    """
+    token = _BATCHED_PRODUCTS.set("row-invariant" if row_invariant else "batched")
+    try:
+        yield row_invariant_limit()
+    finally:
+        _BATCHED_PRODUCTS.reset(token)
+
+
+def row_invariant_products() -> contextlib.AbstractContextManager:
+    """`batched_products(row_invariant=True)`: a row's result never depends on the other rows of its product."""
+    return batched_products(row_invariant=True)
+
+
+ROW_PROBE_MAX = 64
+
+
+def row_invariant_limit() -> int:
+    """The largest row count R such that oneDNN's float32 linear gives a row the same bits for every row count in
+    2..R and every position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 where oneDNN is
+    unusable (see `onednn_linear_usable`), two rows already differ from three, or MOSS_TTS_CPU_FAST_PATHS=0 (plain
+    F.linear, as on an accelerator).
+
+    Why a limit: oneDNN switches kernels at a row count that depends on its version and the CPU (16 rows in
+    torch 2.3.1's build on AVX-512; none up to 300 rows in torch 2.13's).
+    """
+    return _onednn_row_limit() if cpu_fast_paths_enabled() else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_row_limit() -> int:
+    if not onednn_linear_usable():
+        return 0
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(768, 768, generator=generator)
+    bias = torch.randn(768, generator=generator)
+    rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
+    reference = _onednn_rows(rows[:2], weight, bias)[0]
+    for count in range(3, ROW_PROBE_MAX + 1):
+        if not all(torch.equal(_onednn_rows(_placed(rows, count, position), weight, bias)[position], reference)
+                   for position in (0, count // 2, count - 1)):
+            if count == 3:
+                logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
+                               "differ from solo runs in their last bits")
+            return count - 1 if count > 3 else 0
+    return ROW_PROBE_MAX
+
+
+def _placed(rows: torch.Tensor, count: int, position: int) -> torch.Tensor:
+    probe = rows[1 : count + 1].clone()
+    probe[position] = rows[0]
+    return probe
+
+
+def onednn_rows_invariant() -> bool:
+    """Whether `row_invariant_products` makes products of at least 2..3 rows row-invariant here."""
+    return row_invariant_limit() >= 3
+
+
+def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if rows == 1:
+        flat = flat.expand(2, -1)  # why: oneDNN takes a one-row product down another path (a GEMV)
+    out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, bias, "none", [], "")
+    return out[:rows].view(*x.shape[:-1], weight.shape[0])
+
+
+def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows of x, as one batched matmul over SPLIT_PARTS blocks of weight rows."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    blocks = weight.view(SPLIT_PARTS, out_features // SPLIT_PARTS, in_features)
+    columns = x.reshape(1, rows, in_features).transpose(1, 2).expand(SPLIT_PARTS, in_features, rows)
+    if bias is None:
+        out = torch.bmm(blocks, columns)
+    else:
+        out = torch.baddbmm(bias.view(SPLIT_PARTS, out_features // SPLIT_PARTS, 1), blocks, columns)
+    out = out.view(out_features, rows)
+    out = out.view(1, out_features) if rows == 1 else out.t().contiguous()
+    return out.view(*x.shape[:-1], out_features)
+
+
+def resolve_linear_kernel(device: Union[torch.device, str], dtype: torch.dtype) -> str:
+    """What `linear` runs for a model on (device, dtype): "split-matvec/onednn" (or "split-matvec" where oneDNN is not
+    used) for float32 on CPU with the fast paths on, else "F.linear"."""
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if device_type != "cpu" or dtype != torch.float32:
+        return "F.linear"
+    kernel = cpu_kernel("linear")
+    return "split-matvec" if kernel == "split-matvec/onednn" and not onednn_linear_usable() else kernel
+
+
+def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
+    if cpu_kernel("int8_weights") is None:
+        raise RuntimeError(
+            "int8 weight precision is a CPU fast path and MOSS_TTS_CPU_FAST_PATHS=0 turns the CPU fast paths off "
+            "(the CPU then runs what an accelerator runs); unset MOSS_TTS_CPU_FAST_PATHS or set it to 1 for int8"
+        )
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise RuntimeError(
+            f"int8 weight precision needs a float32 CPU model (weight is {weight.dtype} on {weight.device}); "
+            "call model.to('cpu', torch.float32) first, or keep float32"
+        )
+    engines = torch.backends.quantized.supported_engines
+    if not {"x86", "fbgemm"} & set(engines):
+        raise RuntimeError(f"int8 weight precision needs torch's x86/fbgemm quantized engine; this build has {engines}")
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        # Why here only: prepacking reads the process-wide engine, but a packed weight keeps its own kernel (a later
+        # engine change does not affect `linear_dynamic` on it). So the switch happens when int8 is set up (or the
+        # model is moved), never during generation, where it would race with other threads.
+        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+    with torch.no_grad(), warnings.catch_warnings():
+        # Why: torch flags its quantized-tensor constructors as deprecated; they are still the only CPU int8 path
+        # here that beats float32 (torchao's eager int8 CPU kernels measured slower than float32 on AVX2).
+        warnings.simplefilter("ignore", UserWarning)
+        w = weight.detach()
+        scales = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)  # (out,)
+        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+        qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach())
+
+
+def _pack_int8_rows(weight: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The packed int8 copy without bias and the sums of its dequantized rows (W 1), for `_int8_rows`."""
+    packed = _pack_int8(weight, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qweight, _ = torch.ops.quantized.linear_unpack(packed)
+        return packed, qweight.dequantize().sum(dim=1)
+
+
