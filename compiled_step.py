@@ -135,7 +135,7 @@ class StepGraphs:
         self.model, self.backend, self.default = model, backend, False
         self.api = None
         if backend == "capture":
-            self.api, self.problem = _capture_module().graph_api(model.transformer.wte.weight.device)
+            self.api, self.problem = _graph_api(model.transformer.wte.weight.device)
         else:
             self.problem = compile_problem(backend)
         if self.problem is not None:
@@ -158,7 +158,7 @@ class StepGraphs:
 
     def _new_frame(self, size: int, sampler: RowSampler, attend: Any) -> "CompiledFrame":
         if self.backend == "capture":
-            return _capture_module().CapturedFrame(self, size, sampler, attend, len(self.frames), self.api)
+            return _captured_frame(self, size, sampler, attend, len(self.frames), self.api)
         return CompiledFrame(self, size, sampler, attend, len(self.frames))
 
     def fail(self, error: BaseException) -> None:
@@ -167,11 +167,16 @@ class StepGraphs:
         logger.warning("frame step compilation failed (%s); the eager step runs from now on", self.problem)
 
 
-def _capture_module() -> Any:
-    """step_capture (imported when first used: it builds on this module)."""
-    from . import step_capture
+def _graph_api(device: torch.device) -> tuple:
+    from .step_capture import graph_api  # imported when first used: step_capture builds on this module
 
-    return step_capture
+    return graph_api(device)
+
+
+def _captured_frame(*args: Any) -> "CompiledFrame":
+    from .step_capture import CapturedFrame
+
+    return CapturedFrame(*args)
 
 
 def _model_problem(model: Any) -> Optional[str]:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from . import compiled_step
+from .compiled_step import enabled as compile_enabled, graphs_for
 from .generation import LocalRunner, frame_constants, sample_frame
 from .attention import ATTENTION_FUNCTIONS, AttentionMask
 from .kv_cache import Segment, SlotKVCache
@@ -206,8 +206,8 @@ class ModelRunner:
         self._locals: dict[tuple[int, int], LocalRunner] = {}
         self._sampler_key: Any = None
         self._sampler: Optional[RowSampler] = None
-        wanted = compiled_step.enabled(model) if compile is None else compile
-        self.graphs = compiled_step.graphs_for(model, create=True) if wanted and use_kv_cache \
+        wanted = compile_enabled(model) if compile is None else compile
+        self.graphs = graphs_for(model, create=True) if wanted and use_kv_cache \
             and not batch_invariant else None
 
     def begin(self, slot: int, rows: int) -> None:
