@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import environment
-from . import devices
+from . import compiled_step, devices, environment
 from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_hub_id, quiet_transformers
 from .attention import ATTENTION_IMPLEMENTATIONS
 from .linear_kernels import WEIGHT_PRECISIONS
@@ -230,15 +229,21 @@ def add_performance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-precision", choices=WEIGHT_PRECISIONS, default="float32",
                        help="int8: opt-in int8 weights for the decoder Linear layers (CPU float32 model only; "
                             "faster, logits within cosine 0.999 of float32)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the frame step's local codebook loop with torch.compile (inductor; the first "
+                            "start compiles for tens of seconds, later starts read the cache; falls back to eager, "
+                            "saying why, where it cannot)")
 
 
 def apply_performance_settings(model: Any, args: argparse.Namespace) -> None:
-    """Apply --threads and --weight-precision (when the parser has them)."""
+    """Apply --threads, --weight-precision and --compile (when the parser has them)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     precision = getattr(args, "weight_precision", "float32")
     if precision != "float32":
         model.set_weight_precision(precision)
+    if getattr(args, "compile", False):
+        compiled_step.enable(model)
 
 
 def run_cli(body: Callable[[], int], verbose: bool) -> int:

@@ -55,17 +55,19 @@ class EngineCore:
         memory_per_sample_gb: device memory one sequence may need; on an accelerator the row budget starts from free
             memory divided by it.
         retry_float32: re-run a request that fails numerically in float32 (False: it fails with "Non-finite ...").
+        compile: the compiled frame step (`compiled_step`): True, False, or None (the model's setting).
     """
 
     def __init__(self, model: Any, codec: Any = None, *, slots: int = 1, max_queue: Optional[int] = None,
                  batch_invariant: bool = False, use_kv_cache: bool = True, shared: bool = False,
-                 memory_per_sample_gb: float = 1.0, retry_float32: bool = True) -> None:
+                 memory_per_sample_gb: float = 1.0, retry_float32: bool = True,
+                 compile: Optional[bool] = None) -> None:
         self.model, self.codec, self.retry_float32 = model, codec, retry_float32
         device = model.transformer.wte.weight.device
         budget = devices.chunk_batch_size(slots, device, memory_per_sample_gb, slots)
         self.scheduler = Scheduler(slots, max_queue, budget)
         self._runner_args = dict(use_kv_cache=use_kv_cache, batch_invariant=batch_invariant,
-                                 batched_products_mode=shared)
+                                 batched_products_mode=shared, compile=compile)
         self.runner = ModelRunner(model, slots, **self._runner_args)
         self._float32_runner: Optional[ModelRunner] = None
         self.streams = CodecStreams(codec, slots) if codec is not None else None

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import devices
+from . import compiled_step, devices
 from .cli_common import Parser, add_model_arguments, add_performance_arguments, add_sampling_arguments
 from .cli_common import load_model_for_cli, run_cli
 from .cli_common import resolve_model_path, sampling_kwargs
@@ -115,10 +115,11 @@ def truncation_warning(args: argparse.Namespace, result: dict) -> str | None:
 
 
 def kernel_reasons(model: Any) -> str:
-    """One line: why the planned RoPE and attention kernels were chosen (e.g. why not the NPU fused ones)."""
+    """One line: why the planned RoPE and attention kernels were chosen (e.g. why not the NPU fused ones), and
+    how the frame step runs (compiled, eager, or eager because compilation fell back, with the reason)."""
     plan = model.kernel_plan()
     return (f"kernels: rope={plan.rope} ({plan.reasons.get('rope', 'n/a')}); attention={'/'.join(plan.attention)} "
-            f"({plan.reasons.get('attention', 'n/a')})")
+            f"({plan.reasons.get('attention', 'n/a')}); frame step: {compiled_step.status(model)}")
 
 
 def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> str:
@@ -133,6 +134,7 @@ def summary(model: Any, args: argparse.Namespace, result: dict, wall: float) -> 
         f"attention={'/'.join(model.kernel_plan().attention)}",
         f"rope={model.kernel_plan().rope}",
         f"linear={model.kernel_plan().linear}",
+        f"step={compiled_step.status(model).split(' ')[0]}",
         f"frames={result['frames']}",
         f"truncated={len(result['truncated_chunks'])}",
         f"audio={seconds:.2f}s",

@@ -115,7 +115,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
     two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
     MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
     batched = _BATCHED_PRODUCTS.get()

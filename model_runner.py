@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .compiled_step import enabled as compile_enabled, graphs_for
 from .generation import LocalRunner, frame_constants, sample_frame
 from .attention import ATTENTION_FUNCTIONS, AttentionMask
 from .kv_cache import Segment, SlotKVCache
@@ -183,10 +184,12 @@ class ModelRunner:
         batch_invariant: a row's results do not depend on the other rows of the step.
         batched_products_mode: run the steps inside `batched_products` (a shared engine's steps; a private core's
             rows are one caller's, which needs no such products).
+        compile: the compiled local frame (`compiled_step`): True, False (eager) or None (the model's setting,
+            `compiled_step.enable`). Batch-invariant runners stay eager (a graph's bucket padding shares products).
     """
 
     def __init__(self, model: Any, slots: int, *, use_kv_cache: bool = True, batch_invariant: bool = False,
-                 batched_products_mode: bool = False) -> None:
+                 batched_products_mode: bool = False, compile: Optional[bool] = None) -> None:
         self.model, self.slots, self.batch_invariant = model, slots, batch_invariant
         self.batched = batched_products_mode or batch_invariant
         config = model.config
@@ -203,6 +206,9 @@ class ModelRunner:
         self._locals: dict[tuple[int, int], LocalRunner] = {}
         self._sampler_key: Any = None
         self._sampler: Optional[RowSampler] = None
+        wanted = compile_enabled(model) if compile is None else compile
+        self.graphs = graphs_for(model, create=True) if wanted and use_kv_cache \
+            and not batch_invariant else None
 
     def begin(self, slot: int, rows: int) -> None:
         """Free `slot` for a new sequence of up to `rows` rows (prompt plus frames)."""
@@ -275,8 +281,13 @@ class ModelRunner:
         active = torch.ones(len(rows), dtype=torch.bool, device=self.device)
         forced = [row.forced for row in rows]
         force = (all(forced) or torch.tensor(forced, device=self.device)) if any(forced) else False
-        frame = sample_frame(self.model, h, self._local_runner(len(rows), sampler.nq), sampler, seen, active,
-                             self.consts, force_continue=force)
+        compiled = self.graphs.frame(len(rows), sampler, self.attend_local) if self.graphs is not None else None
+        result = compiled.run(h, sampler, seen, torch.tensor(forced, device=self.device)) if compiled else None
+        if result is not None:
+            frame, seen = result
+        else:
+            frame = sample_frame(self.model, h, self._local_runner(len(rows), sampler.nq), sampler, seen, active,
+                                 self.consts, force_continue=force)
         if seen is not None:
             self.seen[: sampler.nq, index] = seen
         for i, slot in enumerate(slots):

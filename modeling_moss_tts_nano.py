@@ -45,6 +45,8 @@ from .prompting import (
     validate_mode,
 )
 from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
+from .compiled_step import enable as enable_compiled_step  # noqa: F401  (for the loader: model_runner)
+from .step_capture import graph_api  # noqa: F401  (for the loader: compiled_step)
 from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
 from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
 from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)

@@ -197,7 +197,7 @@ class RowSampler:
 
     def __init__(self, params: Sequence[SamplingParams],
                  generators: Union[torch.Generator, Sequence[Optional[torch.Generator]], None], n_vq: int) -> None:
-        self.batch = len(params)
+        self.batch, self.n_vq = len(params), n_vq
         shared = generators is None or isinstance(generators, torch.Generator)
         self._groups: list[tuple[SamplingParams, Optional[list[int]], Any]] = []
         params = [dataclasses.replace(item, max_new_frames=1, min_new_frames=0) for item in params]  # group keys
@@ -213,6 +213,11 @@ class RowSampler:
         penalties = [item.audio_repetition_penalty for item in params]
         self.tracks_repetition = any(p != 1.0 for p in penalties)
         self._penalties = penalties[0] if len(set(penalties)) == 1 else torch.tensor(penalties)[:, None]
+
+    @property
+    def groups(self) -> list:
+        """(settings, rows or None for every row, generator(s)) per group of rows with equal settings."""
+        return self._groups
 
     @classmethod
     def uniform(cls, params: SamplingParams, batch: int, generator: Optional[torch.Generator],

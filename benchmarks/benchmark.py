@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 __import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
 
+import compiled_step  # noqa: E402
 from environment import describe_environment  # noqa: E402
 import devices  # noqa: E402
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
@@ -70,7 +71,9 @@ def bench_generation(assets: Any, device: torch.device, frames: int, repeats: in
     input_ids, mask = voice_clone_prompt(assets)
     input_ids, mask = input_ids.to(device), mask.to(device)
     kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames)
+    start = time.perf_counter()
     assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
+    warmup_s = time.perf_counter() - start  # with --compile: the graphs' compile (first start) or cache load
 
     cpu_ms: list[float] = []
 
@@ -85,7 +88,7 @@ def bench_generation(assets: Any, device: torch.device, frames: int, repeats: in
 
     result = _median_of(repeats, run)
     # Process CPU time per frame (all threads, prompt prefill included): less sensitive to other load than wall time.
-    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames,
+    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames, warmup_s=warmup_s,
                   cpu_ms_per_frame={"median": statistics.median(cpu_ms), "runs": cpu_ms})
     return result
 
@@ -130,6 +133,9 @@ def bench_end_to_end(assets: Any, device: torch.device, frames: int, repeats: in
     resources = {"text_tokenizer": assets.tokenizer, "audio_tokenizer": assets.codec}
     prompt_audio = demo_prompt_audio(seconds=prompt_seconds)
     runs = []
+    for _ in assets.model.inference_stream(E2E_TEXT, prompt_audio=prompt_audio, **resources,
+                                           **dict(kwargs, max_new_frames=2)):
+        pass  # warm-up (with --compile: the graph compiles here, not inside the timed runs)
     for _ in range(repeats):
         start = time.perf_counter()
         audio_samples, result = 0, {}
@@ -171,7 +177,9 @@ def bench_concurrency(assets: Any, device: torch.device, levels: list[int], fram
     rounds: list[dict[int, dict[str, Any]]] = []
     with SynthesisEngine(assets.model, **resources, max_batch_size=max(levels), max_queue=max(levels),
                          batch_invariant=batch_invariant) as engine:
-        engine.submit(E2E_TEXT, **dict(kwargs, max_new_frames=2, seed=0)).result()  # warm-up
+        for level in levels:  # warm-up of every level's batch (with --compile: each bucket's graph compiles here)
+            for job in [engine.submit(E2E_TEXT, **dict(kwargs, max_new_frames=2, seed=i)) for i in range(level)]:
+                job.result()
         for _ in range(repeats):
             rounds.append({0: _measure_without_engine(assets, resources, kwargs)})
             for level in levels:
@@ -375,21 +383,39 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     assets.codec.to(device)
     devices.reset_peak_memory(device)
     report: dict[str, Any] = {"environment": environment(device, dtype, args.weight_precision), "repeats": args.repeats}
-    if "generation" not in skip:
-        report["generation_frames_per_s"] = bench_generation(assets, device, args.frames, args.repeats)
-    if "codec" not in skip:
-        report["codec"] = bench_codec(assets, device, args.repeats)
-    if "e2e" not in skip:
-        report["end_to_end_streaming"] = bench_end_to_end(assets, device, args.e2e_frames, args.repeats,
-                                                          args.e2e_prompt_seconds)
-    if "concurrency" not in skip and args.concurrency:
-        report["concurrency"] = bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
-                                                  args.repeats, args.e2e_prompt_seconds, args.batch_invariant,
-                                                  args.code_agreement)
+    modes = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
+    for section, measure in _sections(args, assets, device, skip):
+        for mode in modes:  # eager and compiled side by side, section by section
+            if mode == "compiled":
+                compiled_step.enable(assets.model)
+            else:
+                compiled_step.disable(assets.model)
+            key = section if len(modes) == 1 else f"{section}_{mode}"
+            report[key] = measure()
+            if mode == "compiled":
+                report.setdefault("compiled_step", {})[section] = compiled_step.status(assets.model)
+    if "compiled" in modes:
+        report["environment"]["compiled_step"] = compiled_step.status(assets.model)
     report["environment"]["load_average_at_end"] = _load_average()
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
+
+
+def _sections(args: argparse.Namespace, assets: Any, device: torch.device, skip: set[str]) -> list:
+    """(report key, measuring function) of each section to run."""
+    sections = [
+        ("generation_frames_per_s", lambda: bench_generation(assets, device, args.frames, args.repeats)),
+        ("codec", lambda: bench_codec(assets, device, args.repeats)),
+        ("end_to_end_streaming", lambda: bench_end_to_end(assets, device, args.e2e_frames, args.repeats,
+                                                          args.e2e_prompt_seconds)),
+        ("concurrency", lambda: bench_concurrency(assets, device, args.concurrency, args.concurrency_frames,
+                                                  args.repeats, args.e2e_prompt_seconds, args.batch_invariant,
+                                                  args.code_agreement)),
+    ]
+    names = {"generation_frames_per_s": "generation", "end_to_end_streaming": "e2e"}
+    return [(key, measure) for key, measure in sections
+            if names.get(key, key) not in skip and (key != "concurrency" or args.concurrency)]
 
 
 def _levels(text: str) -> list[int]:
@@ -421,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="then run each stream of the top level alone and report how many codes agree")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="run that section's engine batch-invariant (opt-in) instead of with the fastest products")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="the compiled frame step (compiled_step): off, on, or both side by side (eager first)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)

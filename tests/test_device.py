@@ -143,3 +143,24 @@ def test_memory_and_synchronize_helpers_answer_on_the_device(device):
     assert peak is not None and peak >= (block.numel() * 4 if device.type != "cpu" else 1)
     free = devices.free_memory_bytes(device)
     assert (free is None) == (device.type == "cpu") and (free is None or free > 0)
+
+
+def test_captured_or_compiled_step_gives_the_eager_greedy_codes_on_the_device(tts, device):
+    """The frame step as a graph (CUDA / NPU graph capture on a card, inductor on `cpu`): greedy codes of a batch of
+    two equal the eager step's on the same device in float32, or the step says why it fell back to eager."""
+    import compiled_step
+
+    model = _on(tts, device, torch.float32)
+    input_ids, mask = _prompt_batch(tts)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    settings = dict(max_new_frames=GREEDY_FRAMES, do_sample=False, audio_repetition_penalty=1.2)
+    eager = model.generate(input_ids, mask, **settings).audio_token_ids
+    compiled_step.enable(model)
+    try:
+        graphed = model.generate(input_ids, mask, **settings).audio_token_ids
+        status = compiled_step.status(model)
+    finally:
+        compiled_step.disable(model)
+    if status.startswith("eager"):
+        pytest.skip(f"the step fell back: {status}")
+    assert torch.equal(graphed.cpu(), eager.cpu()), status

@@ -1,0 +1,94 @@
+"""Greedy codes of the compiled frame step (compiled_step.py, inductor) against the eager step.
+
+    python benchmarks/compiled_agreement.py [--frames 100] [--output benchmarks/results/compiled_agreement.json]
+
+- the golden tts_tiny fixture (../shared/golden, when present): greedy codes, repetition penalty 1.2, KV cache on,
+  compiled, against the recorded upstream codes;
+- the released architecture with seeded random weights (`demo.build_demo_assets`): `--frames` greedy frames from a
+  150-row voice-clone prompt, eager and compiled, compared code by code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
+
+import compiled_step  # noqa: E402
+from benchmark import _cpu_info, _load_average, voice_clone_prompt  # noqa: E402
+from demo import build_demo_assets  # noqa: E402
+from modeling_moss_tts_nano import MossTTSNanoForCausalLM  # noqa: E402
+
+GOLDEN = ROOT.parent / "shared" / "golden" / "tts_tiny"
+
+
+def _generate(model, input_ids, mask, frames: int, compiled: bool) -> tuple[torch.Tensor, float]:
+    if compiled:
+        compiled_step.enable(model)
+    else:
+        compiled_step.disable(model)
+    start = time.perf_counter()
+    out = model.generate(input_ids, mask, max_new_frames=frames, do_sample=False, audio_repetition_penalty=1.2)
+    return out.audio_token_ids, time.perf_counter() - start
+
+
+def golden_check() -> dict:
+    if not (GOLDEN / "golden.npz").exists():
+        return {"skipped": f"{GOLDEN} is absent"}
+    golden = dict(np.load(GOLDEN / "golden.npz"))
+    model = MossTTSNanoForCausalLM.from_pretrained(str(GOLDEN)).eval()
+    model.set_attention_implementation("sdpa")
+    ids, mask = torch.from_numpy(golden["batch_input_ids"]), torch.from_numpy(golden["batch_attention_mask"])
+    codes, seconds = _generate(model, ids, mask, 12, compiled=True)
+    expected = torch.from_numpy(golden["greedy_sdpa_kv1"])
+    return {"equal": bool(torch.equal(codes, expected)), "codes": int(expected.numel()),
+            "status": compiled_step.status(model), "first_call_s": seconds}
+
+
+def released_check(frames: int) -> dict:
+    assets = build_demo_assets(seed=0)
+    ids, mask = voice_clone_prompt(assets)
+    eager, eager_s = _generate(assets.model, ids, mask, frames, compiled=False)
+    _generate(assets.model, ids, mask, 2, compiled=True)  # compile (not timed)
+    compiled, compiled_s = _generate(assets.model, ids, mask, frames, compiled=True)
+    same = eager.shape == compiled.shape
+    agree = int((eager == compiled).sum()) if same else 0
+    return {"frames": [int(eager.shape[1]), int(compiled.shape[1])], "equal": bool(same and torch.equal(eager, compiled)),
+            "codes_agreeing": agree, "codes": int(eager.numel()), "eager_s": eager_s, "compiled_s": compiled_s,
+            "status": compiled_step.status(assets.model)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "compiled_agreement.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"torch": torch.__version__, "cpu_model": _cpu_info("model name"), "threads": torch.get_num_threads(),
+              "load_average_at_start": _load_average()}
+    with torch.no_grad():
+        report["golden_tts_tiny"] = golden_check()
+        report["released_architecture_random_weights"] = released_check(args.frames)
+    report["load_average_at_end"] = _load_average()
+    text = json.dumps(report, indent=2)
+    print(text)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

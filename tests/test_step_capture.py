@@ -1,0 +1,135 @@
+"""Graph capture of the local frame (step_capture.py) with a simulated device graph API on the CPU: the capture
+records the frame's operations once and each replay re-runs them on the same tensors (as a CUDA / NPU graph replays
+its kernels on the same addresses), so inputs must reach the frame through the static buffers. Greedy and seeded
+sampled codes equal eager, one capture per bucket, and a missing API or a capture error falls back to eager once,
+with the reason."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import compiled_step
+import step_capture
+from test_compiled_step import GREEDY, SAMPLED, _codes
+from pipeline_assets import tiny_tts
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph: "SimulatedGraph") -> None:
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.graph.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class SimulatedGraph:
+    """Records the aten operations run inside `graph(...)`; `replay` re-runs them into the recorded outputs."""
+
+    captures = 0
+
+    def __init__(self) -> None:
+        self.ops: list = []
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        for func, args, kwargs, recorded in self.ops:
+            fresh = func(*args, **kwargs)
+            for old, new in zip(tree_flatten(recorded)[0], tree_flatten(fresh)[0]):
+                if isinstance(old, torch.Tensor) and old.data_ptr() != new.data_ptr():
+                    old.copy_(new)
+
+
+class _Stream:
+    def wait_stream(self, other: "_Stream") -> None:
+        pass
+
+
+class SimulatedAPI:
+    Graph = SimulatedGraph
+    Stream = _Stream
+
+    @staticmethod
+    @contextlib.contextmanager
+    def graph(graph: SimulatedGraph):
+        SimulatedGraph.captures += 1
+        with _Recorder(graph):
+            yield
+
+    @staticmethod
+    def stream(stream: _Stream):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream() -> _Stream:
+        return _Stream()
+
+
+def _recording_problem() -> str | None:
+    """Why this torch cannot record operations on inference tensors with a dispatch mode (torch 2.3), else None."""
+    try:
+        with torch.inference_mode(), _Recorder(SimulatedGraph()):
+            torch.ones(2).add_(1).view(1, 2)
+    except RuntimeError as error:
+        return f"torch {torch.__version__}: the simulated capture cannot record inference tensors ({error})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_tts(push=0.0)
+
+
+@pytest.fixture
+def simulated(model, monkeypatch):
+    if _recording_problem():
+        pytest.skip(_recording_problem())
+    monkeypatch.setattr(step_capture, "graph_api", lambda device: (SimulatedAPI, None))
+    SimulatedGraph.captures = 0
+    compiled_step.disable(model)
+    yield
+    compiled_step.disable(model)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampled"])
+def test_simulated_capture_replays_eager_codes_once_per_bucket(model, simulated, params):
+    compiled_step.enable(model, backend="capture")
+    eager = _codes(model, False, 3, params)
+    captured = _codes(model, None, 3, params)
+    four = _codes(model, None, 4, params, frames=2)  # same bucket, same key: no new capture
+    assert torch.equal(captured, eager) and torch.equal(four, _codes(model, False, 4, params, frames=2))
+    frames = [f for f in compiled_step.graphs_for(model).frames.values()]
+    assert SimulatedGraph.captures == 1 and len(frames) == 1 and frames[0].captured.replays == 5 + 2  # the capture runs nothing: its call replays too
+
+
+def test_simulated_capture_without_the_api_runs_eager_with_the_reason(model, monkeypatch):
+    monkeypatch.setattr(step_capture, "graph_api", lambda device: (None, "torch_npu 2.4.0 has no torch.npu.NPUGraph"))
+    compiled_step.enable(model, backend="capture")
+    try:
+        assert torch.equal(_codes(model, None, 2, GREEDY, frames=2), _codes(model, False, 2, GREEDY, frames=2))
+        assert compiled_step.status(model) == "eager (compile fell back: torch_npu 2.4.0 has no torch.npu.NPUGraph)"
+    finally:
+        compiled_step.disable(model)
+
+
+def test_simulated_capture_error_falls_back_to_eager_once(model, simulated, monkeypatch):
+    def refuse(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(SimulatedAPI, "graph", staticmethod(refuse))
+    compiled_step.enable(model, backend="capture")
+    assert torch.equal(_codes(model, None, 2, GREEDY, frames=2), _codes(model, False, 2, GREEDY, frames=2))
+    assert "stream is capturing" in compiled_step.status(model)
+
+
+def test_graph_api_names_the_release_that_has_npu_graphs():
+    api, reason = step_capture.graph_api(torch.device("cpu"))
+    assert api is None and reason == "no graph capture on cpu"
