@@ -308,6 +308,11 @@ class SynthesisEngine:
         return EngineCore(self.model, self.resources.codec, slots=self.max_batch_size,
                           batch_invariant=self.batch_invariant, shared=True)
 
+    # Why inference mode: the worker only reads the model. Outside it, an op on a parameter that requires grad takes
+    # that parameter's autograd lock and then the GIL, while a caller's thread indexing the same parameter holds the
+    # GIL and waits for that lock: a deadlock (seen with torch 2.13: index_select in `frame_constants` here against
+    # `weight[i]` in the test's thread).
+    @torch.inference_mode()
     def _work(self) -> None:
         devices.use_device_in_this_thread(next(self.model.parameters()).device)  # the worker's own thread
         core = self._new_core()

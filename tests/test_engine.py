@@ -564,3 +564,20 @@ def test_an_error_inside_a_frame_fails_its_requests_and_the_engine_serves_on(ass
             failed.result(timeout=120)
         later = eng.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=6).result(timeout=120)
         assert later["frames"] == 6 and eng.stats()["active"] == 0
+
+
+def test_the_worker_reads_the_model_in_inference_mode(assets, monkeypatch):
+    """The worker builds its core and steps in inference mode: outside it, its ops on parameters that require grad
+    take their autograd locks, which deadlocked against a caller's thread indexing the same weights (torch 2.13)."""
+    modes = []
+    real = runner_module.frame_constants
+
+    def recording(model):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return real(model)
+
+    monkeypatch.setattr(runner_module, "frame_constants", recording)
+    assert assets.model.transformer.wte.weight.requires_grad  # the case that deadlocked
+    with SynthesisEngine(assets.model, **assets.resources(), max_batch_size=1) as eng:
+        eng.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=2).result(timeout=120)
+    assert modes and all(inference and not grad for inference, grad in modes)
