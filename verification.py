@@ -1,12 +1,13 @@
-"""Acceptance checks of MOSS-TTS-Nano on a device and dtype against the CPU float32 reference (verify_npu.py).
+"""The verification run and its report: every check of every (device, dtype) against the CPU float32 reference.
 
 Only deterministic work is compared (sampled audio legitimately differs between devices): global hidden states of
-the prompt rows; teacher-forced logits (the reference prompt rows plus the reference greedy frames through the
-global and local decoders: the two text-candidate logits and every codebook's audio logits per frame); greedy codes
-(agreement, first divergent frame); codec decode of identical codes (SNR, max abs difference / peak, CODEC_SPEC §7).
-A short sampled `model.inference(...)` run (its first frames forced, so that the model's decision to stop cannot end
-it) must give finite audio without a float32 retry. Every check captures its own exceptions (device-side errors
-included), so one failure never ends the run.
+the prompt rows; teacher-forced logits (teacher_forcing.py: the reference prompt rows plus the reference greedy
+frames through both decoders); greedy codes (agreement, first divergent frame); codec decode of identical codes (SNR,
+max abs difference / peak). A short sampled `model.inference(...)` run (its first frames forced, so that the
+model's decision to stop cannot end it) must give finite audio without a float32 retry. Every check captures its own
+exceptions (device-side errors included), so one failure never ends the run. The metrics and the tolerances they are
+judged by: verification_metrics.py. `VerificationSettings.compile`: the checked models run the compiled frame step
+(compiled_step.py); the report names the step each target ran.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import environment
-from . import devices
-from .generation import LocalRunner, audio_logits, frame_constants, text_logits
-from .sampling import resolve_nq
-from .pipeline import decode_frames, encode_prompt_audio
+from . import compiled_step, devices, environment
+from .pipeline import encode_prompt_audio
 from .prompting import infer_mode
+from .sampling import resolve_nq
+from .teacher_forcing import TeacherForcedLogits, measure_codec, measure_greedy, measure_hidden, measure_logits
+# tests/test_single_sources.py (another change's file) still reads these two here:
+from .teacher_forcing import _local_logits, teacher_forced_logits  # noqa: F401
+from .verification_metrics import (
+    TOLERANCES, Tolerance, all_finite, code_agreement, cosine_similarity, dtype_name, first_divergent_frame,
+    max_abs_difference, snr_db, tolerance_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,315 +47,6 @@ REFERENCE_NOTE = (
     "CPU float32 is the reference: its agreement checks compare it with itself and pass by definition "
     "(finiteness is still checked)"
 )
-DTYPE_NAMES = {
-    "auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-# ---------------------------------------------------------------------------------------------------- tolerances
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """What a (device, dtype) run must meet against the CPU float32 reference.
-
-    Attributes:
-        dtype: the model dtype these limits are for.
-        min_cosine: teacher-forced text and audio logits and the global hidden states.
-        max_abs_rel: max |logits - reference| / max(1, max |reference logits|).
-        min_argmax_agreement: fraction of teacher-forced audio argmaxes equal to the reference greedy codes.
-        min_divergence_fraction: greedy codes: first divergent frame / frames (identical codes always pass).
-        codec_max_abs_rel: max |waveform - reference| / peak |reference| (CODEC_SPEC §7 checks 11 and 12).
-        codec_min_snr_db: signal-to-noise ratio of the decoded waveform against the reference.
-        rationale: why these limits.
-    """
-
-    dtype: str
-    min_cosine: float
-    max_abs_rel: float
-    min_argmax_agreement: float
-    min_divergence_fraction: float
-    codec_max_abs_rel: float
-    codec_min_snr_db: float
-    rationale: str
-
-
-TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(
-        "float32", 0.99999, 1e-3, 0.99, 0.5, 1e-4, 60.0,
-        "fp32 on an accelerator only reorders reductions and fuses kernels: ~1e-6 relative per op, ~1e-5 after "
-        "12 + 1 layers, while a wrong kernel (mask, RoPE, TF32/HF32 left on) shows > 1e-3. Greedy codes flip only "
-        "at rare exact near-ties: identical, or diverging in the second half of the run. Codec: CODEC_SPEC §7 "
-        "check 11 (<= 1e-4 * peak, i.e. > 70 dB SNR for speech-like audio; 60 dB leaves margin)."),
-    "float16": Tolerance(
-        "float16", 0.999, 5e-2, 0.9, 0.0, 5e-2, 15.0,
-        "fp16 rounds every matmul and LayerNorm input to an 11-bit significand (unit roundoff 4.9e-4), ~1e-3 "
-        "relative after 12 layers. Greedy decoding feeds its choices back, so one flipped near-tie changes every "
-        "later frame: the divergence is reported, not gated; the teacher-forced logits and their argmax agreement "
-        "bound the per-step error instead. Codec: CODEC_SPEC §7 check 12 (finite, <= 5e-2 * peak; ~15 dB SNR)."),
-    "bfloat16": Tolerance(
-        "bfloat16", 0.995, 1e-1, 0.8, 0.0, 5e-2, 15.0,
-        "bf16 has an 8-bit significand (unit roundoff 3.9e-3), 8x coarser than fp16: looser logit limits; greedy "
-        "divergence reported, not gated (as for fp16). Codec: CODEC_SPEC §7 check 12. Observed with the released-"
-        "size demo on CPU: cosine 0.99999, argmax agreement 0.98, codec 37 dB."),
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def tolerance_for(dtype: str | torch.dtype) -> Tolerance:
-    """The tolerances of a model dtype.
-
-    Args:
-        dtype: a torch dtype or a name ("float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16").
-
-    Returns:
-        The `Tolerance` for that dtype.
-
-    Raises:
-        ValueError: for any other dtype.
-    """
-    resolved = DTYPE_NAMES.get(dtype.strip().lower()) if isinstance(dtype, str) else dtype
-    name = dtype_name(resolved) if isinstance(resolved, torch.dtype) else None
-    if name not in TOLERANCES:
-        raise ValueError(f"dtype={dtype!r} has no tolerances; allowed: {', '.join(TOLERANCES)} (or fp32/fp16/bf16)")
-    return TOLERANCES[name]
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-
-
-def _flat64(tensor: Any) -> torch.Tensor:
-    # Why copy first, then widen: `.to("cpu", torch.float64)` converts on the source device before the copy, and an
-    # NPU has no float64 kernels for most ops (and would hold a 4x larger temporary).
-    return torch.as_tensor(tensor).detach().cpu().to(torch.float64).flatten()
-
-
-def _same_shape(reference: torch.Tensor, other: torch.Tensor, what: str) -> None:
-    if tuple(reference.shape) != tuple(other.shape):
-        raise ValueError(f"{what}: shapes differ, reference {tuple(reference.shape)} vs {tuple(other.shape)}")
-
-
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """True when every element of every tensor is finite (empty tensors count as finite)."""
-    return all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in tensors)
-
-
-def cosine_similarity(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Cosine of the flattened tensors in float64: nan if either is non-finite, 1.0 if both are zero.
-
-    Raises:
-        ValueError: when the shapes differ.
-    """
-    _same_shape(reference, other, "cosine_similarity")
-    a, b = _flat64(reference), _flat64(other)
-    if not (all_finite(a) and all_finite(b)):
-        return math.nan
-    if torch.equal(a, b):
-        return 1.0  # exactly, not 1 - 1e-16
-    norm_a, norm_b = float(a.norm()), float(b.norm())
-    if norm_a == 0.0 or norm_b == 0.0:
-        return 1.0 if norm_a == norm_b else 0.0
-    return max(-1.0, min(1.0, float(a @ b) / (norm_a * norm_b)))
-
-
-def max_abs_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """max |reference - other| in float64 (0.0 for empty tensors, nan when anything is non-finite).
-
-    Raises:
-        ValueError: when the shapes differ.
-    """
-    _same_shape(reference, other, "max_abs_difference")
-    diff = (_flat64(reference) - _flat64(other)).abs()
-    if diff.numel() == 0:
-        return 0.0
-    return float(diff.max()) if all_finite(diff) else math.nan
-
-
-def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """10 log10(sum reference^2 / sum (reference - other)^2): inf when identical, nan when non-finite.
-
-    Raises:
-        ValueError: when the shapes differ.
-    """
-    _same_shape(reference, other, "snr_db")
-    a, b = _flat64(reference), _flat64(other)
-    if not (all_finite(a) and all_finite(b)):
-        return math.nan
-    noise = float((a - b).pow(2).sum())
-    if noise == 0.0:
-        return math.inf
-    signal = float(a.pow(2).sum())
-    return 10.0 * math.log10(signal / noise) if signal > 0.0 else -math.inf
-
-
-def first_divergent_frame(reference_codes: torch.Tensor, codes: torch.Tensor) -> Optional[int]:
-    """Index of the first frame (row of a (frames, channels) code matrix) that differs; None when identical.
-
-    When one sequence is a prefix of the other, the first frame past the shorter one is the divergence.
-
-    Raises:
-        ValueError: when the inputs are not 2-D or their channel counts differ.
-    """
-    if reference_codes.dim() != 2 or codes.dim() != 2 or reference_codes.shape[1] != codes.shape[1]:
-        raise ValueError(f"codes must be (frames, channels) with equal channels, got "
-                         f"{tuple(reference_codes.shape)} and {tuple(codes.shape)}")
-    common = min(reference_codes.shape[0], codes.shape[0])
-    differs = (reference_codes[:common].cpu() != codes[:common].cpu()).any(dim=1)
-    if bool(differs.any()):
-        return int(differs.nonzero()[0])
-    return None if reference_codes.shape[0] == codes.shape[0] else common
-
-
-def code_agreement(reference_codes: torch.Tensor, codes: torch.Tensor) -> float:
-    """Fraction of equal codes over the longer of the two (frames, channels) matrices (missing frames disagree)."""
-    if first_divergent_frame(reference_codes, codes) is None:
-        return 1.0
-    common = min(reference_codes.shape[0], codes.shape[0])
-    equal = int((reference_codes[:common].cpu() == codes[:common].cpu()).sum())
-    total = max(reference_codes.shape[0], codes.shape[0]) * reference_codes.shape[1]
-    return equal / total
-
-
-# ---------------------------------------------------------------------------------------------------- teacher forcing
-
-
-@dataclass
-class TeacherForcedLogits:
-    """Logits of every generation step when the given frames are fed back (teacher forcing).
-
-    Attributes:
-        text: (B, F, 2) logits of the two text candidates [continue slot, audio_end] per frame.
-        audio: (B, F, nq, audio_vocab_size) logits of every codebook per frame (raw head outputs).
-        codebook_sizes: valid code range per codebook (argmax looks only below it).
-    """
-
-    text: torch.Tensor
-    audio: torch.Tensor
-    codebook_sizes: tuple[int, ...]
-
-    def argmax_codes(self) -> torch.LongTensor:
-        """(B, F, nq) greedy codes: argmax within each codebook's size, first index on ties."""
-        columns = [self.audio[..., i, : self.codebook_sizes[i]].argmax(-1) for i in range(self.audio.shape[-2])]
-        return torch.stack(columns, dim=-1)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "TeacherForcedLogits":
-        # Copy first, then widen (see `_flat64`): the cast runs where the tensors arrive, not on the accelerator.
-        return TeacherForcedLogits(self.text.to(device).to(dtype), self.audio.to(device).to(dtype), self.codebook_sizes)
-
-
-def _frame_rows(model: Any, audio_token_ids: torch.Tensor, nq: int, batch: int) -> torch.Tensor:
-    """The rows generation feeds back after each frame: [continue slot, codes (channels >= nq padded)]."""
-    config = model.config
-    shape = tuple(audio_token_ids.shape)
-    if len(shape) != 3 or shape[0] != batch or shape[2] != config.n_vq or shape[1] < 1:
-        raise ValueError(f"audio_token_ids is {shape}: expected ({batch}, frames >= 1, {config.n_vq})")
-    codes = audio_token_ids.long().clone()
-    codes[..., nq:] = config.audio_pad_token_id
-    slot = torch.full_like(codes[..., :1], config.audio_assistant_slot_token_id)
-    return torch.cat((slot, codes), dim=-1)  # (B, F, n_vq + 1)
-
-
-@torch.inference_mode()
-def teacher_forced_logits(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    audio_token_ids: torch.Tensor,
-    nq: Optional[int] = None,
-) -> TeacherForcedLogits:
-    """Text and audio logits of every step of generation, with the given frames fed back instead of sampled ones.
-
-    The same computation as greedy generation (docs/model.md) in one pass: the global decoder runs over the prompt
-    rows plus the rows of frames 0..F-2 (the hidden state before frame t is the output at the row preceding it);
-    the local decoder runs, per frame, over [h, wte(continue slot), emb_0(c_0), ..., emb_{nq-2}(c_{nq-2})].
-    Position 0 gives the two text-candidate logits, position i + 1 codebook i's logits. Every frame is treated as
-    produced by a row that continued (pass only real frames).
-
-    Args:
-        model: a `MossTTSNanoForCausalLM`.
-        input_ids: (B, T, n_vq + 1) left-padded prompt rows.
-        attention_mask: (B, T), False on padding; None means no padding.
-        audio_token_ids: (B, F, n_vq) frames to feed back (F >= 1).
-        nq: codebooks in use (1..n_vq, default all); channels >= nq are ignored.
-
-    Returns:
-        `TeacherForcedLogits` on the model's device and in its dtype.
-
-    Raises:
-        ValueError: for malformed rows, mask, frames or nq.
-    """
-    config = model.config
-    nq = resolve_nq(nq, config.n_vq)
-    weight = model.transformer.wte.weight
-    input_ids = model.check_input_ids(input_ids).to(weight.device)
-    batch, length = input_ids.shape[:2]
-    mask = model.check_attention_mask(attention_mask, batch, length)
-    mask = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask
-    frames = _frame_rows(model, audio_token_ids.to(weight.device), nq, batch)  # (B, F, n_vq + 1)
-    rows = torch.cat((input_ids, frames[:, :-1]), dim=1)
-    rows_mask = torch.cat((mask.to(weight.device), torch.ones_like(frames[:, :-1, 0], dtype=torch.bool)), dim=1)
-    attend_global, attend_local = model.attention_functions()
-    hidden, _ = model.run_global(model.embed_rows(rows), rows_mask, None, attend_global)
-    h = hidden[:, length - 1 :]  # (B, F, H): the state each frame is generated from
-    return _local_logits(model, h, frames[..., 1:], nq, attend_local)
-
-
-def _local_logits(model: Any, h: torch.Tensor, codes: torch.Tensor, nq: int, attend: Any) -> TeacherForcedLogits:
-    """Run the local decoder teacher-forced for every frame at once: (B, F, H) states, (B, F, n_vq) codes."""
-    batch, frames, hidden = h.shape
-    consts = frame_constants(model)
-    slot = consts.continue_embedding.expand(batch, frames, hidden)
-    inputs = [h, slot] + [model.audio_embeddings[i](codes[..., i]) for i in range(nq - 1)]
-    sequence = torch.stack(inputs, dim=2).reshape(batch * frames, nq + 1, hidden)  # (B * F, nq + 1, H)
-    out = LocalRunner(model, batch * frames, nq, attend, use_kv_cache=False).run(sequence)
-    text = text_logits(out[:, 0], consts)  # (B * F, 2)
-    audio = torch.stack([audio_logits(model, out[:, i + 1], i) for i in range(nq)], dim=1)  # (B * F, nq, V)
-    return TeacherForcedLogits(
-        text=text.reshape(batch, frames, 2),
-        audio=audio.reshape(batch, frames, nq, -1),
-        codebook_sizes=tuple(model.config.audio_codebook_sizes[:nq]),
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- measurements
-
-
-def measure_hidden(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(last global hidden states (B, T, H) as CPU float32, whether every layer's hidden states are finite)."""
-    device = model.transformer.wte.weight.device
-    with torch.no_grad():
-        out = model(input_ids.to(device), mask.to(device), output_hidden_states=True)
-    finite = all_finite(*out.hidden_states)
-    return out.last_hidden_state.cpu().float(), finite
-
-
-def measure_greedy(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, frames: int, nq: int) -> torch.Tensor:
-    """Greedy codes (real frames, n_vq) on CPU, repetition penalty 1.0 (so teacher forcing can reproduce them)."""
-    device = model.transformer.wte.weight.device
-    out = model.generate(input_ids.to(device), mask.to(device), max_new_frames=frames, do_sample=False,
-                         audio_repetition_penalty=1.0, nq=nq)
-    return out.audio_token_ids[0, : int(out.num_frames[0])].cpu()
-
-
-def measure_logits(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor,
-                   nq: int) -> TeacherForcedLogits:
-    """Teacher-forced logits of `codes` (frames, n_vq) as CPU float32."""
-    return teacher_forced_logits(model, input_ids, mask, codes[None], nq).to("cpu")
-
-
-def measure_codec(codec: Any, codes: torch.Tensor, nq: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Decode `codes` (frames, n_vq) on `device` with the codec's compute dtype set to `dtype` -> (2, N) CPU float32."""
-    previous = codec.compute_dtype_name
-    codec.to(device)
-    codec.set_compute_dtype(dtype)
-    try:
-        return decode_frames(codec, [codes], nq)[0]
-    finally:
-        codec.set_compute_dtype(previous)
-
 
 # ---------------------------------------------------------------------------------------------------- reference
 
@@ -419,7 +116,7 @@ def compute_reference(model: Any, tokenizer: Any, codec: Any, prompt_audio: Opti
     input_ids, mask = model.build_inference_input_ids(tokenizer, settings.text, mode=mode,
                                                       prompt_audio_codes=prompt_codes, nq=settings.nq)
     input_ids, mask = input_ids.cpu(), mask.cpu()
-    nq = settings.nq or model.config.n_vq
+    nq = resolve_nq(settings.nq, model.config.n_vq)
     hidden, hidden_finite = measure_hidden(model, input_ids, mask)
     codes = measure_greedy(model, input_ids, mask, settings.max_new_frames, nq)
     if codes.shape[0] == 0:

@@ -41,9 +41,9 @@ from .cli_common import resolve_model_path, run_cli
 from .demo import build_demo_assets
 from .pipeline import load_resources
 from .verification import (
-    DTYPE_NAMES, JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings,
-    run_verification,
+    JSON_NAME, REFERENCE_DTYPE, TABLE_NAME, ModelSource, Target, VerificationSettings, run_verification,
 )
+from .verification_metrics import DTYPE_NAMES
 
 DEFAULT_OUTPUT_DIR = "./verification_results"
 DEFAULT_TEXT = "Hello world. This is a verification run."

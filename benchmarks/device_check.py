@@ -42,7 +42,8 @@ import devices  # noqa: E402
 from atomic_files import write_text_atomic  # noqa: E402
 from cli_common import Parser, run_cli  # noqa: E402
 from torch_compat import cuda_bf16_supported  # noqa: E402
-from verification import JSON_NAME as VERIFY_JSON, TABLE_NAME as VERIFY_TABLE, dtype_name  # noqa: E402
+from verification import JSON_NAME as VERIFY_JSON, TABLE_NAME as VERIFY_TABLE  # noqa: E402
+from verification_metrics import dtype_name  # noqa: E402
 
 REPORT_FORMAT = "moss-tts-nano-device-check/1"
 JSON_NAME = "device_check_report.json"

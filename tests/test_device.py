@@ -17,14 +17,12 @@ import torch
 import devices
 from pipeline_assets import tiny_tts
 from test_codec_common import random_codes, stream_decode, tiny_model as tiny_codec
-from verification import (
+from teacher_forcing import measure_codec, measure_greedy, measure_hidden
+from verification_metrics import (
     cosine_similarity,
     dtype_name,
     first_divergent_frame,
     max_abs_difference,
-    measure_codec,
-    measure_greedy,
-    measure_hidden,
     snr_db,
     tolerance_for,
 )

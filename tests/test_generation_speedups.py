@@ -19,7 +19,7 @@ from linear_kernels import (
 )
 from rotary import RotaryEmbedding, apply_rotary, rotate_pairs
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
-from verification import teacher_forced_logits
+from teacher_forcing import teacher_forced_logits
 
 N_VQ, CODES, PAD = 4, 32, 32
 INT8_MIN_COSINE = 0.999  # teacher-forced logits, int8 weights vs float32 (the documented tolerance)

@@ -19,7 +19,8 @@ import attention
 import npu_probes
 import npu_simulation
 import rotary
-import verification
+import teacher_forcing
+import verification_metrics
 from attention import ATTENTION_FUNCTIONS, build_attention_mask
 from gpt2_decoder import GPT2Decoder, resolve_kernel_plan
 from sampling import select_tokens
@@ -206,9 +207,9 @@ def test_verification_metrics_copy_to_the_host_before_widening():
     reference, other = torch.empty(3, 4, dtype=torch.float16, device="meta"), torch.empty(3, 4, device="meta")
     mode = _MetaAsAccelerator()
     with mode:
-        cosine = verification.cosine_similarity(reference, other)
-        difference = verification.max_abs_difference(reference, other)
-        logits = verification.TeacherForcedLogits(reference[None, :, :2], reference[None, :, None], (4,)).to("cpu")
+        cosine = verification_metrics.cosine_similarity(reference, other)
+        difference = verification_metrics.max_abs_difference(reference, other)
+        logits = teacher_forcing.TeacherForcedLogits(reference[None, :, :2], reference[None, :, None], (4,)).to("cpu")
     assert mode.device_float64 == []
     assert cosine == 1.0 and difference == 0.0 and logits.text.dtype == torch.float32
 

@@ -1,4 +1,5 @@
-"""verify_npu.py and verification.py: metrics, tolerances, teacher forcing, target planning and the CLI end to end.
+"""verify_npu.py and its modules (verification, verification_metrics, teacher_forcing): metrics, tolerances,
+teacher forcing, target planning and the CLI end to end.
 
 The CLI runs use tiny demo assets (2-layer 64-wide TTS model, 32-wide codec) patched in for the released-size demo
 builder, so each run takes seconds on a CPU.
@@ -16,7 +17,9 @@ import torch
 
 import demo
 import devices
+import teacher_forcing
 import verification
+import verification_metrics
 import verify_npu
 from atomic_files import write_text_atomic
 from audio_io import write_audio_atomic
@@ -83,62 +86,62 @@ def _result(report: dict, device: str, dtype: str | None) -> dict:
 
 def test_cosine_similarity_cases() -> None:
     a = torch.tensor([1.0, 2.0, 3.0])
-    assert verification.cosine_similarity(a, a) == pytest.approx(1.0)
-    assert verification.cosine_similarity(a, -a) == pytest.approx(-1.0)
-    assert verification.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.0)
-    assert verification.cosine_similarity(torch.zeros(3), torch.zeros(3)) == 1.0
-    assert verification.cosine_similarity(torch.zeros(3), a) == 0.0
-    assert math.isnan(verification.cosine_similarity(a, torch.tensor([1.0, float("nan"), 3.0])))
-    assert verification.cosine_similarity(a.bfloat16(), a) == pytest.approx(1.0)
+    assert verification_metrics.cosine_similarity(a, a) == pytest.approx(1.0)
+    assert verification_metrics.cosine_similarity(a, -a) == pytest.approx(-1.0)
+    assert verification_metrics.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.0)
+    assert verification_metrics.cosine_similarity(torch.zeros(3), torch.zeros(3)) == 1.0
+    assert verification_metrics.cosine_similarity(torch.zeros(3), a) == 0.0
+    assert math.isnan(verification_metrics.cosine_similarity(a, torch.tensor([1.0, float("nan"), 3.0])))
+    assert verification_metrics.cosine_similarity(a.bfloat16(), a) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shapes differ"):
-        verification.cosine_similarity(a, torch.ones(4))
+        verification_metrics.cosine_similarity(a, torch.ones(4))
 
 
 def test_snr_and_max_abs_difference() -> None:
     reference = torch.ones(2, 100)
-    assert verification.snr_db(reference, reference) == math.inf
-    assert verification.snr_db(reference, 0.9 * reference) == pytest.approx(20.0)  # noise power 1/100 of signal
-    assert verification.snr_db(reference, 0.99 * reference) == pytest.approx(40.0)
-    assert verification.snr_db(torch.zeros(4), torch.ones(4)) == -math.inf
-    assert math.isnan(verification.snr_db(reference, torch.full((2, 100), float("inf"))))
-    assert verification.max_abs_difference(reference, 0.75 * reference) == pytest.approx(0.25)
-    assert verification.max_abs_difference(torch.zeros(0), torch.zeros(0)) == 0.0
-    assert math.isnan(verification.max_abs_difference(reference, torch.full((2, 100), float("nan"))))
+    assert verification_metrics.snr_db(reference, reference) == math.inf
+    assert verification_metrics.snr_db(reference, 0.9 * reference) == pytest.approx(20.0)  # noise power 1/100 of signal
+    assert verification_metrics.snr_db(reference, 0.99 * reference) == pytest.approx(40.0)
+    assert verification_metrics.snr_db(torch.zeros(4), torch.ones(4)) == -math.inf
+    assert math.isnan(verification_metrics.snr_db(reference, torch.full((2, 100), float("inf"))))
+    assert verification_metrics.max_abs_difference(reference, 0.75 * reference) == pytest.approx(0.25)
+    assert verification_metrics.max_abs_difference(torch.zeros(0), torch.zeros(0)) == 0.0
+    assert math.isnan(verification_metrics.max_abs_difference(reference, torch.full((2, 100), float("nan"))))
     with pytest.raises(ValueError, match="shapes differ"):
-        verification.snr_db(reference, torch.ones(100))
+        verification_metrics.snr_db(reference, torch.ones(100))
 
 
 def test_first_divergent_frame_and_agreement() -> None:
     reference = torch.arange(20).reshape(5, 4)
-    assert verification.first_divergent_frame(reference, reference.clone()) is None
-    assert verification.code_agreement(reference, reference.clone()) == 1.0
+    assert verification_metrics.first_divergent_frame(reference, reference.clone()) is None
+    assert verification_metrics.code_agreement(reference, reference.clone()) == 1.0
     changed = reference.clone()
     changed[2, 3] = 99
     changed[4, 0] = 99
-    assert verification.first_divergent_frame(reference, changed) == 2
-    assert verification.code_agreement(reference, changed) == pytest.approx(18 / 20)
-    assert verification.first_divergent_frame(reference, reference[:3]) == 3  # stopped early
-    assert verification.code_agreement(reference, reference[:3]) == pytest.approx(12 / 20)
+    assert verification_metrics.first_divergent_frame(reference, changed) == 2
+    assert verification_metrics.code_agreement(reference, changed) == pytest.approx(18 / 20)
+    assert verification_metrics.first_divergent_frame(reference, reference[:3]) == 3  # stopped early
+    assert verification_metrics.code_agreement(reference, reference[:3]) == pytest.approx(12 / 20)
     longer = torch.cat([reference, reference[:1]])
-    assert verification.first_divergent_frame(reference, longer) == 5
-    assert verification.first_divergent_frame(reference[:0], reference[:0]) is None
+    assert verification_metrics.first_divergent_frame(reference, longer) == 5
+    assert verification_metrics.first_divergent_frame(reference[:0], reference[:0]) is None
     with pytest.raises(ValueError, match="equal channels"):
-        verification.first_divergent_frame(reference, reference[:, :2])
+        verification_metrics.first_divergent_frame(reference, reference[:, :2])
 
 
 def test_tolerance_lookup() -> None:
-    assert verification.tolerance_for(torch.float32) is verification.TOLERANCES["float32"]
-    assert verification.tolerance_for("fp16") is verification.TOLERANCES["float16"]
-    assert verification.tolerance_for(" BF16 ") is verification.TOLERANCES["bfloat16"]
-    fp32, fp16, bf16 = (verification.TOLERANCES[name] for name in ("float32", "float16", "bfloat16"))
+    assert verification_metrics.tolerance_for(torch.float32) is verification_metrics.TOLERANCES["float32"]
+    assert verification_metrics.tolerance_for("fp16") is verification_metrics.TOLERANCES["float16"]
+    assert verification_metrics.tolerance_for(" BF16 ") is verification_metrics.TOLERANCES["bfloat16"]
+    fp32, fp16, bf16 = (verification_metrics.TOLERANCES[name] for name in ("float32", "float16", "bfloat16"))
     assert fp32.min_cosine > fp16.min_cosine > bf16.min_cosine  # stricter for more precise dtypes
     assert fp32.max_abs_rel < fp16.max_abs_rel < bf16.max_abs_rel
     assert fp32.codec_max_abs_rel == 1e-4 and fp16.codec_max_abs_rel == bf16.codec_max_abs_rel == 5e-2  # CODEC §7
     assert fp32.min_divergence_fraction > 0 and fp16.min_divergence_fraction == 0.0
-    assert all(tol.rationale for tol in verification.TOLERANCES.values())
+    assert all(tol.rationale for tol in verification_metrics.TOLERANCES.values())
     for bad in ("int8", torch.float64, "auto"):
         with pytest.raises(ValueError, match="has no tolerances"):
-            verification.tolerance_for(bad)
+            verification_metrics.tolerance_for(bad)
 
 
 # ---------------------------------------------------------------------------------------------------- teacher forcing
@@ -167,7 +170,7 @@ def test_teacher_forced_argmax_reproduces_greedy_generate(tiny_assets: demo.Demo
     input_ids, mask = _left_padded_prompt()
     out = model.generate(input_ids, mask, max_new_frames=5, do_sample=False, audio_repetition_penalty=1.0, nq=nq)
     assert out.num_frames.tolist() == [5, 5]  # every frame is real: the demo bias keeps both rows going
-    logits = verification.teacher_forced_logits(model, input_ids, mask, out.audio_token_ids, nq=nq)
+    logits = teacher_forcing.teacher_forced_logits(model, input_ids, mask, out.audio_token_ids, nq=nq)
     assert logits.text.shape == (2, 5, 2) and logits.audio.shape == (2, 5, nq, 1024)
     assert torch.equal(logits.argmax_codes(), out.audio_token_ids[..., :nq])
     assert bool((logits.text.argmax(-1) == 0).all())  # "continue" won every text decision, as in generation
@@ -179,8 +182,8 @@ def test_teacher_forced_logits_are_causal_in_the_fed_codes(tiny_assets: demo.Dem
     codes = model.generate(input_ids, mask, max_new_frames=3, do_sample=False).audio_token_ids
     changed = codes.clone()
     changed[:, 0, 5] = (changed[:, 0, 5] + 1) % 1024
-    base = verification.teacher_forced_logits(model, input_ids, mask, codes)
-    other = verification.teacher_forced_logits(model, input_ids, mask, changed)
+    base = teacher_forcing.teacher_forced_logits(model, input_ids, mask, codes)
+    other = teacher_forcing.teacher_forced_logits(model, input_ids, mask, changed)
     assert not torch.equal(base.text[:, 1], other.text[:, 1])  # frame 1's decision sees frame 0's codes
     assert torch.equal(base.text[:, 0], other.text[:, 0])  # frame 0's decision precedes its codes
     assert torch.equal(base.audio[:, 0, :6], other.audio[:, 0, :6])  # codebooks 0..5 precede code 5
@@ -193,13 +196,13 @@ def test_teacher_forced_logits_rejects_bad_arguments(tiny_assets: demo.DemoAsset
     input_ids, mask = _left_padded_prompt()
     codes = torch.zeros(2, 2, 16, dtype=torch.long)
     with pytest.raises(ValueError, match="audio_token_ids"):
-        verification.teacher_forced_logits(model, input_ids, mask, codes[:, :0])
+        teacher_forcing.teacher_forced_logits(model, input_ids, mask, codes[:, :0])
     with pytest.raises(ValueError, match="audio_token_ids"):
-        verification.teacher_forced_logits(model, input_ids, mask, codes[:1])
+        teacher_forcing.teacher_forced_logits(model, input_ids, mask, codes[:1])
     with pytest.raises(ValueError, match="nq=17"):
-        verification.teacher_forced_logits(model, input_ids, mask, codes, nq=17)
+        teacher_forcing.teacher_forced_logits(model, input_ids, mask, codes, nq=17)
     with pytest.raises(ValueError, match="attention_mask"):
-        verification.teacher_forced_logits(model, input_ids, mask[:, 1:], codes)
+        teacher_forcing.teacher_forced_logits(model, input_ids, mask[:, 1:], codes)
 
 
 # ---------------------------------------------------------------------------------------------------- planning
