@@ -12,6 +12,10 @@ per-operation overhead goes:
   the row's own generator, in the order and shapes eager draws them, so a seeded sampled run draws what eager draws;
   the graph itself has no generator and no host synchronisation.
 - The local KV cache is the graph's own (one per key, written in place); a lock serialises its callers.
+- Teacher forcing (`teacher_forced_local`, verification): the same frame function with the given codes in place of
+  the sampled ones returns the text and audio logits, so the logits of the compiled step can be compared with eager's.
+- Products: the local decoder's Linear layers run eager's kernel choice as one opaque operator inside the graph
+  (`linear_kernels.register_graph_linear`): inductor's own one-row product is slower than eager's split matvec.
 
 Opt-in (`enable(model)`, `--compile` on the CLIs, `EngineCore(compile=True)`): the first step of each key compiles
 (seconds; inductor's cache on disk makes a second start faster). Where it cannot run (no C++ compiler for inductor,
@@ -33,7 +37,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .generation import Frame, FrameConstants, LocalRunner, audio_logits, frame_constants, text_logits
-from .sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
+from .linear_kernels import register_graph_linear
+from .sampling import RowSampler, SamplingParams, apply_repetition_penalty, filter_top_k_top_p
 from .torch_compat import torch_version
 
 logger = logging.getLogger(__name__)
@@ -66,10 +71,14 @@ def enable(model: Any, backend: str = "auto") -> "StepGraphs":
     return graphs
 
 
-def disable(model: Any) -> None:
-    """Back to the eager step by default (the compiled graphs are dropped)."""
+def disable(model: Any, keep_graphs: bool = False) -> None:
+    """Back to the eager step by default; the compiled graphs are dropped, or kept for a later `enable` with the
+    same backend (`keep_graphs`: a benchmark alternating the two steps compiles once)."""
     with _STATE_LOCK:
-        _STATE.pop(model, None)
+        if not keep_graphs:
+            _STATE.pop(model, None)
+        elif model in _STATE:
+            _STATE[model].default = False
 
 
 def enabled(model: Any) -> bool:
@@ -108,8 +117,11 @@ def status(model: Any) -> str:
         return f"eager (compile fell back: {graphs.problem})"
     if graphs.skipped is not None:
         return f"eager ({graphs.skipped})"
+    count = sum(f is not None for f in graphs.frames.values())
+    if graphs.backend == "capture":
+        return f"captured ({graphs.model.transformer.wte.weight.device.type} graph, {count} graphs)"
     name = graphs.backend if isinstance(graphs.backend, str) else getattr(graphs.backend, "__name__", "custom")
-    return f"compiled ({name}, {sum(f is not None for f in graphs.frames.values())} graphs)"
+    return f"compiled ({name}, {count} graphs)"
 
 
 def bucket(rows: int) -> int:
@@ -138,6 +150,8 @@ class StepGraphs:
             self.api, self.problem = _graph_api(model.transformer.wte.weight.device)
         else:
             self.problem = compile_problem(backend)
+            if self.problem is None:
+                _register_products()
         if self.problem is not None:
             logger.warning("frame step compilation is off: %s; the eager step runs", self.problem)
         self.frames: dict[tuple, Optional[CompiledFrame]] = {}  # None: this key runs eager (`skipped` says why)
@@ -149,7 +163,18 @@ class StepGraphs:
         if self.problem is not None:
             return None
         size = bucket(batch)
-        key = (size, sampler.nq, _sampling_key(sampler, size), attend)
+        return self._frame((size, sampler.nq, _sampling_key(sampler, size), attend), size, sampler, attend)
+
+    def teacher_frame(self, batch: int, nq: int, attend: Any) -> Optional["CompiledFrame"]:
+        """The compiled frame that teacher-forces `batch` rows with `nq` codebooks, or None (then run eager)."""
+        if self.problem is not None:
+            return None
+        size = bucket(batch)
+        teacher = SamplingParams(do_sample=False, audio_repetition_penalty=1.0, nq=nq)  # no draws, no penalty
+        sampler = RowSampler.uniform(teacher, size, None, self.model.config.n_vq)
+        return self._frame(("teacher", size, nq, attend), size, sampler, attend)
+
+    def _frame(self, key: tuple, size: int, sampler: RowSampler, attend: Any) -> Optional["CompiledFrame"]:
         with self._lock:
             if key not in self.frames:
                 self.skipped = _model_problem(self.model)
@@ -165,6 +190,14 @@ class StepGraphs:
         """A compile error: every later step runs eager (chosen once)."""
         self.problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
         logger.warning("frame step compilation failed (%s); the eager step runs from now on", self.problem)
+
+
+def _register_products() -> None:
+    try:
+        register_graph_linear()
+    except Exception as error:  # noqa: BLE001  (the graph then traces F.linear: slower products, same results)
+        logger.warning("the compiled step's product operator is unavailable (%s: %s); the graph traces F.linear",
+                       type(error).__name__, error)
 
 
 def _graph_api(device: torch.device) -> tuple:
@@ -272,25 +305,45 @@ class CompiledFrame:
             penalty = torch.cat((penalty, penalty.new_ones(pad, 1)))
         with self.lock:
             self.draw(sampler)
-            self.local.reset()
-            if self.ready:
-                out = self._call(h, seen, force, penalty)
-            else:
-                try:
-                    out = self._call(h, seen, force, penalty)
-                except Exception as error:  # noqa: BLE001  (any compile/capture failure: eager from now on, once)
-                    self.owner.fail(error)
-                    return None
-                self.ready = True
+            out = self._first_or_call(h, seen, force, penalty, None)
+        if out is None:
+            return None
         codes, continues, embeds, text_ok, audio_ok, seen = (t[:batch] if t is not None and i != 5 else t
                                                              for i, t in enumerate(out))
         if seen is not None:
             seen = seen[:, :batch]
         return Frame(codes, continues, embeds, text_ok, audio_ok), seen
 
+    def teacher_forced(self, h: torch.Tensor, codes: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """This frame with `codes` (B, nq) fed back instead of sampled ones (a frame built by
+        `StepGraphs.teacher_frame`): (text (B, 2), audio (B, nq, V)) logits, or None when the first call failed."""
+        batch, pad = h.shape[0], self.size - h.shape[0]
+        if pad:
+            h = torch.cat((h, h.new_zeros(pad, h.shape[1])))
+            codes = torch.cat((codes, codes.new_zeros(pad, codes.shape[1])))
+        force = torch.ones(self.size, dtype=torch.bool, device=h.device)  # every fed frame continued
+        with self.lock:
+            out = self._first_or_call(h, None, force, 1.0, codes)
+        return None if out is None else (out[-2][:batch], out[-1][:batch])
 
-    def _call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any) -> tuple:
-        return self.graph(self, h, tuple(self.races), seen, force, penalty)
+    def _first_or_call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any,
+                       teacher: Optional[torch.Tensor]) -> Optional[tuple]:
+        """The graph's outputs; None when its first call (the compile or capture) fails: then compilation is off for
+        the model (`StepGraphs.fail`, once) and the caller runs eager. Called under `self.lock`."""
+        self.local.reset()
+        if self.ready:
+            return self._call(h, seen, force, penalty, teacher)
+        try:
+            out = self._call(h, seen, force, penalty, teacher)
+        except Exception as error:  # noqa: BLE001  (any compile/capture failure: eager from now on, once)
+            self.owner.fail(error)
+            return None
+        self.ready = True
+        return out
+
+    def _call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any,
+              teacher: Optional[torch.Tensor]) -> tuple:
+        return self.graph(self, h, tuple(self.races), seen, force, penalty, teacher)
 
 
 def _groups_for(sampler: RowSampler, channel: Optional[int]) -> list:
@@ -319,28 +372,51 @@ def _select(scores: torch.Tensor, selections: list, race: torch.Tensor) -> torch
 
 
 def _local_frame(frame: CompiledFrame, h: torch.Tensor, races: tuple, seen: Optional[torch.Tensor],
-                 force: torch.Tensor, penalty: Any) -> tuple:
-    """`generation.sample_frame` for a compiled key (same operations in the same order, no host synchronisation)."""
+                 force: torch.Tensor, penalty: Any, teacher: Optional[torch.Tensor] = None) -> tuple:
+    """`generation.sample_frame` for a compiled key (same operations in the same order, no host synchronisation).
+    With `teacher` (size, nq) codes: those codes are fed back instead of the sampled ones, and the text logits and
+    the raw audio logits (size, nq, V) are returned too (teacher forcing; a graph of its own)."""
     model, consts, local = frame.owner.model, frame.consts, frame.local
     text = text_logits(local.step(h), consts)
     choice = _select(text, frame.selections[0], races[0]).masked_fill(force, 0)
     x = model.transformer.wte(consts.candidate_ids[choice])
     embeds = consts.continue_embedding
-    codes, finite = [], []
+    codes, finite, raw = [], [], []
     if seen is not None:
         seen = seen.clone()
     for channel in range(frame.nq):
         logits = audio_logits(model, local.step(x), channel)
+        raw.append(logits)
         logits = logits[:, : races[channel + 1].shape[1]]
         uses = frame.uses[channel]
         finite.append(logits if uses is None else logits.masked_fill(~uses[:, None], 0.0))
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen[channel], penalty)
-        code = _select(logits, frame.selections[channel + 1], races[channel + 1])
+        code = _select(logits, frame.selections[channel + 1], races[channel + 1]) if teacher is None \
+            else teacher[:, channel]
         if seen is not None:
             seen[channel].scatter_(1, code[:, None], True)
         x = model.audio_embeddings[channel](code)
         embeds = embeds + x if uses is None else torch.where(uses[:, None], embeds + x, embeds)
         codes.append(code)
-    return (torch.stack(codes, dim=1), choice == 0, embeds[:, None], torch.isfinite(text).all(dim=-1),
-            torch.isfinite(torch.cat(finite, dim=-1)).all(dim=-1), seen)
+    out = (torch.stack(codes, dim=1), choice == 0, embeds[:, None], torch.isfinite(text).all(dim=-1),
+           torch.isfinite(torch.cat(finite, dim=-1)).all(dim=-1), seen)
+    return out if teacher is None else out + (text, torch.stack(raw, dim=1))
+
+
+def teacher_forced_local(graphs: StepGraphs, h: torch.Tensor, codes: torch.Tensor, nq: int,
+                         attend: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The local part of teacher forcing through `graphs`' compiled frame, one frame at a time (the row counts and
+    kernels of generation's step): h (B, F, H) states, codes (B, F, >= nq) the fed codes. Returns (text (B, F, 2),
+    audio (B, F, nq, V)) logits, or None when compilation is off or falls back (then run eager)."""
+    frame = graphs.teacher_frame(h.shape[0], nq, attend)
+    if frame is None:
+        return None
+    text, audio = [], []
+    for index in range(h.shape[1]):
+        out = frame.teacher_forced(h[:, index].contiguous(), codes[:, index, :nq].contiguous())  # strides as in a step
+        if out is None:
+            return None
+        text.append(out[0])
+        audio.append(out[1])
+    return torch.stack(text, dim=1), torch.stack(audio, dim=1)

@@ -9,6 +9,7 @@ import contextvars
 import functools
 import logging
 import platform
+import threading
 import warnings
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -115,7 +116,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
     two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
     MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if torch.compiler.is_compiling():  # inside a graph: this function at run time, as one operator (if registered)
+        if _GRAPH_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+            return _GRAPH_LINEAR(x, weight, bias)
+        return F.linear(x, weight, bias)
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
     batched = _BATCHED_PRODUCTS.get()
@@ -130,6 +135,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return F.linear(x, weight, bias)  # Why: the oneDNN op has no backward
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# Inside a compiled graph (compiled_step.py) the CPU products run as one opaque operator that makes `linear`'s
+# choice at run time. Why: inductor lowers a one-row F.linear to addmm, a single-threaded GEMV (817 us against 496 us
+# for the split matvec per local-decoder product, 2-core Zen 4), and traced the split-matvec form slower still.
+_GRAPH_LINEAR: Optional[Callable] = None
+_GRAPH_LIBRARY: Any = None
+_GRAPH_LOCK = threading.Lock()
+
+
+def register_graph_linear() -> None:
+    """Make `linear` the operator moss_tts_nano::linear that compiled graphs call (once per process)."""
+    global _GRAPH_LINEAR, _GRAPH_LIBRARY
+    with _GRAPH_LOCK:
+        if _GRAPH_LINEAR is not None:
+            return
+        if not hasattr(torch.ops.moss_tts_nano, "linear"):  # another copy of this module may have registered it
+            library = torch.library.Library("moss_tts_nano", "FRAGMENT")
+            library.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+            library.impl("linear", linear, "CPU")
+            register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # torch 2.3
+            register_fake("moss_tts_nano::linear", lib=library)(_linear_shape)
+            _GRAPH_LIBRARY = library
+        _GRAPH_LINEAR = torch.ops.moss_tts_nano.linear.default
+
+
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _needs_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:

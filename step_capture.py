@@ -57,7 +57,7 @@ class CapturedFrame(CompiledFrame):
         self.api = api
         self.h = torch.zeros(size, weight.shape[1], dtype=weight.dtype, device=weight.device)
         self.force = torch.zeros(size, dtype=torch.bool, device=weight.device)
-        self.seen = None
+        self.seen = self.teacher = None
         if sampler.tracks_repetition:
             self.seen = torch.zeros(self.nq, size, self.races[1].shape[1], dtype=torch.bool, device=weight.device)
         self.penalty: Any = None
@@ -72,11 +72,16 @@ class CapturedFrame(CompiledFrame):
         self.penalty[: penalty.shape[0]] = penalty
         return self.penalty
 
-    def _call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any) -> tuple:
+    def _call(self, h: torch.Tensor, seen: Optional[torch.Tensor], force: torch.Tensor, penalty: Any,
+              teacher: Optional[torch.Tensor] = None) -> tuple:
         self.h.copy_(h)
         self.force.copy_(force)
         if seen is not None:
             self.seen.copy_(seen)
+        if teacher is not None:  # a teacher-forcing key: its fed codes are a static input too
+            if self.teacher is None:
+                self.teacher = torch.zeros_like(teacher)
+            self.teacher.copy_(teacher)
         penalty = self._static_penalty(penalty)
         if self.captured is None:
             self._capture(penalty)
@@ -85,15 +90,16 @@ class CapturedFrame(CompiledFrame):
 
     def _capture(self, penalty: Any) -> None:
         api = self.api
+        inputs = (self, self.h, tuple(self.races), self.seen, self.force, penalty, self.teacher)
         side = api.Stream()
         side.wait_stream(api.current_stream())
         with api.stream(side):
             for _ in range(WARMUP_RUNS):
                 self.local.reset()
-                _local_frame(self, self.h, tuple(self.races), self.seen, self.force, penalty)
+                _local_frame(*inputs)
         api.current_stream().wait_stream(side)
         graph = api.Graph()
         self.local.reset()
         with api.graph(graph):
-            self.outputs = _local_frame(self, self.h, tuple(self.races), self.seen, self.force, penalty)
+            self.outputs = _local_frame(*inputs)
         self.captured = graph

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import compiled_step
 from .generation import LocalRunner, audio_logits, frame_constants, text_logits
 from .pipeline import decode_frames
 from .sampling import resolve_nq
@@ -25,11 +26,13 @@ class TeacherForcedLogits:
         text: (B, F, 2) logits of the two text candidates [continue slot, audio_end] per frame.
         audio: (B, F, nq, audio_vocab_size) logits of every codebook per frame (raw head outputs).
         codebook_sizes: valid code range per codebook (argmax looks only below it).
+        step: the local step that computed them: "eager", or `compiled_step.status` of the compiled one.
     """
 
     text: torch.Tensor
     audio: torch.Tensor
     codebook_sizes: tuple[int, ...]
+    step: str = "eager"
 
     def argmax_codes(self) -> torch.LongTensor:
         """(B, F, nq) greedy codes: argmax within each codebook's size, first index on ties."""
@@ -39,7 +42,8 @@ class TeacherForcedLogits:
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "TeacherForcedLogits":
         # Copy first, then widen (see verification_metrics._flat64): the cast runs where the tensors arrive, not on
         # the accelerator.
-        return TeacherForcedLogits(self.text.to(device).to(dtype), self.audio.to(device).to(dtype), self.codebook_sizes)
+        return TeacherForcedLogits(self.text.to(device).to(dtype), self.audio.to(device).to(dtype), self.codebook_sizes,
+                                   self.step)
 
 
 def _frame_rows(model: Any, audio_token_ids: torch.Tensor, nq: int, batch: int) -> torch.Tensor:
@@ -61,6 +65,7 @@ def teacher_forced_logits(
     attention_mask: Optional[torch.Tensor],
     audio_token_ids: torch.Tensor,
     nq: Optional[int] = None,
+    compile: Optional[bool] = None,
 ) -> TeacherForcedLogits:
     """Text and audio logits of every step of generation, with the given frames fed back instead of sampled ones.
 
@@ -76,6 +81,9 @@ def teacher_forced_logits(
         attention_mask: (B, T), False on padding; None means no padding.
         audio_token_ids: (B, F, n_vq) frames to feed back (F >= 1).
         nq: codebooks in use (1..n_vq, default all); channels >= nq are ignored.
+        compile: run the local part through the compiled frame step (compiled_step.py), one frame at a time as
+            generation runs it: True, False (eager) or None (the model's setting, `compiled_step.enable`). Where the
+            compiled step falls back, eager runs; `step` of the result says which ran.
 
     Returns:
         `TeacherForcedLogits` on the model's device and in its dtype.
@@ -96,7 +104,13 @@ def teacher_forced_logits(
     attend_global, attend_local = model.attention_functions()
     hidden, _ = model.run_global(model.embed_rows(rows), rows_mask, None, attend_global)
     h = hidden[:, length - 1 :]  # (B, F, H): the state each frame is generated from
-    return _local_logits(model, h, frames[..., 1:], nq, attend_local)
+    wanted = compiled_step.enabled(model) if compile is None else compile
+    graphs = compiled_step.graphs_for(model, create=True) if wanted else None
+    compiled = compiled_step.teacher_forced_local(graphs, h, frames[..., 1:], nq, attend_local) if graphs else None
+    if compiled is None:
+        return _local_logits(model, h, frames[..., 1:], nq, attend_local)
+    text, audio = compiled
+    return TeacherForcedLogits(text, audio, tuple(config.audio_codebook_sizes[:nq]), compiled_step.status(model))
 
 
 def _local_logits(model: Any, h: torch.Tensor, codes: torch.Tensor, nq: int, attend: Any) -> TeacherForcedLogits:

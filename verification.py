@@ -47,6 +47,10 @@ REFERENCE_NOTE = (
     "CPU float32 is the reference: its agreement checks compare it with itself and pass by definition "
     "(finiteness is still checked)"
 )
+COMPILE_NOTE = (
+    "CPU float32 with the eager step is the reference; every target, the CPU float32 one included, runs its checks "
+    "with the compiled frame step (its `frame_step` says which step ran)"
+)
 
 # ---------------------------------------------------------------------------------------------------- reference
 
@@ -77,6 +81,8 @@ class VerificationSettings:
         nq: codebooks in use (None: all).
         inference_kwargs: sampling settings of the inference smoke run.
         sample_dir: where the smoke run writes `<device>_<dtype>.wav` (None: nothing written).
+        compile: the checked models run the compiled frame step (`compiled_step.enable`: inductor on a CPU, graph
+            capture on CUDA / NPU; eager where it falls back, with the reason in the target's `frame_step`).
     """
 
     text: str
@@ -85,6 +91,7 @@ class VerificationSettings:
     nq: Optional[int] = None
     inference_kwargs: dict = field(default_factory=dict)
     sample_dir: Optional[Path] = None
+    compile: bool = False
 
 
 @dataclass
@@ -150,7 +157,7 @@ def _judge_hidden(hidden: torch.Tensor, finite: bool, reference: Reference, tol:
 
 def _judge_logits(logits: TeacherForcedLogits, reference: Reference, tol: Tolerance) -> Outcome:
     finite = all_finite(logits.text, logits.audio)
-    metrics: dict[str, Any] = {"finite": finite, "frames": int(logits.text.shape[1])}
+    metrics: dict[str, Any] = {"finite": finite, "frames": int(logits.text.shape[1]), "step": logits.step}
     passed = finite
     for kind in ("text", "audio"):
         ref, got = getattr(reference.logits, kind), getattr(logits, kind)
@@ -300,6 +307,7 @@ class TargetResult:
     target: Target
     checks: list[CheckResult] = field(default_factory=list)
     device_name: Optional[str] = None
+    frame_step: Optional[str] = None  # `compiled_step.status` after the checks: eager, compiled or captured (why)
 
     @property
     def passed(self) -> bool:
@@ -316,6 +324,7 @@ class TargetResult:
             "device_name": self.device_name,
             "is_reference": target.is_reference,
             "passed": self.passed,
+            "frame_step": self.frame_step,
             "checks": {check.name: check.to_dict() for check in self.checks},
         }
 
@@ -337,7 +346,7 @@ AGREEMENT_CHECKS = ("hidden_states", "teacher_forced_logits", "greedy_codes", "c
 
 def _agreement_bodies(model: Any, target: Target, context: _Context) -> dict[str, Callable[[], Outcome]]:
     ref, tol = context.reference, tolerance_for(target.dtype)
-    if target.is_reference:  # compare the reference with itself: only finiteness can fail
+    if _self_compared(target, context):  # compare the reference with itself: only finiteness can fail
         return {
             "hidden_states": lambda: _judge_hidden(ref.hidden, ref.hidden_finite, ref, tol),
             "teacher_forced_logits": lambda: _judge_logits(ref.logits, ref, tol),
@@ -355,15 +364,22 @@ def _agreement_bodies(model: Any, target: Target, context: _Context) -> dict[str
     }
 
 
+def _self_compared(target: Target, context: _Context) -> bool:
+    """The reference target compares the reference with itself, unless its checks run the compiled step."""
+    return target.is_reference and not context.settings.compile
+
+
 def _checks_on_model(model: Any, target: Target, context: _Context) -> list[CheckResult]:
     results = []
+    if context.settings.compile:
+        compiled_step.enable(model)  # after the reference: that one is computed with the eager step
     if context.reference is None:
         reason = f"no CPU float32 reference ({context.reference_error})"
         results = [_skipped(name, reason) for name in AGREEMENT_CHECKS]
     else:
         for name, body in _agreement_bodies(model, target, context).items():
             result, _ = run_check(name, target.device, body)
-            if target.is_reference:
+            if _self_compared(target, context):
                 result.note = REFERENCE_NOTE
             results.append(result)
     if context.tokenizer is None:
@@ -412,6 +428,7 @@ def _verify_target(target: Target, context: _Context,
         return result
     try:
         result.checks += _checks_on_model(model, target, context)
+        result.frame_step = compiled_step.status(model)
     finally:
         del model
         gc.collect()
@@ -482,13 +499,14 @@ def _build_report(results: Sequence[TargetResult], context: _Context) -> dict[st
         "overall_pass": bool(results) and all(r.passed for r in results),
         "model": context.source.description,
         "settings": {"text": settings.text, "max_new_frames": settings.max_new_frames, "seed": settings.seed,
-                     "nq": settings.nq, "inference_sampling": settings.inference_kwargs,
+                     "nq": settings.nq, "inference_sampling": settings.inference_kwargs, "compile": settings.compile,
                      "mode": None if context.tokenizer is None else
                      "continuation" if context.prompt_audio is None else "voice_clone"},
         "environment": _environment(results),
         "reference": {
             "device": str(REFERENCE_DEVICE), "dtype": dtype_name(REFERENCE_DTYPE), "ok": reference is not None,
-            "error": context.reference_error, "seconds": round(context.reference_seconds, 3), "note": REFERENCE_NOTE,
+            "error": context.reference_error, "seconds": round(context.reference_seconds, 3),
+            "note": COMPILE_NOTE if settings.compile else REFERENCE_NOTE,
             "prompt_rows": None if reference is None else int(reference.input_ids.shape[1]),
             "prompt_frames": None if reference is None else reference.prompt_frames,
             "greedy_frames": None if reference is None else int(reference.codes.shape[0]),

@@ -7,8 +7,9 @@ For every device and dtype: load, global hidden states, teacher-forced logits, g
 the CPU float32 reference (each within the dtype's tolerances), and a short sampled inference run. The load column
 names the kernels each device ran: attention backends, RoPE ("complex (cpu fast path)", "real" or "npu_rotary_mul") and
 linear ("split-matvec/onednn (cpu fast path)" or "F.linear"); MOSS_TTS_CPU_FAST_PATHS=0 makes the CPU reference run the
-accelerator path. Writes
-<output-dir>/npu_verification_report.json and <output-dir>/npu_verification_report.md (also printed), and one short
+accelerator path. --compile runs the checks with the compiled frame step (compiled_step.py) against the eager
+reference; a line of the report names the step each target ran (eager, compiled, captured, or eager with the reason
+the compiled step fell back). Writes <output-dir>/npu_verification_report.json and <output-dir>/npu_verification_report.md (also printed), and one short
 WAV per device and dtype under <output-dir>/samples/.
 
 Exit codes: 0 every check passed, 1 a check failed or a requested device is unavailable, 2 invalid arguments.
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"report folder (default {DEFAULT_OUTPUT_DIR})")
     group.add_argument("--max-new-frames", type=_positive_int, default=DEFAULT_FRAMES,
                        help=f"frames of the greedy and inference runs (default {DEFAULT_FRAMES})")
+    group.add_argument("--compile", action="store_true",
+                       help="run the checks with the compiled frame step (inductor on a CPU, graph capture on CUDA / "
+                            "NPU) against the eager CPU float32 reference; the report names the step each target ran")
     return parser
 
 
@@ -280,12 +284,20 @@ def _kernel_plan_lines(report: dict) -> list[str]:
     return lines
 
 
+def frame_step_line(report: dict) -> str:
+    """Which frame step each target ran: eager, compiled or captured, or eager with the reason it fell back."""
+    steps = [f"{r['device']} {r['dtype']}: {r['frame_step']}" for r in report["results"] if r.get("frame_step")]
+    wanted = "compiled step requested" if report["settings"].get("compile") else "eager step requested"
+    return f"frame step ({wanted}): " + ("; ".join(steps) or "no target ran")
+
+
 def format_table(report: dict) -> str:
     """The report as Markdown: results table, problems, tolerances, environment."""
     env = report["environment"]
     header = ["device", "dtype", *CHECK_COLUMNS, "result"]
     lines = [f"# MOSS-TTS-Nano verification: {'PASS' if report['overall_pass'] else 'FAIL'}", "",
-             f"model: {report['model']}", f"reference: cpu float32. {report['reference']['note']}", "",
+             f"model: {report['model']}", f"reference: cpu float32. {report['reference']['note']}",
+             frame_step_line(report), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *_result_rows(report)]
     problems, notes = _problems_and_notes(report)
     if problems:
@@ -337,7 +349,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     output_dir = Path(args.output_dir)
     settings = VerificationSettings(
         text=args.text or DEFAULT_TEXT, max_new_frames=args.max_new_frames, seed=args.seed,
-        inference_kwargs={**CLI_SAMPLING_DEFAULTS}, sample_dir=output_dir / "samples",
+        inference_kwargs={**CLI_SAMPLING_DEFAULTS}, sample_dir=output_dir / "samples", compile=args.compile,
     )
     report = run_verification(targets, source, settings)
     report["command"] = ["verify_npu.py", *argv]

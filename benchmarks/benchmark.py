@@ -67,30 +67,56 @@ def voice_clone_prompt(assets: Any, rows: int = PROMPT_ROWS) -> tuple[torch.Tens
     return left_pad_batch([build_voice_clone_rows(template, ids, text, frames)], ids)
 
 
-def bench_generation(assets: Any, device: torch.device, frames: int, repeats: int) -> dict[str, Any]:
+GREEDY = {"do_sample": False, "audio_repetition_penalty": 1.2}  # `--sampling greedy` (the golden fixtures' settings)
+
+
+def generation_settings(sampling: str) -> dict[str, Any]:
+    return dict(CLI_SAMPLING_DEFAULTS) if sampling == "cli" else dict(CLI_SAMPLING_DEFAULTS, **GREEDY)
+
+
+def bench_generation(assets: Any, device: torch.device, frames: int, repeats: int, sampling: str = "cli",
+                     modes: tuple[str, ...] = ("eager",)) -> dict[str, Any]:
+    """Frames/s of `model.generate` in each of `modes` ("eager", "compiled"): each warmed up first (with compiled:
+    the graph compiles there), then the modes alternate run by run, so a change of load touches both alike. One
+    mode: its figures; several: {mode: figures} and the per-round ratio compiled / eager."""
     input_ids, mask = voice_clone_prompt(assets)
     input_ids, mask = input_ids.to(device), mask.to(device)
-    kwargs = dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames)
-    start = time.perf_counter()
-    assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
-    warmup_s = time.perf_counter() - start  # with --compile: the graphs' compile (first start) or cache load
+    kwargs = dict(generation_settings(sampling), max_new_frames=frames)
+    results: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        _use_mode(assets.model, mode)
+        start = time.perf_counter()
+        assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
+        # with compiled: the graphs' compile (first start) or cache load
+        results[mode] = {"runs": [], "cpu_ms": [], "warmup_s": time.perf_counter() - start}
+    for _ in range(repeats):
+        for mode in modes:
+            _use_mode(assets.model, mode)
+            devices.synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = assets.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            devices.synchronize(device)
+            wall, count = time.perf_counter() - start, int(out.audio_token_ids.shape[1])
+            results[mode]["runs"].append(count / wall)
+            # Process CPU time per frame (all threads, prefill included): less sensitive to other load than wall time.
+            results[mode]["cpu_ms"].append(1000 * (time.process_time() - cpu_start) / count)
+    report = {mode: {"median": statistics.median(r["runs"]), "runs": r["runs"], "prompt_rows": int(input_ids.shape[1]),
+                     "frames": frames, "sampling": sampling, "warmup_s": r["warmup_s"],
+                     "cpu_ms_per_frame": {"median": statistics.median(r["cpu_ms"]), "runs": r["cpu_ms"]}}
+              for mode, r in results.items()}
+    if len(modes) == 1:
+        return report[modes[0]]
+    if "eager" in report and "compiled" in report:
+        ratios = [c / e for e, c in zip(report["eager"]["runs"], report["compiled"]["runs"])]
+        report["compiled_vs_eager"] = {"median": statistics.median(ratios), "per_round": ratios}
+    return report
 
-    cpu_ms: list[float] = []
 
-    def run() -> float:
-        devices.synchronize(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = assets.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        devices.synchronize(device)
-        wall, count = time.perf_counter() - start, int(out.audio_token_ids.shape[1])
-        cpu_ms.append(1000 * (time.process_time() - cpu_start) / count)
-        return count / wall
-
-    result = _median_of(repeats, run)
-    # Process CPU time per frame (all threads, prompt prefill included): less sensitive to other load than wall time.
-    result.update(prompt_rows=int(input_ids.shape[1]), frames=frames, warmup_s=warmup_s,
-                  cpu_ms_per_frame={"median": statistics.median(cpu_ms), "runs": cpu_ms})
-    return result
+def _use_mode(model: Any, mode: str) -> None:
+    if mode == "compiled":
+        compiled_step.enable(model)
+    else:
+        compiled_step.disable(model, keep_graphs=True)  # compiled once, whatever the alternation
 
 
 def bench_codec(assets: Any, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -384,28 +410,41 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     devices.reset_peak_memory(device)
     report: dict[str, Any] = {"environment": environment(device, dtype, args.weight_precision), "repeats": args.repeats}
     modes = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[args.compile]
-    for section, measure in _sections(args, assets, device, skip):
-        for mode in modes:  # eager and compiled side by side, section by section
-            if mode == "compiled":
-                compiled_step.enable(assets.model)
-            else:
-                compiled_step.disable(assets.model)
-            key = section if len(modes) == 1 else f"{section}_{mode}"
-            report[key] = measure()
-            if mode == "compiled":
-                report.setdefault("compiled_step", {})[section] = compiled_step.status(assets.model)
-    if "compiled" in modes:
-        report["environment"]["compiled_step"] = compiled_step.status(assets.model)
+    try:
+        for section, measure in _sections(args, assets, device, skip, tuple(modes)):
+            if section == "generation_frames_per_s":  # the modes alternate run by run inside
+                result = measure()
+                if len(modes) == 1:
+                    report[section] = result
+                else:
+                    report.update({f"{section}_{mode}": result[mode] for mode in modes})
+                    report["generation_compiled_vs_eager"] = result["compiled_vs_eager"]
+                    report.setdefault("compiled_step", {})[section] = compiled_step.status(assets.model)
+                continue
+            section_modes = modes[:1] if section == "codec" else modes  # the codec has no frame step to compile
+            for mode in section_modes:  # eager and compiled side by side, section by section
+                _use_mode(assets.model, mode)
+                key = section if len(section_modes) == 1 else f"{section}_{mode}"
+                report[key] = measure()
+                if mode == "compiled":
+                    report.setdefault("compiled_step", {})[section] = compiled_step.status(assets.model)
+        if "compiled" in modes:
+            _use_mode(assets.model, "compiled")
+            report["environment"]["compiled_step"] = compiled_step.status(assets.model)
+    finally:
+        compiled_step.disable(assets.model)  # the model may be a caller's (device_check's dry run): leave it eager
     report["environment"]["load_average_at_end"] = _load_average()
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
 
 
-def _sections(args: argparse.Namespace, assets: Any, device: torch.device, skip: set[str]) -> list:
+def _sections(args: argparse.Namespace, assets: Any, device: torch.device, skip: set[str],
+              modes: tuple[str, ...]) -> list:
     """(report key, measuring function) of each section to run."""
     sections = [
-        ("generation_frames_per_s", lambda: bench_generation(assets, device, args.frames, args.repeats)),
+        ("generation_frames_per_s", lambda: bench_generation(assets, device, args.frames, args.repeats,
+                                                             args.sampling, modes)),
         ("codec", lambda: bench_codec(assets, device, args.repeats)),
         ("end_to_end_streaming", lambda: bench_end_to_end(assets, device, args.e2e_frames, args.repeats,
                                                           args.e2e_prompt_seconds)),
@@ -448,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-invariant", action="store_true",
                         help="run that section's engine batch-invariant (opt-in) instead of with the fastest products")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                        help="the compiled frame step (compiled_step): off, on, or both side by side (eager first)")
+                        help="the compiled frame step (compiled_step): off, on, or both side by side (generation: "
+                             "the two alternate run by run)")
+    parser.add_argument("--sampling", choices=("cli", "greedy"), default="cli",
+                        help="generation section: the CLI sampling settings, or greedy (repetition penalty 1.2)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)

@@ -5,7 +5,8 @@
 - the golden tts_tiny fixture (../shared/golden, when present): greedy codes, repetition penalty 1.2, KV cache on,
   compiled, against the recorded upstream codes;
 - the released architecture with seeded random weights (`demo.build_demo_assets`): `--frames` greedy frames from a
-  150-row voice-clone prompt, eager and compiled, compared code by code.
+  150-row voice-clone prompt, eager and compiled, compared code by code; then the teacher-forced logits of those
+  frames through the compiled frame against eager's, judged by verify_npu's float32 tolerance.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import compiled_step  # noqa: E402
 from benchmark import _cpu_info, _load_average, voice_clone_prompt  # noqa: E402
 from demo import build_demo_assets  # noqa: E402
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM  # noqa: E402
+from teacher_forcing import teacher_forced_logits  # noqa: E402
+from verification_metrics import cosine_similarity, max_abs_difference, tolerance_for  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "golden" / "tts_tiny"
 
@@ -65,7 +68,28 @@ def released_check(frames: int) -> dict:
     agree = int((eager == compiled).sum()) if same else 0
     return {"frames": [int(eager.shape[1]), int(compiled.shape[1])], "equal": bool(same and torch.equal(eager, compiled)),
             "codes_agreeing": agree, "codes": int(eager.numel()), "eager_s": eager_s, "compiled_s": compiled_s,
-            "status": compiled_step.status(assets.model)}
+            "status": compiled_step.status(assets.model),
+            "teacher_forced_logits": teacher_forced_check(assets.model, ids, mask, eager)}
+
+
+def teacher_forced_check(model, input_ids, mask, codes: torch.Tensor) -> dict:
+    """Teacher-forced logits of `codes` through the compiled frame (the model's setting) against eager's."""
+    eager = teacher_forced_logits(model, input_ids, mask, codes, compile=False)
+    start = time.perf_counter()
+    graphed = teacher_forced_logits(model, input_ids, mask, codes)
+    report = {"step": graphed.step, "first_call_s": time.perf_counter() - start, "frames": int(codes.shape[1])}
+    tolerance = tolerance_for("float32")
+    within = graphed.step != "eager"
+    for kind in ("text", "audio"):
+        reference, logits = getattr(eager, kind), getattr(graphed, kind)
+        cosine = cosine_similarity(reference, logits)
+        relative = max_abs_difference(reference, logits) / max(1.0, float(reference.abs().max()))
+        report.update({f"{kind}_cosine": cosine, f"{kind}_max_abs_rel": relative})
+        within = within and cosine >= tolerance.min_cosine and relative <= tolerance.max_abs_rel
+    agreement = float((graphed.argmax_codes() == eager.argmax_codes()).double().mean())
+    report.update(argmax_agreement=agreement,
+                  within_float32_tolerance=within and agreement >= tolerance.min_argmax_agreement)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

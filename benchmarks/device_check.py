@@ -8,7 +8,8 @@
 Steps, each a subprocess with a time limit (a hang or a crash fails its step, and the report is still written):
 1. verify: verify_npu.py on the device in every dtype the card supports, against CPU float32 (--demo weights
    unless --model-path is given);
-2. benchmark: benchmarks/benchmark.py on the device in its default dtype, short runs;
+2. benchmark: benchmarks/benchmark.py on the device in its default dtype, short runs, eager and with the frame step
+   compiled (graph capture on the card, inductor in the dry run) side by side;
 3. device tests: the test suite's device-marked tests (tests/test_device.py) on the device, in the same dtypes.
 Writes <output-dir>/device_check_report.json and device_check_report.md, with each step's log beside them. The
 step limits add up to 9.5 minutes, so the whole check ends within 10 minutes on one card.
@@ -133,7 +134,7 @@ def plan_steps(args: argparse.Namespace, device: torch.device, dtypes: Sequence[
     bench_json = out / "benchmark.json"
     bench = [python, str(ROOT / "benchmarks" / "benchmark.py"), "--device", str(device), "--repeats",
              str(sizes.bench_repeats), "--frames", str(sizes.bench_frames), "--e2e-frames", str(sizes.bench_frames),
-             "--e2e-prompt-seconds", str(sizes.bench_prompt_seconds), "--output", str(bench_json)]
+             "--e2e-prompt-seconds", str(sizes.bench_prompt_seconds), "--compile", "both", "--output", str(bench_json)]
     tests_xml = out / "device_tests.xml"
     tests = [python, "-m", "pytest", "-q", "-rs", "-m", "device", "-p", "no:cacheprovider",
              f"--junitxml={tests_xml}", str(ROOT / "tests")]
@@ -182,14 +183,22 @@ def _kernel_plan(load: dict[str, Any]) -> Optional[str]:
 
 
 def _benchmark_summary(report: dict) -> tuple[bool, dict[str, Any]]:
-    generation, codec = report.get("generation_frames_per_s", {}), report.get("codec", {})
-    end_to_end = report.get("end_to_end_streaming", {})
-    return True, {"dtype": report["environment"].get("dtype"),
-                  "generation_frames_per_s": generation.get("median"),
-                  "codec_one_shot_rtf": codec.get("one_shot_rtf", {}).get("median"),
-                  "codec_streaming_rtf": codec.get("streaming_4frame_rtf", {}).get("median"),
-                  "end_to_end_rtf": end_to_end.get("rtf"), "first_audio_s": end_to_end.get("first_audio_s"),
-                  "peak_memory_bytes": report.get("peak_memory_bytes")}
+    """The eager figures, the compiled step's beside them (`--compile both`) and which step that was."""
+    codec = report.get("codec", {})
+    summary = {"dtype": report["environment"].get("dtype")}
+    for mode, suffix in (("eager", ""), ("compiled", "_compiled")):
+        generation = report.get(f"generation_frames_per_s_{mode}", {})
+        end_to_end = report.get(f"end_to_end_streaming_{mode}", {})
+        summary.update({f"generation_frames_per_s{suffix}": generation.get("median"),
+                        f"end_to_end_rtf{suffix}": end_to_end.get("rtf"),
+                        f"first_audio_s{suffix}": end_to_end.get("first_audio_s")})
+    eager, compiled = summary["generation_frames_per_s"], summary["generation_frames_per_s_compiled"]
+    summary["generation_compiled_vs_eager"] = compiled / eager if eager and compiled else None
+    summary["compiled_step"] = report["environment"].get("compiled_step")
+    summary.update({"codec_one_shot_rtf": codec.get("one_shot_rtf", {}).get("median"),
+                    "codec_streaming_rtf": codec.get("streaming_4frame_rtf", {}).get("median"),
+                    "peak_memory_bytes": report.get("peak_memory_bytes")})
+    return True, summary
 
 
 def _tests_summary(path: Path) -> tuple[bool, dict[str, Any]]:

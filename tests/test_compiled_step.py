@@ -147,3 +147,75 @@ def test_int8_weights_run_the_eager_step_and_say_why(model):
     compiled_step.enable(int8, backend=backend)
     assert torch.equal(_codes(int8, None, 2, GREEDY, frames=2), _codes(int8, False, 2, GREEDY, frames=2))
     assert backend.compiled == 0 and "weight precision int8" in compiled_step.status(int8)
+
+
+def _within_float32_tolerance(reference, logits) -> None:
+    """verify_npu's float32 limits for teacher-forced logits: cosine, max abs difference relative to the logit scale,
+    and argmax agreement."""
+    from verification_metrics import cosine_similarity, max_abs_difference, tolerance_for
+
+    tolerance = tolerance_for("float32")
+    for kind in ("text", "audio"):
+        ref, got = getattr(reference, kind), getattr(logits, kind)
+        assert cosine_similarity(ref, got) >= tolerance.min_cosine, kind
+        assert max_abs_difference(ref, got) / max(1.0, float(ref.abs().max())) <= tolerance.max_abs_rel, kind
+    agreement = float((logits.argmax_codes() == reference.argmax_codes()).double().mean())
+    assert agreement >= tolerance.min_argmax_agreement
+
+
+def test_teacher_forced_logits_through_the_compiled_frame_match_eager(model):
+    from teacher_forcing import teacher_forced_logits
+
+    generator = torch.Generator().manual_seed(7)
+    rows = torch.full((2, 6, model.config.n_vq + 1), model.config.audio_pad_token_id)
+    rows[..., 0] = torch.randint(10, 1000, (2, 6), generator=generator)
+    frames = torch.randint(0, 1024, (2, 5, model.config.n_vq), generator=generator)
+    backend = CountingBackend()
+    compiled_step.enable(model, backend=backend)
+    eager = teacher_forced_logits(model, rows, None, frames, nq=3, compile=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        graphed = teacher_forced_logits(model, rows, None, frames, nq=3)  # the model's setting: compiled
+        again = teacher_forced_logits(model, rows, None, frames, nq=3)
+    assert eager.step == "eager" and graphed.step == "compiled (counting, 1 graphs)"
+    assert backend.compiled == 1 and [key[0] for key in compiled_step.graphs_for(model).frames] == ["teacher"]
+    assert graphed.audio.shape == eager.audio.shape == (2, 5, 3, 1024) and torch.equal(again.audio, graphed.audio)
+    _within_float32_tolerance(eager, graphed)
+    changed = frames.clone()
+    changed[:, 0, 1] = (changed[:, 0, 1] + 1) % 1024  # the fed codes reach the graph (a test that can fail)
+    other = teacher_forced_logits(model, rows, None, changed, nq=3)
+    assert torch.equal(other.audio[:, 0, :2], graphed.audio[:, 0, :2])
+    assert not torch.equal(other.audio[:, 0, 2], graphed.audio[:, 0, 2])
+
+
+def test_teacher_forcing_falls_back_to_eager_with_the_reason(model, monkeypatch):
+    from teacher_forcing import teacher_forced_logits
+
+    monkeypatch.setattr(compiled_step, "torch_version", lambda: (2, 2))
+    rows = torch.full((1, 4, model.config.n_vq + 1), model.config.audio_pad_token_id)
+    rows[..., 0] = 11
+    frames = torch.zeros(1, 2, model.config.n_vq, dtype=torch.long)
+    logits = teacher_forced_logits(model, rows, None, frames, nq=2, compile=True)
+    assert logits.step == "eager" and "older than 2.3" in compiled_step.graphs_for(model).problem
+    assert torch.equal(logits.audio, teacher_forced_logits(model, rows, None, frames, nq=2, compile=False).audio)
+
+
+@pytest.mark.skipif(compiled_step.compile_problem() is not None, reason=str(compiled_step.compile_problem()))
+def test_golden_teacher_forced_logits_of_the_inductor_step_within_the_float32_tolerance():
+    """The golden continuation (greedy, no repetition penalty): eager teacher forcing reproduces its codes, and the
+    inductor-compiled frame gives logits within verify_npu's float32 tolerance of eager's."""
+    np = pytest.importorskip("numpy")
+    from conftest import shared_path
+    from modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    from teacher_forcing import teacher_forced_logits
+
+    golden = dict(np.load(shared_path("golden", "tts_tiny", "golden.npz")))
+    model = MossTTSNanoForCausalLM.from_pretrained(shared_path("golden", "tts_tiny")).eval()
+    model.set_attention_implementation("sdpa")
+    ids, mask = torch.from_numpy(golden["cont_input_ids"]), torch.from_numpy(golden["cont_attention_mask"])
+    codes = torch.from_numpy(golden["greedy_cont_rp1"])
+    assert torch.equal(teacher_forced_logits(model, ids, mask, codes, compile=False).argmax_codes(), codes)
+    eager = teacher_forced_logits(model, ids, mask, codes, nq=4, compile=False)
+    compiled_step.enable(model)  # inductor: one teacher-forcing graph (4 codebooks keep its compile short)
+    graphed = teacher_forced_logits(model, ids, mask, codes, nq=4)
+    assert graphed.step == "compiled (inductor, 1 graphs)" and graphed.audio.shape == (1, 12, 4, 1024)
+    _within_float32_tolerance(eager, graphed)

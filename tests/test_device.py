@@ -143,6 +143,12 @@ def test_memory_and_synchronize_helpers_answer_on_the_device(device):
     assert (free is None) == (device.type == "cpu") and (free is None or free > 0)
 
 
+def _graph_nq(device: torch.device) -> int:
+    """Codebooks of the graph tests: all on a card (a capture takes a moment); 2 in the CPU dry run, where inductor
+    compiles each graph for tens of seconds with 16 codebooks on a small CPU (the step's time limit)."""
+    return 16 if device.type != "cpu" else 2
+
+
 def test_captured_or_compiled_step_gives_the_eager_greedy_codes_on_the_device(tts, device):
     """The frame step as a graph (CUDA / NPU graph capture on a card, inductor on `cpu`): greedy codes of a batch of
     two equal the eager step's on the same device in float32, or the step says why it fell back to eager."""
@@ -151,7 +157,7 @@ def test_captured_or_compiled_step_gives_the_eager_greedy_codes_on_the_device(tt
     model = _on(tts, device, torch.float32)
     input_ids, mask = _prompt_batch(tts)
     input_ids, mask = input_ids.to(device), mask.to(device)
-    settings = dict(max_new_frames=GREEDY_FRAMES, do_sample=False, audio_repetition_penalty=1.2)
+    settings = dict(max_new_frames=GREEDY_FRAMES, do_sample=False, audio_repetition_penalty=1.2, nq=_graph_nq(device))
     eager = model.generate(input_ids, mask, **settings).audio_token_ids
     compiled_step.enable(model)
     try:
@@ -162,3 +168,32 @@ def test_captured_or_compiled_step_gives_the_eager_greedy_codes_on_the_device(tt
     if status.startswith("eager"):
         pytest.skip(f"the step fell back: {status}")
     assert torch.equal(graphed.cpu(), eager.cpu()), status
+
+
+def test_captured_or_compiled_step_teacher_forced_logits_match_eager_on_the_device(tts, device):
+    """Teacher-forced logits through the graph (the greedy codes fed back) against the eager step's on the same device,
+    within verify_npu's float32 tolerance, or the step says why it fell back to eager."""
+    import compiled_step
+    from teacher_forcing import teacher_forced_logits
+
+    model = _on(tts, device, torch.float32)
+    input_ids, mask = _prompt_batch(tts)
+    nq = _graph_nq(device)
+    codes = model.generate(input_ids.to(device), mask.to(device), max_new_frames=GREEDY_FRAMES, do_sample=False,
+                           audio_repetition_penalty=1.0, nq=nq).audio_token_ids
+    eager = teacher_forced_logits(model, input_ids, mask, codes, nq=nq, compile=False).to("cpu")
+    compiled_step.enable(model)
+    try:
+        graphed = teacher_forced_logits(model, input_ids, mask, codes, nq=nq).to("cpu")
+    finally:
+        compiled_step.disable(model)
+    if graphed.step.startswith("eager"):
+        pytest.skip(f"the step fell back: {graphed.step}")
+    tolerance = tolerance_for(torch.float32)
+    for kind in ("text", "audio"):
+        reference, logits = getattr(eager, kind), getattr(graphed, kind)
+        assert cosine_similarity(reference, logits) >= tolerance.min_cosine, (kind, graphed.step)
+        peak = max(1.0, float(reference.abs().max()))
+        assert max_abs_difference(reference, logits) / peak <= tolerance.max_abs_rel, (kind, graphed.step)
+    agreement = float((graphed.argmax_codes() == eager.argmax_codes()).double().mean())
+    assert agreement >= tolerance.min_argmax_agreement, graphed.step

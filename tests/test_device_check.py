@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compiled_step
 import devices
 import verify_npu
 from pipeline_assets import TinyAssets
@@ -121,10 +122,13 @@ def test_planned_verify_command_is_accepted_by_verify_npu(check, tmp_path):
 
 
 def _in_process_runner(check: types.ModuleType, tiny: TinyAssets, monkeypatch: pytest.MonkeyPatch):
-    """Runs verify and the benchmark in this process on tiny models; the device tests as a real subprocess."""
+    """Runs verify and the benchmark in this process on tiny models; the device tests as a real subprocess. The
+    benchmark's compiled step traces with dynamo's "eager" backend here (inductor compiles a 16-codebook frame for a
+    minute or two on this kind of CPU; tests/test_compiled_step.py and the device tests run inductor itself)."""
     benchmark = _load_script("moss_benchmark_for_device_check", ROOT / "benchmarks" / "benchmark.py")
     monkeypatch.setattr(benchmark, "build_demo_assets", lambda seed=0: tiny)
     monkeypatch.setattr(verify_npu, "build_demo_assets", lambda seed=0: tiny)
+    monkeypatch.setattr(compiled_step, "_auto_backend", lambda model: "eager")
     tools = {"verify": verify_npu.main, "benchmark": benchmark.main}
 
     def run(step, log: Path):
@@ -155,7 +159,10 @@ def test_dry_run_on_cpu_with_the_accelerator_absent_runs_every_step_and_reports(
     assert target == {"device": "cpu", "dtype": "float32", "passed": True, "failed_checks": []}
     assert plan.startswith("rope ") and "attention sdpa/sdpa (requested " in plan  # the plan and why
     assert f"- cpu float32: {plan}" in out  # printed under "Kernel plan"
-    assert steps["benchmark"]["summary"]["generation_frames_per_s"] > 0
+    bench = steps["benchmark"]["summary"]
+    assert bench["generation_frames_per_s"] > 0 and bench["generation_frames_per_s_compiled"] > 0  # eager and compiled
+    assert bench["compiled_step"].startswith("compiled (eager, ") and bench["generation_compiled_vs_eager"] > 0
+    assert compiled_step.status(tiny.model) == "eager"  # the benchmark leaves the caller's model as it found it
     tests = steps["device_tests"]["summary"]
     assert tests["passed"] >= 5 and tests["failures"] == tests["errors"] == 0  # the device tests ran, on the CPU
     table = (tmp_path / check.TABLE_NAME).read_text()

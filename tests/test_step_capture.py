@@ -110,6 +110,28 @@ def test_simulated_capture_replays_eager_codes_once_per_bucket(model, simulated,
     assert SimulatedGraph.captures == 1 and len(frames) == 1 and frames[0].captured.replays == 5 + 2  # the capture runs nothing: its call replays too
 
 
+def test_simulated_capture_teacher_forces_through_its_static_code_buffer(model, simulated):
+    """Teacher forcing through a captured frame: the fed codes reach the graph through a static buffer (a replay with
+    other codes gives those codes' logits), within verify_npu's float32 tolerance of eager teacher forcing."""
+    from teacher_forcing import teacher_forced_logits
+    from test_compiled_step import _within_float32_tolerance
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.full((1, 5, model.config.n_vq + 1), model.config.audio_pad_token_id)
+    rows[..., 0] = torch.randint(10, 1000, (1, 5), generator=generator)
+    frames = torch.randint(0, 1024, (1, 3, model.config.n_vq), generator=generator)
+    changed = frames.clone()
+    changed[:, :, 0] = (changed[:, :, 0] + 1) % 1024
+    compiled_step.enable(model, backend="capture")
+    for codes in (frames, changed):
+        captured = teacher_forced_logits(model, rows, None, codes, nq=2)
+        assert captured.step == "captured (cpu graph, 1 graphs)"
+        _within_float32_tolerance(teacher_forced_logits(model, rows, None, codes, nq=2, compile=False), captured)
+    assert SimulatedGraph.captures == 1
+    first = teacher_forced_logits(model, rows, None, frames, nq=2)  # a replay with the first codes again
+    assert not torch.allclose(captured.audio[:, 0, 1], first.audio[:, 0, 1])  # codebook 1 sees code 0
+
+
 def test_simulated_capture_without_the_api_runs_eager_with_the_reason(model, monkeypatch):
     monkeypatch.setattr(step_capture, "graph_api", lambda device: (None, "torch_npu 2.4.0 has no torch.npu.NPUGraph"))
     compiled_step.enable(model, backend="capture")

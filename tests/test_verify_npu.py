@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compiled_step
 import demo
 import devices
 import teacher_forcing
@@ -88,7 +89,8 @@ def test_cosine_similarity_cases() -> None:
     a = torch.tensor([1.0, 2.0, 3.0])
     assert verification_metrics.cosine_similarity(a, a) == pytest.approx(1.0)
     assert verification_metrics.cosine_similarity(a, -a) == pytest.approx(-1.0)
-    assert verification_metrics.cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.0)
+    orthogonal = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert verification_metrics.cosine_similarity(*orthogonal) == pytest.approx(0.0)
     assert verification_metrics.cosine_similarity(torch.zeros(3), torch.zeros(3)) == 1.0
     assert verification_metrics.cosine_similarity(torch.zeros(3), a) == 0.0
     assert math.isnan(verification_metrics.cosine_similarity(a, torch.tensor([1.0, float("nan"), 3.0])))
@@ -268,6 +270,36 @@ def test_main_demo_cpu_float32_and_bfloat16_pass(tiny_demo, tmp_path: Path, caps
     table = (tmp_path / verification.TABLE_NAME).read_text(encoding="utf-8")
     assert "| cpu | bfloat16 |" in table and "PASS" in table and table in capsys.readouterr().out
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_main_compile_runs_the_checks_with_the_compiled_step_and_says_so(tiny_demo, tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    """--compile: the CPU float32 target's checks run the compiled frame step against the eager reference (dynamo's
+    tracing-only "eager" backend keeps this cheap; tests/test_compiled_step.py runs inductor itself)."""
+    monkeypatch.setattr(compiled_step, "_auto_backend", lambda model: "eager")
+    code, report = _run(tmp_path, "--devices", "cpu", "--dtypes", "float32", "--compile")
+    assert code == 0 and report["overall_pass"] and report["settings"]["compile"] is True
+    fp32 = _result(report, "cpu", "float32")
+    assert fp32["frame_step"].startswith("compiled (eager, ") and fp32["frame_step"] != "compiled (eager, 0 graphs)"
+    logits = fp32["checks"]["teacher_forced_logits"]
+    assert logits["step"].startswith("compiled (eager, ") and logits["argmax_agreement"] == 1.0
+    assert logits["audio_cosine"] >= verification_metrics.tolerance_for("float32").min_cosine
+    assert fp32["checks"]["greedy_codes"]["identical"]
+    assert fp32["checks"]["hidden_states"]["note"] is None  # measured, not the reference compared with itself
+    assert report["reference"]["note"] == verification.COMPILE_NOTE
+    assert f"frame step (compiled step requested): cpu float32: {fp32['frame_step']}" in capsys.readouterr().out
+
+
+def test_main_names_the_eager_step_and_why_compile_fell_back(tiny_demo, tmp_path: Path, capsys, monkeypatch) -> None:
+    code, report = _run(tmp_path / "eager", "--devices", "cpu", "--dtypes", "float32")
+    assert code == 0 and _result(report, "cpu", "float32")["frame_step"] == "eager"
+    assert "frame step (eager step requested): cpu float32: eager" in capsys.readouterr().out
+    monkeypatch.setattr(compiled_step, "torch_version", lambda: (2, 2))  # as a torch too old to compile
+    code, report = _run(tmp_path / "old", "--devices", "cpu", "--dtypes", "float32", "--compile")
+    step = _result(report, "cpu", "float32")["frame_step"]
+    assert code == 0 and step.startswith("eager (compile fell back: torch ") and "older than 2.3" in step
+    assert _result(report, "cpu", "float32")["checks"]["teacher_forced_logits"]["step"] == "eager"
+    assert f"cpu float32: {step}" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(CUDA_PRESENT, reason="needs a machine without a usable CUDA device")
