@@ -9,7 +9,9 @@ import contextvars
 import functools
 import logging
 import platform
+import threading
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -88,6 +90,7 @@ class PrecisionLinear(nn.Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
+        forget_packed(self.weight)  # a moved or cast weight gets a new packed copy when a CPU product next needs it
         result = super()._apply(fn, *args, **kwargs)
         if self._packed is not None:
             # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
@@ -110,7 +113,12 @@ SPLIT_PARTS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
+    """F.linear, with float32 CPU fast paths. Where `packed_onednn_usable()` (x86-64 builds with oneDNN), products
+    of PACKED_MIN_ROWS or more rows (a batched step, a prompt) with a weight of at least PACK_MIN_OUT_FEATURES
+    outputs run oneDNN on a prepacked copy of the weight (`packed_onednn_weight`), and so do products of one or two
+    rows inside `batched_products(row_invariant=True)` (one kernel for every row count: a row's bits do not depend
+    on it); other products of one or two rows take `split_matvec_linear`, which reads weights that are not in cache
+    faster. Without packed oneDNN: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
     step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
     two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
@@ -118,6 +126,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
+    if weight.shape[0] >= PACK_MIN_OUT_FEATURES and not _needs_autograd(x, weight) and packed_onednn_usable():
+        if (x.numel() >= PACKED_MIN_ROWS * x.shape[-1] or _BATCHED_PRODUCTS.get() == "row-invariant"
+                or weight.shape[0] % SPLIT_PARTS):
+            return _packed_product(x, packed_onednn_weight(weight), bias)
+        return split_matvec_linear(x, weight, bias)
     batched = _BATCHED_PRODUCTS.get()
     if batched and (batched == "row-invariant" or x.numel() > x.shape[-1]) and not _needs_autograd(x, weight) \
             and row_invariant_limit():
@@ -198,7 +211,10 @@ def row_invariant_limit() -> int:
     Why a limit: oneDNN switches kernels at a row count that depends on its version and the CPU (16 rows in
     torch 2.3.1's build on AVX-512; none up to 300 rows in torch 2.13's).
     """
-    return _onednn_row_limit() if cpu_fast_paths_enabled() else 0
+    if not cpu_fast_paths_enabled():
+        return 0
+    unpacked = _onednn_row_limit()  # the small products (fewer than PACK_MIN_OUT_FEATURES outputs) run unpacked
+    return min(unpacked, _packed_row_limit()) if packed_onednn_usable() else unpacked
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,6 +256,99 @@ def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return out[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
+# oneDNN on a prepacked weight. oneDNN's float32 GEMM wants the weight in a blocked layout of its own; given a plain
+# weight, `_linear_pointwise` reorders it at every call, which for a few rows costs more than the product. Packed
+# once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU backend does), a 4-row product of a
+# 768 x 3072 weight costs 1.2-1.3x a one-row product instead of 2-3x, and the one-row product beats the split matvec
+# (2-core Zen 4, torch 2.3.1 and 2.13: benchmarks/linear_kernels.py). The packed copy is derived data, like the int8
+# copy: it costs the weight's bytes again, lives in a process-wide table keyed by the weight tensor (never in the
+# module, so state_dict, deepcopy and pickling never see it), and is rebuilt when the weight changes (its version
+# counter or storage moves: load_state_dict, in-place edits, .to()).
+PACKED_MIN_ROWS = 3  # fewer rows: the split matvec (weights streamed from memory: 400 vs 730 us for one row of a
+# 3072 x 768 weight, 760 vs 610 us for three; one thread, 2-core Zen 4, torch 2.13)
+PACK_MIN_OUT_FEATURES = 64  # smaller products (the 2-row candidate head, rebuilt per request) stay unpacked
+_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, version, data_ptr, packed copy)
+_PACK_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def packed_onednn_usable() -> bool:
+    """Whether `linear` runs oneDNN on prepacked weights here: x86-64, the op present, F.linear's result on a probe,
+    and a row's bits the same for one row and for any count up to ROW_PROBE_MAX (`_packed_row_limit`)."""
+    if not onednn_linear_usable() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        x, weight = torch.arange(40.0).view(5, 8) / 7, torch.arange(24.0).view(3, 8) / 5
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight), None, "none",
+                                                 [], "")
+        close = bool(torch.allclose(out, F.linear(x, weight), rtol=1e-6, atol=1e-6))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return close and _packed_row_limit() >= 3
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot change outside inference mode
+        version = -1
+    return version, weight.data_ptr()
+
+
+def packed_onednn_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-packed copy of a float32 CPU weight (out, in), made once per weight and version (thread-safe)."""
+    key = id(weight)
+    state = _weight_key(weight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1:3] == state:
+        return entry[3]
+    with _PACK_LOCK:
+        entry = _PACKED.get(key)
+        if entry is not None and entry[0]() is weight and entry[1:3] == state:
+            return entry[3]
+        packed = _reorder(weight.detach())
+        if entry is None or entry[0]() is not weight:
+            weakref.finalize(weight, _PACKED.pop, key, None)
+        _PACKED[key] = (weakref.ref(weight), *state, packed)
+        return packed
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def forget_packed(weight: torch.Tensor) -> None:
+    """Drop the packed copy of `weight` (its memory) now, e.g. when the weight leaves the CPU."""
+    with _PACK_LOCK:
+        entry = _PACKED.get(id(weight))
+        if entry is not None and entry[0]() is weight:
+            del _PACKED[id(weight)]
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat if flat.is_contiguous() else flat.contiguous(), packed, bias,
+                                             "none", [], "")
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_row_limit() -> int:
+    """The largest R such that the packed product gives a row the same bits for every row count 1..R and every
+    position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 when one row differs from two."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(768, 768, generator=generator)
+    bias = torch.randn(768, generator=generator)
+    rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    reference = _packed_product(rows[:1], packed, bias)[0]
+    for count in range(2, ROW_PROBE_MAX + 1):
+        if not all(torch.equal(_packed_product(_placed(rows, count, position), packed, bias)[position], reference)
+                   for position in (0, count // 2, count - 1)):
+            return count - 1 if count > 2 else 0
+    return ROW_PROBE_MAX
+
+
 def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, weight, bias) for a few rows of x, as one batched matmul over SPLIT_PARTS blocks of weight rows."""
     out_features, in_features = weight.shape
@@ -256,13 +365,15 @@ def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 def resolve_linear_kernel(device: Union[torch.device, str], dtype: torch.dtype) -> str:
-    """What `linear` runs for a model on (device, dtype): "split-matvec/onednn" (or "split-matvec" where oneDNN is not
-    used) for float32 on CPU with the fast paths on, else "F.linear"."""
+    """What `linear` runs for a model on (device, dtype): for float32 on CPU with the fast paths on, "split-matvec/onednn-packed"
+    (or "split-matvec/onednn" without packed oneDNN weights, "split-matvec" without oneDNN), else "F.linear"."""
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device_type != "cpu" or dtype != torch.float32:
         return "F.linear"
     kernel = cpu_kernel("linear")
-    return "split-matvec" if kernel == "split-matvec/onednn" and not onednn_linear_usable() else kernel
+    if kernel != "split-matvec/onednn-packed" or packed_onednn_usable():
+        return kernel
+    return "split-matvec/onednn" if onednn_linear_usable() else "split-matvec"
 
 
 def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
