@@ -172,14 +172,15 @@ _BATCHED_PRODUCTS: contextvars.ContextVar[str] = contextvars.ContextVar("moss_tt
 def batched_products(row_invariant: bool = True) -> Iterator[int]:
     """Products for batched decoding, where a few rows share each product (this thread only; the engine's steps).
 
-    Float32 CPU products of two or more rows go through oneDNN: its GEMM reads the weights once for all rows and
-    gives a row the same bits for every row count within a range (one kernel; `row_invariant_limit()` probes it
-    once), while the split matvec and MKL's GEMM change a row's summation order with the row count. With
-    `row_invariant`, one row too is padded to two, so a row's result never depends on how many rows share the
-    product or where it sits: a request batched with others computes exactly what it computes alone. That costs a
-    lone row: the split matvec reads the weights with every thread and is faster for one row (up to about twice on
-    a CPU whose local-decoder weights stay in cache). Without it, one row takes the split matvec and only its
-    last bits can differ from the same row beside others. int8 weights: with `row_invariant`, each row's
+    Float32 CPU products of several rows go through oneDNN (on packed weights where `packed_onednn_usable()`: three
+    or more rows; else two or more): its GEMM reads the weights once for all rows and gives a row the same bits
+    for every row count within a range (one kernel; `row_invariant_limit()` probes it once), while the split
+    matvec and MKL's GEMM change a row's summation order with the row count. With `row_invariant`, every row count
+    takes that oneDNN product (one row too: the packed product directly, the plain one padded to two), so a row's
+    result never depends on how many rows share the product or where it sits: a request batched with others
+    computes exactly what it computes alone. That costs one or two rows: the split matvec streams weights that
+    are not in cache faster. Without it, they take the split matvec and only their last bits can differ from the
+    same rows beside others. int8 weights: with `row_invariant`, each row's
     activations are quantized with the row's own range (`PrecisionLinear._int8_rows`; integer sums, so exact).
     Other devices and dtypes run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
     low bits may depend on the batch.
