@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .cpu_fast_paths import cpu_kernel
-from .devices import npu_fused_kernel_problem, npu_rotary_mul_fn
+from .kernel_probes import npu_fused_kernel_problem, npu_rotary_mul_fn
 from .npu_probes import probe_tensor_device, rotary_interleave_problem
 
 
@@ -157,8 +157,9 @@ def choose_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_
     """(kernel, why) for a model with `num_heads` heads of `head_dim` in `dtype` on `device`.
 
     "complex" on CPU (a fast path; "real" with MOSS_TTS_CPU_FAST_PATHS=0); "npu_rotary_mul" on an NPU where
-    `devices.npu_rotary_mul_fn` finds the interleave mode, the shape fits its documented limits, JIT compilation is
-    off and one tiny call matches the real-valued kernel (`npu_probes.rotary_interleave_problem`); "real" elsewhere.
+    `kernel_probes.npu_rotary_mul_fn` finds the interleave mode, the shape fits its documented limits, JIT
+    compilation is off and one tiny call matches the real-valued kernel (`npu_probes.rotary_interleave_problem`);
+    "real" elsewhere.
     The model calls this once per (device, dtype) and caches the plan.
     """
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]

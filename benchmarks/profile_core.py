@@ -26,8 +26,9 @@ __import__("repo_imports").install()  # the repository's modules by their names 
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine_core import EngineCore  # noqa: E402
-from pipeline import Plan, build_request, core_request, encode_prompt_audio, plan_chunks  # noqa: E402
+from pipeline import Plan, core_request, encode_prompt_audio, plan_chunks  # noqa: E402
 from shared_resources import cached_resources  # noqa: E402
+from synthesis_request import build_request  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
 PARTS = {  # report name -> (file suffix, function name) in the profile
