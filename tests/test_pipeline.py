@@ -84,9 +84,19 @@ def test_continuation_with_prompt_drops_the_prompt_audio_and_streams_the_same(as
     assert torch.allclose(streamed, whole["waveform"], atol=1e-5)
 
 
-def test_plain_continuation_without_prompt(assets):
+def test_plain_continuation_without_prompt_continues_the_text_rows_alone(assets):
+    """No prompt: the codes are what generate() makes from the text rows alone (no prompt audio row, no voice-clone
+    layout), and the waveform is those frames' audio."""
+    from prompting import PromptTokenIds, build_continuation_rows, build_prompt_template
+
     result = assets.model.inference("Hello.", mode="continuation", max_new_frames=3, **assets.resources(), **GREEDY)
-    assert result["waveform"].shape == (2, 3 * 3840) and result["reference_audio_token_ids"] is None
+    ids = PromptTokenIds.from_config(assets.model.config)
+    encode = lambda text: list(assets.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    rows = build_continuation_rows(build_prompt_template(encode, ids), ids, encode("Hello."))[None]
+    expected = assets.model.generate(rows, max_new_frames=3, do_sample=False).audio_token_ids[0]
+    assert result["reference_audio_token_ids"] is None and len(result["audio_token_ids"]) == 1
+    assert torch.equal(result["audio_token_ids"][0], expected)
+    assert result["waveform"].shape == (2, expected.shape[0] * 3840)
 
 
 def test_abandoned_stream_releases_the_codec_session(assets):

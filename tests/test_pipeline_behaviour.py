@@ -122,10 +122,15 @@ def test_chunks_that_end_by_themselves_are_not_reported(tmp_path):
     assert _stream(quiet, LONG_TEXT, prompt_audio=quiet.prompt_audio)[-1]["truncated_chunks"] == []
 
 
-def test_audio_token_ids_is_a_list_per_chunk_for_one_chunk_too(assets):
-    for result in (_run(assets, prompt_audio=assets.prompt_audio), _stream(assets, prompt_audio=assets.prompt_audio)[-1],
-                   _run(assets, "Hi.")):
-        assert isinstance(result["audio_token_ids"], list) and [c.shape for c in result["audio_token_ids"]] == [(4, 16)]
+def test_audio_token_ids_hold_each_chunks_codes_for_one_chunk_too(assets):
+    """Upstream's list of one tensor per text chunk, also for one chunk: that chunk's codes, the same streamed and
+    whole, one frame per 3840 samples of the waveform."""
+    whole = _run(assets, prompt_audio=assets.prompt_audio)
+    streamed = _stream(assets, prompt_audio=assets.prompt_audio)[-1]
+    for result in (whole, streamed, _run(assets, "Hi.")):
+        (codes,) = result["audio_token_ids"]
+        assert codes.shape[-1] == 16 and result["waveform"].shape[-1] == codes.shape[0] * 3840
+    assert torch.equal(streamed["audio_token_ids"][0], whole["audio_token_ids"][0])
 
 
 # ------------------------------------------------------------------------------------------------ long continuation
