@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_assets import TinyAssets
+from pipeline_assets import TinyAssets, poison_text_logits
 
 GREEDY = {"do_sample": False}
 
@@ -180,28 +180,10 @@ def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
 # ------------------------------------------------------------------------------------------------ streaming retry
 
 
-def _poison_text(monkeypatch, model, steps):
-    """Non-finite text logits at the given step numbers of `model` (not of its float32 retry model)."""
-    import model_runner
-
-    seen = []
-    real = model_runner.sample_frame
-
-    def poisoned(step_model, *args, **kwargs):
-        frame = real(step_model, *args, **kwargs)
-        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
-        if step_model is model and len(seen) - 1 in steps:
-            frame.text_finite = torch.zeros_like(frame.text_finite)
-        return frame
-
-    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
-    return seen
-
-
 def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
     before = assets.model.get_attention_implementation()
     expected = _run(assets, prompt_audio=assets.prompt_audio)
-    seen = _poison_text(monkeypatch, assets.model, steps={0})
+    seen = poison_text_logits(monkeypatch, assets.model, steps={0})
     events = _stream(assets, prompt_audio=assets.prompt_audio)
     assert seen[0] == (assets.model, torch.float32, before)
     # the retry runs a float32 model with the CPU fallback backend; the caller's model is left alone
@@ -211,7 +193,7 @@ def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, 
 
 
 def test_stream_that_fails_after_audio_went_out_is_not_retried(assets, monkeypatch):
-    seen = _poison_text(monkeypatch, assets.model, steps={3})
+    seen = poison_text_logits(monkeypatch, assets.model, steps={3})
     stream = assets.model.inference_stream("Hello world.", prompt_audio=assets.prompt_audio, max_new_frames=6,
                                            **assets.resources(), **GREEDY)
     assert next(stream)["type"] == "audio"

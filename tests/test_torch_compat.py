@@ -343,17 +343,6 @@ def test_simulated_torch_2_5_refuses_a_sharded_bin_with_the_remedy(monkeypatch, 
         cli_common.load_checkpoint(folder, torch.float32)
 
 
-def test_simulated_torch_2_5_reads_the_codec_bin_without_torch_load(monkeypatch, tmp_path):
-    monkeypatch.setattr(codec_compat, "torch_version", lambda: (2, 5))
-    monkeypatch.setattr(torch, "load", _no_torch_load)
-    model = tiny_codec(seed=5)
-    model.config.save_pretrained(tmp_path)
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    loaded = MossAudioTokenizerModel.from_pretrained(tmp_path)
-    codes = random_codes(3, seed=6)
-    assert torch.equal(loaded.batch_decode([codes]).audio, model.batch_decode([codes]).audio)
-
-
 def _no_torch_load(*args, **kwargs):
     raise AssertionError("torch.load was called")
 
