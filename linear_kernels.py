@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
+from .torch_compat import is_compiling
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,19 @@ class PrecisionLinear(nn.Linear):
     (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
     """
 
-    _packed: Any = None  # the packed int8 weight (without bias: `_int8_rows` adds it), None in float32
-    _packed_rows: Any = None  # (that packed copy, the sums of its dequantized rows) for `_int8_rows`
+    # (the packed int8 weight without bias, the sums of its dequantized rows for `_int8_rows`), None in float32. One
+    # attribute, built whole by set_weight_precision / _apply and only read by forward: threads running forwards
+    # at once never see half of it, and forward derives nothing.
+    _packed_rows: Any = None
+
+    @property
+    def _packed(self) -> Any:
+        """The packed int8 weight (without bias: forward adds it), None in float32."""
+        return None if self._packed_rows is None else self._packed_rows[0]
 
     @property
     def weight_precision(self) -> str:
-        return "float32" if self._packed is None else "int8"
+        return "float32" if self._packed_rows is None else "int8"
 
     def set_weight_precision(self, precision: str) -> None:
         """Switch between the float32 weight ("float32") and a packed int8 copy ("int8").
@@ -53,22 +61,22 @@ class PrecisionLinear(nn.Linear):
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
         self._packed_rows = None if precision == "float32" else _pack_int8_rows(self.weight)
-        self._packed = None if self._packed_rows is None else self._packed_rows[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
+        int8 = self._packed_rows  # read once
+        if int8 is not None:
             # Per-row (per-token) dynamic quantization in every mode: a row's int8 result never depends on the rows
             # beside it (fbgemm alone would quantize a product of several rows with one range).
             if x.numel() == x.shape[-1] and _BATCHED_PRODUCTS.get() != "row-invariant":
                 # Why: for a lone row fbgemm's one range is that row's own, and its kernel is 2-5x faster than the
                 # pinned-row form (2-core Zen 4, 768-3072 wide). Batch-invariant steps take that form for every
                 # row, so a row's bits never depend on how many rows run.
-                out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), self._packed, True)  # reduce_range
+                out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), int8[0], True)  # reduce_range
                 return (out if self.bias is None else out + self.bias).view(*x.shape[:-1], out.shape[-1])
-            return self._int8_rows(x)
+            return self._int8_rows(x, *int8)
         return linear(x, self.weight, self.bias)
 
-    def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _int8_rows(self, x: torch.Tensor, packed: Any, weight_sums: torch.Tensor) -> torch.Tensor:
         """int8 products whose rows do not depend on each other (per-row dynamic activation quantization).
 
         Why: fbgemm quantizes the activations of a product with one range for all its rows, so a row's result would
@@ -76,9 +84,6 @@ class PrecisionLinear(nn.Linear):
         and 1) fix the product's range, so every row is quantized exactly as alone, with its own 7-bit range like
         the one-row product; W x = span * (W x') + low * (W 1) restores it (W as quantized).
         """
-        if self._packed_rows is None:  # derived once, like the packed copy itself
-            self._packed_rows = _pack_int8_rows(self.weight)
-        packed, weight_sums = self._packed_rows
         flat = x.reshape(-1, x.shape[-1])
         low = flat.amin(dim=1, keepdim=True)
         span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(torch.float32).tiny)
@@ -92,14 +97,13 @@ class PrecisionLinear(nn.Linear):
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
         forget_packed(self.weight)  # a moved or cast weight gets a new packed copy when a CPU product next needs it
         result = super()._apply(fn, *args, **kwargs)
-        if self._packed is not None:
+        if self._packed_rows is not None:
             # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
             if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
                 self._packed_rows = _pack_int8_rows(self.weight)
-                self._packed = self._packed_rows[0]
             else:
                 logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
-                self._packed = self._packed_rows = None
+                self._packed_rows = None
         return result
 
 
@@ -123,7 +127,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
     two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
     MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
     if weight.shape[0] >= PACK_MIN_OUT_FEATURES and not _needs_autograd(x, weight) and packed_onednn_usable():
@@ -195,11 +199,6 @@ def batched_products(row_invariant: bool = True) -> Iterator[int]:
         _BATCHED_PRODUCTS.reset(token)
 
 
-def row_invariant_products() -> contextlib.AbstractContextManager:
-    """`batched_products(row_invariant=True)`: a row's result never depends on the other rows of its product."""
-    return batched_products(row_invariant=True)
-
-
 ROW_PROBE_MAX = 64
 
 
@@ -241,11 +240,6 @@ def _placed(rows: torch.Tensor, count: int, position: int) -> torch.Tensor:
     probe = rows[1 : count + 1].clone()
     probe[position] = rows[0]
     return probe
-
-
-def onednn_rows_invariant() -> bool:
-    """Whether `row_invariant_products` makes products of at least 2..3 rows row-invariant here."""
-    return row_invariant_limit() >= 3
 
 
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -141,11 +141,6 @@ _NPU_ROTARY_MAX_HEADS_TIMES_TWO = 1000  # interleave mode: B * N < 1000 (N = 2 *
 _NPU_ROTARY_MAX_HEAD_DIM = 896  # interleave mode: D < 896 and even
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2j], x[2j+1]) of x (B, H, T, D) by the angles behind cos/sin (.., T, D/2), in float32."""
-    return rotate_real(x, torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
-
-
 def resolve_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_dim: int,
                           dtype: torch.dtype = torch.float16) -> str:
     """The RoPE kernel for a device (see `choose_rotary_kernel`, which also says why)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,19 +20,12 @@ import pytest
 import torch
 
 import devices
+from conftest import load_script
 import verify_npu
 from pipeline_assets import TinyAssets
 from test_devices import block_cuda, block_torch_npu, install_simulated_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +37,7 @@ def fresh_device_probes():
 
 @pytest.fixture(scope="module")
 def check() -> types.ModuleType:
-    return _load_script("moss_device_check", ROOT / "benchmarks" / "device_check.py")
+    return load_script("moss_device_check", ROOT / "benchmarks" / "device_check.py")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +114,7 @@ def test_planned_verify_command_is_accepted_by_verify_npu(check, tmp_path):
 
 def _in_process_runner(check: types.ModuleType, tiny: TinyAssets, monkeypatch: pytest.MonkeyPatch):
     """Runs verify and the benchmark in this process on tiny models; the device tests as a real subprocess."""
-    benchmark = _load_script("moss_benchmark_for_device_check", ROOT / "benchmarks" / "benchmark.py")
+    benchmark = load_script("moss_benchmark_for_device_check", ROOT / "benchmarks" / "benchmark.py")
     monkeypatch.setattr(benchmark, "build_demo_assets", lambda seed=0: tiny)
     monkeypatch.setattr(verify_npu, "build_demo_assets", lambda seed=0: tiny)
     tools = {"verify": verify_npu.main, "benchmark": benchmark.main}

@@ -19,19 +19,12 @@ import kernel_probes
 import attention
 import npu_probes
 import npu_simulation
+from npu_simulation import fresh_probes  # noqa: F401 (an autouse fixture: fresh probes per test)
 import rotary
 import verification
 from attention import ATTENTION_FUNCTIONS, build_attention_mask
 from gpt2_decoder import GPT2Decoder, resolve_kernel_plan
 from sampling import select_tokens
-
-
-@pytest.fixture(autouse=True)
-def fresh_probes(monkeypatch):
-    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
-    devices.clear_caches()
-    yield
-    devices.clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------------------------

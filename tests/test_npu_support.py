@@ -19,19 +19,12 @@ import attention
 import kernel_probes
 import kv_cache
 import npu_simulation
+from npu_simulation import fresh_probes  # noqa: F401 (an autouse fixture: fresh probes per test)
 from npu_simulation import run_python
 import rotary
 from attention import ATTENTION_FUNCTIONS, build_attention_mask, resolve_attention_implementation
 from gpt2_decoder import GPT2Decoder
 from rotary import make_rotation, resolve_rotary_kernel
-
-
-@pytest.fixture(autouse=True)
-def fresh_probes(monkeypatch):
-    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
-    devices.clear_caches()
-    yield
-    devices.clear_caches()
 
 
 def _cards(name, **kwargs):
