@@ -255,7 +255,7 @@ def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 # weight, `_linear_pointwise` reorders it at every call, which for a few rows costs more than the product. Packed
 # once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU backend does), a 4-row product of a
 # 768 x 3072 weight costs 1.2-1.3x a one-row product instead of 2-3x, and the one-row product beats the split matvec
-# (2-core Zen 4, torch 2.3.1 and 2.13: benchmarks/linear_kernels.py). The packed copy is derived data, like the int8
+# (2-core Zen 4, torch 2.3.1 and 2.13: benchmarks/linear_products.py). The packed copy is derived data, like the int8
 # copy: it costs the weight's bytes again, lives in a process-wide table keyed by the weight tensor (never in the
 # module, so state_dict, deepcopy and pickling never see it), and is rebuilt when the weight changes (its version
 # counter or storage moves: load_state_dict, in-place edits, .to()).
