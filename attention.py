@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .devices import is_flash_attn_usable, npu_fusion_attention_fn, npu_fusion_attention_problem
+from .kernel_probes import is_flash_attn_usable, npu_fusion_attention_fn, npu_fusion_attention_problem
 from .npu_probes import fusion_attention_fits
 from .torch_compat import sdpa_mask
 
@@ -218,9 +218,9 @@ def resolve_attention_implementation(requested: str, device: torch.device | str,
     """Map a requested attention implementation to the backend that runs on (device, dtype).
 
     "auto" -> sdpa everywhere. "flash_attention_2" -> flash-attn where usable (CUDA, fp16/bf16, package present);
-    on an NPU the fused kernel (fp16/bf16 on an Atlas A2/A3 card, see `devices.npu_fusion_attention_problem`) else
-    sdpa; elsewhere sdpa. The NPU kernel requested off an NPU, in float32 or on another card -> sdpa. Each kind of
-    downgrade of an explicit request is logged once per process, with its reason.
+    on an NPU the fused kernel (fp16/bf16 on an Atlas A2/A3 card, see `kernel_probes.npu_fusion_attention_problem`)
+    else sdpa; elsewhere sdpa. The NPU kernel requested off an NPU, in float32 or on another card -> sdpa. Each kind
+    of downgrade of an explicit request is logged once per process, with its reason.
 
     Args:
         requested: one of `ATTENTION_IMPLEMENTATIONS`.

@@ -17,7 +17,8 @@ from .codec_loading import WEIGHT_FILES, check_loading_info, fetch_snapshot, is_
 from .attention import ATTENTION_IMPLEMENTATIONS
 from .linear_kernels import WEIGHT_PRECISIONS
 from .torch_compat import load_pickled_weights, pickled_weights_problem
-from .value_bounds import SAMPLING_BOUNDS, bound_error
+from .sampling import SamplingParams
+from .value_bounds import SAMPLING_BOUNDS, Bound, bound_error, seed_error
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see --help)")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if all(hasattr(parsed, name) for name in CLI_SAMPLING_DEFAULTS):
+            try:  # the rules that join flags (a temperature must be > 0 when sampling), as the library checks them
+                sampling_kwargs(parsed)
+            except ValueError as exc:  # "audio_temperature=0.0 must be ...": name the flag
+                self.error(f"argument --{str(exc).split('=', 1)[0].replace('_', '-')}: {exc}")
+        return parsed, rest
+
 
 def _bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable:
     def parse(text: str) -> Any:
@@ -60,6 +70,24 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None, lo
         return value
 
     return parse
+
+
+def _setting(bound: Bound) -> Callable:
+    """The flag type of a generation setting: its kind and, unless it holds only when sampling, its range."""
+    if bound.sampling_only:  # checked against --do-sample once every flag is parsed (Parser.parse_known_args)
+        return _bounded(bound.kind)
+    return _bounded(bound.kind, bound.low, bound.high, bound.low_open)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got '{text}'") from None
+    problem = seed_error(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -83,13 +111,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--demo", action="store_true",
                        help="no download: released architectures with seeded random weights (output is noise)")
     group.add_argument("--local-files-only", action="store_true", help="never download (also HF_HUB_OFFLINE=1)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**32) (default 0)")
     group.add_argument("--verbose", action="store_true", help="show tracebacks and debug logging")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     d = CLI_SAMPLING_DEFAULTS
-    bounded = {name: _bounded(*bounds) for name, bounds in SAMPLING_BOUNDS.items()}
+    bounded = {name: _setting(bound) for name, bound in SAMPLING_BOUNDS.items()}
     group = parser.add_argument_group("generation (defaults: the official CLI values)")
     group.add_argument("--do-sample", type=_boolean, nargs="?", const=True, default=d["do_sample"],
                        help="sample (true, default) or decode greedily (false)")
@@ -104,9 +132,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation keywords the flags give, checked by ``SamplingParams`` (ValueError naming the setting)."""
     kwargs = {name: getattr(args, name) for name in CLI_SAMPLING_DEFAULTS}
     kwargs["max_new_frames"] = args.max_new_frames or CLI_MAX_NEW_FRAMES
     kwargs["nq"] = args.nq
+    SamplingParams(**kwargs)
     return kwargs
 
 

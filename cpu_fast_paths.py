@@ -12,7 +12,7 @@ CPU_FAST_PATHS_VARIABLE = "MOSS_TTS_CPU_FAST_PATHS"
 # what accelerators run). None: refused (int8 weights raise a RuntimeError that names the variable).
 CPU_FAST_PATHS: dict[str, tuple[str, Optional[str]]] = {
     "rope": ("complex", "real"),  # rotary.rotate_pairs vs rotary.rotate_real
-    "linear": ("split-matvec/onednn", "F.linear"),  # linear_kernels.linear
+    "linear": ("split-matvec/onednn-packed", "F.linear"),  # linear_kernels.linear
     "int8_weights": ("fbgemm", None),  # linear_kernels.PrecisionLinear.set_weight_precision("int8")
 }
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,

@@ -1,17 +1,16 @@
 """Device policy: which device to run on, its default dtype, and how to ask it about memory, sync and seeds.
 
 One ordered preference (``DEVICE_PREFERENCE``: npu > cuda > cpu) and one small table row per device type
-(``_BACKENDS``). Importing this module never imports torch_npu or flash_attn and never touches a device:
-availability probes import optional packages lazily through ``importlib`` and are cached (``clear_caches()``
-resets them). ``torch.npu`` / ``torch.cuda`` are looked up when a function runs, not at import.
+(``_BACKENDS``). Importing this module never imports torch_npu and never touches a device: availability probes
+import optional packages lazily through ``importlib`` and are cached (``clear_caches()`` resets them, and those of
+kernel_probes.py, which says which fused kernels the device can run). ``torch.npu`` / ``torch.cuda`` are looked up
+when a function runs, not at import.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
-import importlib.util
 import logging
 import math
 import os
@@ -72,7 +71,17 @@ class _DeviceOps:
 # Availability probes (cached)
 
 
-@functools.cache
+_CACHED_PROBES: list[Any] = []  # every probe made with cached_probe, here and in kernel_probes.py
+
+
+def cached_probe(probe: Callable[..., Any]) -> Any:
+    """``functools.cache`` for an availability probe, registered so that ``clear_caches()`` forgets its answer."""
+    cached = functools.cache(probe)
+    _CACHED_PROBES.append(cached)
+    return cached
+
+
+@cached_probe
 def _torch_npu_import() -> tuple[Any, Optional[str]]:
     """Import torch_npu once: ``(module, None)`` on success, ``(None, problem)`` otherwise."""
     try:
@@ -102,7 +111,7 @@ def _visible_hint(kind: str) -> str:
     return f"{variable}={value!r}" if value is not None else f"{variable} is unset"
 
 
-@functools.cache
+@cached_probe
 def _npu_availability() -> _Availability:
     _, problem = _torch_npu_import()
     if problem is not None:
@@ -122,7 +131,7 @@ def _npu_availability() -> _Availability:
     return _Availability(count)
 
 
-@functools.cache
+@cached_probe
 def _cuda_availability() -> _Availability:
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         return _Availability(0, (
@@ -138,25 +147,27 @@ def _cuda_availability() -> _Availability:
     return _Availability(count)
 
 
-@functools.cache
-def _flash_attn_importable() -> bool:
-    try:
-        if importlib.util.find_spec("flash_attn") is None:
-            return False
-        importlib.import_module("flash_attn")
-    # Why broad: a flash_attn wheel built for another torch/CUDA fails with ImportError, OSError or RuntimeError.
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("flash_attn is installed but failed to import (%s: %s); it will not be used",
-                       type(exc).__name__, exc)
-        return False
-    return True
+@cached_probe
+def _npu_soc() -> tuple[Optional[int], Optional[str]]:
+    """(SoC version number, SoC name) of the NPU; each None where unreadable, both None without a usable NPU.
+
+    Read once per process (every card of one machine has the same SoC). ``get_soc_version`` is in
+    ``torch_npu.npu.utils`` in every release checked (2.1.0.post12 to 2.14.0) and in ``torch.npu`` too from 2.3.1.post4
+    and 2.4.0.post2 on.
+    """
+    if _npu_availability().problem is not None:
+        return None, None
+    npu = torch.npu
+    getter = getattr(npu, "get_soc_version", None) or getattr(getattr(npu, "utils", None), "get_soc_version", None)
+    version = int(getter()) if getter is not None else None
+    name = str(npu.get_device_properties(int(npu.current_device())).name)
+    return version, name
 
 
 def clear_caches() -> None:
-    """Forget every cached probe (torch_npu import, NPU/CUDA availability, the NPU's SoC, flash_attn, the CPU
-    fast-path setting), e.g. between tests."""
-    for probe in (_torch_npu_import, _npu_availability, _cuda_availability, _flash_attn_importable, _npu_soc,
-                  npu_fusion_attention_fn, npu_rotary_mul_fn, cpu_fast_paths_enabled):
+    """Forget every cached probe (torch_npu import, NPU/CUDA availability, the NPU's SoC, the fused kernels of
+    kernel_probes.py and npu_probes.py, the CPU fast-path setting), e.g. between tests."""
+    for probe in (*_CACHED_PROBES, cpu_fast_paths_enabled):
         probe.cache_clear()
     npu_probes.clear_caches()
 
@@ -316,6 +327,12 @@ def default_dtype(device: DeviceLike) -> torch.dtype:
         RuntimeError: CUDA is asked about but unusable.
     """
     return _BACKENDS[_parse_device(device)[0]].default_dtype()
+
+
+def fallback_attention_implementation(device: DeviceLike) -> str:
+    """Attention backend of the float32 stability retry: sdpa on npu (eager there is the upstream defect) and
+    cuda, eager (the reference) on cpu."""
+    return _BACKENDS[_parse_device(device)[0]].fallback_attention
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -487,127 +504,3 @@ def chunk_batch_size(num_chunks: int, device: DeviceLike, max_gb_per_item: float
     fitting = math.floor(0.9 * free / (max_gb_per_item * 2**30))
     return max(1, min(limit, fitting))
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Attention kernels and failure classification
-
-
-def is_flash_attn_usable(device: DeviceLike, dtype: Union[str, torch.dtype]) -> bool:
-    """True for CUDA with compute capability >= 8.0, float16/bfloat16 and an importable flash_attn package.
-
-    Any other ``torch.device`` or ``torch.dtype`` (meta, float64, ...) gives False.
-
-    Raises:
-        ValueError: ``device`` or ``dtype`` is a string that names nothing supported.
-    """
-    if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
-    kind = device.type if isinstance(device, torch.device) else _parse_device(device)[0]
-    if kind != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if _cuda_availability().problem is not None or not _flash_attn_importable():
-        return False
-    _, index = _target(device)
-    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)  # flash-attn 2 needs Ampere or newer
-
-
-# torch_npu's SocVersion enum (include/torch_npu/csrc/core/npu/NpuVariables.h; the same values in torch_npu 2.1.0.post12
-# to 2.14.0): Ascend910B1..Ascend910B4_1 = 220..225 are the Atlas A2 training cards, Ascend910_9391..Ascend910_9363 =
-# 250..256 the Atlas A3 ones. Not A2/A3: the first Ascend 910 (100..104, one of them named "Ascend910B"), Ascend310P
-# (200..205, Atlas inference series), Ascend310B (240..243), Ascend950 (260, not in the kernels' documentation yet).
-_ATLAS_A2_A3_SOC_VERSIONS = (range(220, 230), range(250, 260))
-_ATLAS_A2_A3_SOC_NAME = re.compile(r"Ascend910B\d.*|Ascend910_93\d\d")  # the same cards by name (aclrtGetSocName)
-
-
-@functools.cache
-def _npu_soc() -> tuple[Optional[int], Optional[str]]:
-    """(SoC version number, SoC name) of the NPU; each None where unreadable, both None without a usable NPU.
-
-    Read once per process (every card of one machine has the same SoC). ``get_soc_version`` is in
-    ``torch_npu.npu.utils`` in every release checked (2.1.0.post12 to 2.14.0) and in ``torch.npu`` too from 2.3.1.post4
-    and 2.4.0.post2 on.
-    """
-    if _npu_availability().problem is not None:
-        return None, None
-    npu = torch.npu
-    getter = getattr(npu, "get_soc_version", None) or getattr(getattr(npu, "utils", None), "get_soc_version", None)
-    version = int(getter()) if getter is not None else None
-    name = str(npu.get_device_properties(int(npu.current_device())).name)
-    return version, name
-
-
-def npu_fused_kernel_problem() -> Optional[str]:
-    """Why torch_npu's fused kernels (``npu_fusion_attention``, ``npu_rotary_mul``'s interleave mode) cannot run
-    here, or None when they can: on an Atlas A2 or A3 card.
-
-    torch_npu re-exports every op whatever the card (``hasattr`` says nothing about the hardware), so the SoC decides.
-    The docs list ``npu_rotary_mul``'s interleave mode for Atlas A2 and A3, ``npu_fusion_attention`` for Atlas A2
-    only (the 2.1.0.post8 / 2.3.1-2.3.1.post4 / 2.4.0-2.4.0.post2 docs: also the first Atlas training series, with
-    stricter shapes); A3 runs the opt-in fused attention undocumented, which only a card can settle.
-    """
-    problem = _npu_availability().problem
-    if problem is not None:
-        return problem
-    version, name = _npu_soc()
-    if version is not None:
-        supported = any(version in soc_range for soc_range in _ATLAS_A2_A3_SOC_VERSIONS)
-    else:
-        supported = name is not None and _ATLAS_A2_A3_SOC_NAME.fullmatch(name) is not None
-    if supported:
-        return None
-    return (f"this NPU ({name or 'unknown SoC'}, SoC version {version}) is not an Atlas A2/A3 card "
-            "(Ascend910B1-B4, Ascend910_93xx), the only ones torch_npu documents these kernels for "
-            "(npu_fusion_attention: A2 only)")
-
-
-def distribution_version(name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def torch_npu_version() -> Optional[str]:
-    module = sys.modules.get("torch_npu")
-    if module is not None and getattr(module, "__version__", None):
-        return str(module.__version__)
-    return distribution_version("torch_npu")
-
-
-def npu_fusion_attention_problem() -> Optional[str]:
-    """Why ``torch_npu.npu_fusion_attention`` cannot run here (no usable NPU, an op-less torch_npu, a card other than
-    Atlas A2/A3), or None when it can."""
-    problem = npu_fused_kernel_problem()
-    if problem is None and getattr(_torch_npu_import()[0], "npu_fusion_attention", None) is None:
-        problem = f"torch_npu {torch_npu_version()} has no npu_fusion_attention"
-    return problem
-
-
-@functools.cache
-def npu_fusion_attention_fn() -> Optional[Callable[..., Any]]:
-    """``torch_npu.npu_fusion_attention`` where it can run (see ``npu_fusion_attention_problem``), else None
-    (probed once per process: the attention backend asks at every call)."""
-    return _torch_npu_import()[0].npu_fusion_attention if npu_fusion_attention_problem() is None else None
-
-
-@functools.cache
-def npu_rotary_mul_fn() -> Optional[Callable[..., Any]]:
-    """``torch_npu.npu_rotary_mul`` where it can rotate interleaved pairs, else None (probed once per process).
-
-    Needs the op's ``rotary_mode`` argument, read from its schema: present in torch_npu 2.1.0.post12, 2.3.1.post6,
-    2.4.0.post4 and 2.5.1 on; torch_npu 2.3.1 to 2.3.1.post4 and 2.4.0 to 2.4.0.post2 have
-    ``npu_rotary_mul(Tensor self, Tensor r1, Tensor r2)``, rotate-half only. And an Atlas A2/A3 card, the documented
-    products of ``rotary_mode="interleave"``.
-    """
-    op = getattr(_torch_npu_import()[0], "npu_rotary_mul", None)
-    if op is None or npu_fused_kernel_problem() is not None:
-        return None
-    schema = getattr(getattr(op, "default", None), "_schema", None)  # the OpOverloadPacket's FunctionSchema
-    arguments = {argument.name for argument in getattr(schema, "arguments", ())}
-    return op if "rotary_mode" in arguments else None
-
-
-def fallback_attention_implementation(device: DeviceLike) -> str:
-    """Attention backend of the float32 stability retry: sdpa on npu (eager there is the upstream defect) and
-    cuda, eager (the reference) on cpu."""
-    return _BACKENDS[_parse_device(device)[0]].fallback_attention

@@ -39,18 +39,10 @@ import torch
 
 from . import devices
 from .engine_core import EngineCore, RequestOutput
-from .pipeline import (
-    Plan,
-    build_request,
-    check_position_limit,
-    core_request,
-    finish_result,
-    generated_of,
-    plan_chunks,
-    prepare_prompt,
-)
+from .pipeline import Plan, check_position_limit, core_request, finish_result, generated_of, plan_chunks, prepare_prompt
 from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
 from .shared_resources import RESOURCE_KEYS, cached_resources
+from .synthesis_request import build_request
 
 logger = logging.getLogger(__name__)
 

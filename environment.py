@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 from collections.abc import MutableMapping
@@ -11,12 +12,11 @@ from typing import Any, Optional
 
 import torch
 
-from .devices import _BACKENDS, DeviceLike, _module, distribution_version, resolve_device, torch_npu_version
+from .devices import _BACKENDS, DeviceLike, _module, resolve_device
+from .npu_probes import torch_npu_version
 
 # Recommended Ascend runtime settings (docs/model.md, Devices); applied only on request, only where unset.
 NPU_ENVIRONMENT_DEFAULTS = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1"}
-
-
 
 
 def apply_npu_environment_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
@@ -29,6 +29,14 @@ def apply_npu_environment_defaults(environ: MutableMapping[str, str] = os.enviro
     applied = {name: value for name, value in NPU_ENVIRONMENT_DEFAULTS.items() if name not in environ}
     environ.update(applied)
     return applied
+
+
+def distribution_version(name: str) -> Optional[str]:
+    """The installed version of the distribution ``name``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _cann_version() -> Optional[str]:

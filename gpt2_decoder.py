@@ -34,7 +34,7 @@ class KernelPlan:
     Attributes:
         attention: (global, local) keys of `ATTENTION_FUNCTIONS`.
         rope: a key of `rotary.ROTARY_KERNELS`.
-        linear: what the decoder Linear layers run: "split-matvec/onednn" or "split-matvec" (CPU fast paths),
+        linear: what the decoder Linear layers run: "split-matvec/onednn-packed", "split-matvec/onednn" or "split-matvec" (CPU fast paths),
             "F.linear", or "fbgemm" for int8 weights (the model sets it; see `set_weight_precision`).
     """
 
@@ -45,8 +45,8 @@ class KernelPlan:
 
     def describe(self) -> dict[str, str]:
         """Names for reports, CPU fast paths marked, e.g. {"attention": "sdpa/sdpa", "rope": "complex (cpu fast
-        path)", "linear": "split-matvec/onednn (cpu fast path)"}."""
-        fast = {kernel for kernel, _ in CPU_FAST_PATHS.values()} | {"split-matvec"}
+        path)", "linear": "split-matvec/onednn-packed (cpu fast path)"}."""
+        fast = {kernel for kernel, _ in CPU_FAST_PATHS.values()} | {"split-matvec/onednn", "split-matvec"}
         named = {"rope": self.rope, "linear": self.linear}
         return {"attention": "/".join(self.attention),
                 **{kind: f"{name} (cpu fast path)" if name in fast else name for kind, name in named.items()}}

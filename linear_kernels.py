@@ -11,6 +11,7 @@ import logging
 import platform
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
+from .torch_compat import is_compiling
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,19 @@ class PrecisionLinear(nn.Linear):
     (load_state_dict, in-place edits) only in float32, or set the precision again afterwards.
     """
 
-    _packed: Any = None  # the packed int8 weight (without bias: `_int8_rows` adds it), None in float32
-    _packed_rows: Any = None  # (that packed copy, the sums of its dequantized rows) for `_int8_rows`
+    # (the packed int8 weight without bias, the sums of its dequantized rows for `_int8_rows`), None in float32. One
+    # attribute, built whole by set_weight_precision / _apply and only read by forward: threads running forwards
+    # at once never see half of it, and forward derives nothing.
+    _packed_rows: Any = None
+
+    @property
+    def _packed(self) -> Any:
+        """The packed int8 weight (without bias: forward adds it), None in float32."""
+        return None if self._packed_rows is None else self._packed_rows[0]
 
     @property
     def weight_precision(self) -> str:
-        return "float32" if self._packed is None else "int8"
+        return "float32" if self._packed_rows is None else "int8"
 
     def set_weight_precision(self, precision: str) -> None:
         """Switch between the float32 weight ("float32") and a packed int8 copy ("int8").
@@ -52,22 +61,22 @@ class PrecisionLinear(nn.Linear):
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
         self._packed_rows = None if precision == "float32" else _pack_int8_rows(self.weight)
-        self._packed = None if self._packed_rows is None else self._packed_rows[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
+        int8 = self._packed_rows  # read once
+        if int8 is not None:
             # Per-row (per-token) dynamic quantization in every mode: a row's int8 result never depends on the rows
             # beside it (fbgemm alone would quantize a product of several rows with one range).
             if x.numel() == x.shape[-1] and _BATCHED_PRODUCTS.get() != "row-invariant":
                 # Why: for a lone row fbgemm's one range is that row's own, and its kernel is 2-5x faster than the
                 # pinned-row form (2-core Zen 4, 768-3072 wide). Batch-invariant steps take that form for every
                 # row, so a row's bits never depend on how many rows run.
-                out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), self._packed, True)  # reduce_range
+                out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), int8[0], True)  # reduce_range
                 return (out if self.bias is None else out + self.bias).view(*x.shape[:-1], out.shape[-1])
-            return self._int8_rows(x)
+            return self._int8_rows(x, *int8)
         return linear(x, self.weight, self.bias)
 
-    def _int8_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _int8_rows(self, x: torch.Tensor, packed: Any, weight_sums: torch.Tensor) -> torch.Tensor:
         """int8 products whose rows do not depend on each other (per-row dynamic activation quantization).
 
         Why: fbgemm quantizes the activations of a product with one range for all its rows, so a row's result would
@@ -75,9 +84,6 @@ class PrecisionLinear(nn.Linear):
         and 1) fix the product's range, so every row is quantized exactly as alone, with its own 7-bit range like
         the one-row product; W x = span * (W x') + low * (W 1) restores it (W as quantized).
         """
-        if self._packed_rows is None:  # derived once, like the packed copy itself
-            self._packed_rows = _pack_int8_rows(self.weight)
-        packed, weight_sums = self._packed_rows
         flat = x.reshape(-1, x.shape[-1])
         low = flat.amin(dim=1, keepdim=True)
         span = (flat.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(torch.float32).tiny)
@@ -89,15 +95,15 @@ class PrecisionLinear(nn.Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "PrecisionLinear":
+        forget_packed(self.weight)  # a moved or cast weight gets a new packed copy when a CPU product next needs it
         result = super()._apply(fn, *args, **kwargs)
-        if self._packed is not None:
+        if self._packed_rows is not None:
             # Why: the packed copy derives from a float32 CPU weight; rebuild it, or drop it when that no longer holds.
             if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
                 self._packed_rows = _pack_int8_rows(self.weight)
-                self._packed = self._packed_rows[0]
             else:
                 logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
-                self._packed = self._packed_rows = None
+                self._packed_rows = None
         return result
 
 
@@ -111,18 +117,28 @@ SPLIT_PARTS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, with two float32 CPU fast paths: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
+    """F.linear, with float32 CPU fast paths. Where `packed_onednn_usable()` (x86-64 builds with oneDNN), products
+    of PACKED_MIN_ROWS or more rows (a batched step, a prompt) with a weight of at least PACK_MIN_OUT_FEATURES
+    outputs run oneDNN on a prepacked copy of the weight (`packed_onednn_weight`), and so do products of one or two
+    rows inside `batched_products(row_invariant=True)` (one kernel for every row count: a row's bits do not depend
+    on it); other products of one or two rows take `split_matvec_linear`, which reads weights that are not in cache
+    faster. Without packed oneDNN: `split_matvec_linear` for up to SPLIT_MAX_ROWS rows (a generation
     step) and oneDNN for more (a prompt: oneDNN's GEMM gets closer to the CPU's peak than F.linear's). Same math;
     the summation order inside a dot product can differ (relative ~1e-7). Inside `batched_products()`, products of
     two or more rows (and with row_invariant, of one row too) go through oneDNN (see there). Plain F.linear with
     MOSS_TTS_CPU_FAST_PATHS=0 (what accelerators run)."""
-    if torch.compiler.is_compiling():  # inside a graph: this function at run time, as one operator (if registered)
+    if is_compiling():  # inside a graph: this function at run time, as one operator (if registered)
         if _GRAPH_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
             return _GRAPH_LINEAR(x, weight, bias)
         return F.linear(x, weight, bias)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
+    if weight.shape[0] >= PACK_MIN_OUT_FEATURES and not _needs_autograd(x, weight) and packed_onednn_usable():
+        if (x.numel() >= PACKED_MIN_ROWS * x.shape[-1] or _BATCHED_PRODUCTS.get() == "row-invariant"
+                or weight.shape[0] % SPLIT_PARTS):
+            return _packed_product(x, packed_onednn_weight(weight), bias)
+        return split_matvec_linear(x, weight, bias)
     batched = _BATCHED_PRODUCTS.get()
     if batched and (batched == "row-invariant" or x.numel() > x.shape[-1]) and not _needs_autograd(x, weight) \
             and row_invariant_limit():
@@ -192,14 +208,15 @@ _BATCHED_PRODUCTS: contextvars.ContextVar[str] = contextvars.ContextVar("moss_tt
 def batched_products(row_invariant: bool = True) -> Iterator[int]:
     """Products for batched decoding, where a few rows share each product (this thread only; the engine's steps).
 
-    Float32 CPU products of two or more rows go through oneDNN: its GEMM reads the weights once for all rows and
-    gives a row the same bits for every row count within a range (one kernel; `row_invariant_limit()` probes it
-    once), while the split matvec and MKL's GEMM change a row's summation order with the row count. With
-    `row_invariant`, one row too is padded to two, so a row's result never depends on how many rows share the
-    product or where it sits: a request batched with others computes exactly what it computes alone. That costs a
-    lone row: the split matvec reads the weights with every thread and is faster for one row (up to about twice on
-    a CPU whose local-decoder weights stay in cache). Without it, one row takes the split matvec and only its
-    last bits can differ from the same row beside others. int8 weights: with `row_invariant`, each row's
+    Float32 CPU products of several rows go through oneDNN (on packed weights where `packed_onednn_usable()`: three
+    or more rows; else two or more): its GEMM reads the weights once for all rows and gives a row the same bits
+    for every row count within a range (one kernel; `row_invariant_limit()` probes it once), while the split
+    matvec and MKL's GEMM change a row's summation order with the row count. With `row_invariant`, every row count
+    takes that oneDNN product (one row too: the packed product directly, the plain one padded to two), so a row's
+    result never depends on how many rows share the product or where it sits: a request batched with others
+    computes exactly what it computes alone. That costs one or two rows: the split matvec streams weights that
+    are not in cache faster. Without it, they take the split matvec and only their last bits can differ from the
+    same rows beside others. int8 weights: with `row_invariant`, each row's
     activations are quantized with the row's own range (`PrecisionLinear._int8_rows`; integer sums, so exact).
     Other devices and dtypes run as usual: cuBLAS and the Ascend kernels pick kernels by shape, so there a row's
     low bits may depend on the batch.
@@ -214,11 +231,6 @@ def batched_products(row_invariant: bool = True) -> Iterator[int]:
         _BATCHED_PRODUCTS.reset(token)
 
 
-def row_invariant_products() -> contextlib.AbstractContextManager:
-    """`batched_products(row_invariant=True)`: a row's result never depends on the other rows of its product."""
-    return batched_products(row_invariant=True)
-
-
 ROW_PROBE_MAX = 64
 
 
@@ -231,7 +243,10 @@ def row_invariant_limit() -> int:
     Why a limit: oneDNN switches kernels at a row count that depends on its version and the CPU (16 rows in
     torch 2.3.1's build on AVX-512; none up to 300 rows in torch 2.13's).
     """
-    return _onednn_row_limit() if cpu_fast_paths_enabled() else 0
+    if not cpu_fast_paths_enabled():
+        return 0
+    unpacked = _onednn_row_limit()  # the small products (fewer than PACK_MIN_OUT_FEATURES outputs) run unpacked
+    return min(unpacked, _packed_row_limit()) if packed_onednn_usable() else unpacked
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,11 +274,6 @@ def _placed(rows: torch.Tensor, count: int, position: int) -> torch.Tensor:
     return probe
 
 
-def onednn_rows_invariant() -> bool:
-    """Whether `row_invariant_products` makes products of at least 2..3 rows row-invariant here."""
-    return row_invariant_limit() >= 3
-
-
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
@@ -271,6 +281,99 @@ def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         flat = flat.expand(2, -1)  # why: oneDNN takes a one-row product down another path (a GEMV)
     out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, bias, "none", [], "")
     return out[:rows].view(*x.shape[:-1], weight.shape[0])
+
+
+# oneDNN on a prepacked weight. oneDNN's float32 GEMM wants the weight in a blocked layout of its own; given a plain
+# weight, `_linear_pointwise` reorders it at every call, which for a few rows costs more than the product. Packed
+# once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU backend does), a 4-row product of a
+# 768 x 3072 weight costs 1.2-1.3x a one-row product instead of 2-3x, and the one-row product beats the split matvec
+# (2-core Zen 4, torch 2.3.1 and 2.13: benchmarks/linear_products.py). The packed copy is derived data, like the int8
+# copy: it costs the weight's bytes again, lives in a process-wide table keyed by the weight tensor (never in the
+# module, so state_dict, deepcopy and pickling never see it), and is rebuilt when the weight changes (its version
+# counter or storage moves: load_state_dict, in-place edits, .to()).
+PACKED_MIN_ROWS = 3  # fewer rows: the split matvec (weights streamed from memory: 400 vs 730 us for one row of a
+# 3072 x 768 weight, 760 vs 610 us for three; one thread, 2-core Zen 4, torch 2.13)
+PACK_MIN_OUT_FEATURES = 64  # smaller products (the 2-row candidate head, rebuilt per request) stay unpacked
+_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, version, data_ptr, packed copy)
+_PACK_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def packed_onednn_usable() -> bool:
+    """Whether `linear` runs oneDNN on prepacked weights here: x86-64, the op present, F.linear's result on a probe,
+    and a row's bits the same for one row and for any count up to ROW_PROBE_MAX (`_packed_row_limit`)."""
+    if not onednn_linear_usable() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        x, weight = torch.arange(40.0).view(5, 8) / 7, torch.arange(24.0).view(3, 8) / 5
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight), None, "none",
+                                                 [], "")
+        close = bool(torch.allclose(out, F.linear(x, weight), rtol=1e-6, atol=1e-6))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return close and _packed_row_limit() >= 3
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor has no version counter; it cannot change outside inference mode
+        version = -1
+    return version, weight.data_ptr()
+
+
+def packed_onednn_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-packed copy of a float32 CPU weight (out, in), made once per weight and version (thread-safe)."""
+    key = id(weight)
+    state = _weight_key(weight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1:3] == state:
+        return entry[3]
+    with _PACK_LOCK:
+        entry = _PACKED.get(key)
+        if entry is not None and entry[0]() is weight and entry[1:3] == state:
+            return entry[3]
+        packed = _reorder(weight.detach())
+        if entry is None or entry[0]() is not weight:
+            weakref.finalize(weight, _PACKED.pop, key, None)
+        _PACKED[key] = (weakref.ref(weight), *state, packed)
+        return packed
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def forget_packed(weight: torch.Tensor) -> None:
+    """Drop the packed copy of `weight` (its memory) now, e.g. when the weight leaves the CPU."""
+    with _PACK_LOCK:
+        entry = _PACKED.get(id(weight))
+        if entry is not None and entry[0]() is weight:
+            del _PACKED[id(weight)]
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat if flat.is_contiguous() else flat.contiguous(), packed, bias,
+                                             "none", [], "")
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_row_limit() -> int:
+    """The largest R such that the packed product gives a row the same bits for every row count 1..R and every
+    position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 when one row differs from two."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(768, 768, generator=generator)
+    bias = torch.randn(768, generator=generator)
+    rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    reference = _packed_product(rows[:1], packed, bias)[0]
+    for count in range(2, ROW_PROBE_MAX + 1):
+        if not all(torch.equal(_packed_product(_placed(rows, count, position), packed, bias)[position], reference)
+                   for position in (0, count // 2, count - 1)):
+            return count - 1 if count > 2 else 0
+    return ROW_PROBE_MAX
 
 
 def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -289,13 +392,15 @@ def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 def resolve_linear_kernel(device: Union[torch.device, str], dtype: torch.dtype) -> str:
-    """What `linear` runs for a model on (device, dtype): "split-matvec/onednn" (or "split-matvec" where oneDNN is not
-    used) for float32 on CPU with the fast paths on, else "F.linear"."""
+    """What `linear` runs for a model on (device, dtype): for float32 on CPU with the fast paths on, "split-matvec/onednn-packed"
+    (or "split-matvec/onednn" without packed oneDNN weights, "split-matvec" without oneDNN), else "F.linear"."""
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device_type != "cpu" or dtype != torch.float32:
         return "F.linear"
     kernel = cpu_kernel("linear")
-    return "split-matvec" if kernel == "split-matvec/onednn" and not onednn_linear_usable() else kernel
+    if kernel != "split-matvec/onednn-packed" or packed_onednn_usable():
+        return kernel
+    return "split-matvec/onednn" if onednn_linear_usable() else "split-matvec"
 
 
 def _pack_int8(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:

@@ -2,7 +2,9 @@
 
 A model input is a tensor of rows (B, T, n_vq + 1): column 0 a text-token id, columns 1..n_vq audio codes (or the
 pad code). The global decoder turns rows into one hidden state per frame; the local decoder expands the last one
-into a text decision (continue / audio_end) and n_vq codes (docs/model.md). Generation lives in generation.py.
+into a text decision (continue / audio_end) and n_vq codes (docs/model.md). Generation lives in generation.py and
+engine_core.py, the checks of a caller's inputs in model_inputs.py, `inference` / `inference_stream` (text in,
+audio out) in synthesis_methods.py.
 """
 
 from __future__ import annotations
@@ -14,45 +16,50 @@ import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-# Every sibling module is imported here with an explicit `from .name import` line: for a local checkpoint folder,
-# transformers 4.57's remote-code loader copies only the relative imports written in this file.
+from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
 from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .cpu_fast_paths import cpu_fast_paths_enabled, cpu_kernel
-from .devices import DEVICE_PREFERENCE  # noqa: F401  (imported by engine_core and others; listed for the loader)
-from .value_bounds import SEED_LIMIT  # noqa: F401  (imported by devices; listed for the loader)
-from .codec_output import decode_frames  # noqa: F401  (imported by engine_core; listed for the loader)
 from .engine_core import generate_frames
-from .failures import is_out_of_memory_error  # noqa: F401  (imported by engine_core; listed for the loader)
 from .generation import GenerationOutput
-from .npu_probes import fusion_attention_limits  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-from .attention import ATTENTION_FUNCTIONS, AttentionFunction, build_attention_mask, check_attention_name
 from .gpt2_decoder import GPT2Decoder, KernelPlan, resolve_kernel_plan
 from .kv_cache import KVCache, positions_from_mask
 from .linear_kernels import WEIGHT_PRECISIONS, PrecisionLinear
+from .model_inputs import check_attention_mask, check_forward_inputs, check_generation_inputs, check_input_ids
+from .prompting import PromptTokenIds, build_prompt_batch
 from .rotary import Rotation
-from .prompting import (
-    PromptTokenIds,
-    build_continuation_rows,
-    build_prompt_template,
-    build_voice_clone_rows,
-    left_pad_batch,
-    validate_mode,
-)
-from .model_runner import ModelRunner  # noqa: F401  (imported by engine_core; listed for the loader)
-from .compiled_step import enable as enable_compiled_step  # noqa: F401  (for the loader: model_runner)
-from .step_capture import graph_api  # noqa: F401  (for the loader: compiled_step)
-from .rotary import ROTARY_KERNELS  # noqa: F401  (imported by gpt2_decoder; listed for the loader)
-from .scheduler import Scheduler  # noqa: F401  (imported by engine_core; listed for the loader)
-from .text_chunking import pause_seconds_after  # noqa: F401  (imported by codec_output; listed for the loader)
-from .safe_checkpoint import UnsafeCheckpointError  # noqa: F401  (used by torch_compat; listed for the loader)
 from .sampling import SamplingParams
+from .synthesis_methods import SynthesisMethods
 from .torch_compat import add_load_state_dict_pre_hook, load_pickled_weights, pickled_only_weights
+
+if TYPE_CHECKING:  # never runs. The one list of the other sibling modules: for a local checkpoint folder,
+    # transformers 4.57's remote-code loader copies only the modules this file imports relatively, so every module
+    # reachable from here is named once below (tests/test_loader_listing.py checks that none is missing).
+    from .atomic_files import write_atomic
+    from .audio_io import write_audio_atomic
+    from .codec_loading import load_codec
+    from .codec_output import decode_frames
+    from .compiled_step import StepGraphs
+    from .devices import resolve_device
+    from .engine import SynthesisEngine
+    from .failures import is_out_of_memory_error
+    from .kernel_probes import npu_fusion_attention_fn
+    from .model_runner import ModelRunner
+    from .npu_probes import fusion_attention_limits
+    from .pipeline import run_inference  # also imported on first use (synthesis_methods.pipeline_module)
+    from .safe_checkpoint import UnsafeCheckpointError
+    from .scheduler import Scheduler
+    from .shared_resources import load_resources
+    from .step_capture import graph_api
+    from .synthesis_request import SynthesisRequest
+    from .text_chunking import split_text_into_chunks
+    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
+    from .value_bounds import SEED_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,7 @@ class MossTTSNanoOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
-class MossTTSNanoForCausalLM(PreTrainedModel):
+class MossTTSNanoForCausalLM(PreTrainedModel, SynthesisMethods):
     """MOSS-TTS-Nano text-to-speech model (global decoder over frames + local decoder over codebooks)."""
 
     config_class = MossTTSNanoConfig
@@ -195,29 +202,9 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ attention
 
-    def _check_and_adjust_attn_implementation(
-        self, attn_implementation: Optional[Union[str, dict]], is_init_check: bool = False, **kwargs: Any
-    ) -> str:
-        """transformers' hook: record an explicitly requested global backend, never reject one.
-
-        Why: transformers validates names against its own registry and raises for flash_attention_2 without the
-        package (e.g. on CPU); this model resolves names per device instead (see `set_attention_implementation`).
-        """
-        if isinstance(attn_implementation, dict):
-            attn_implementation = attn_implementation.get("", None)
-        if attn_implementation is not None:
-            self.config.attn_implementation = check_attention_name(attn_implementation)
-            getattr(self, "_kernel_plans", {}).clear()
-        return self.config.attn_implementation
-
-    def set_attn_implementation(self, attn_implementation: Union[str, dict]) -> None:
-        """transformers' public setter, routed to `set_attention_implementation` (global and local)."""
-        if isinstance(attn_implementation, dict):
-            attn_implementation = attn_implementation.get("", self.config.attn_implementation)
-        self.set_attention_implementation(attn_implementation)
-
     def set_attention_implementation(self, global_impl: str, local: Optional[str] = None) -> None:
-        """Request attention backends; they are resolved per (device, dtype) on the next call.
+        """Request attention backends; they are resolved per (device, dtype) on the next call. The one setter: the
+        compatibility names below route here.
 
         Args:
             global_impl: backend of the global decoder, one of `ATTENTION_IMPLEMENTATIONS`.
@@ -231,15 +218,41 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         self.config.attn_implementation = global_impl
         self.config.local_transformer_attn_implementation = local
         self.config._attn_implementation_internal = global_impl
-        self._kernel_plans.clear()
-
-    def _set_attention_implementation(self, global_impl: str, local_attn_implementation: Optional[str] = None) -> None:
-        """Upstream's name for `set_attention_implementation` (kept for drivers that call it)."""
-        self.set_attention_implementation(global_impl, local_attn_implementation)
+        getattr(self, "_kernel_plans", {}).clear()  # not made yet when transformers' __init__ hook calls this
 
     def get_attention_implementation(self) -> tuple[str, str]:
         """The requested (global, local) backend names, as accepted by `set_attention_implementation`."""
         return self.config.attn_implementation, self.config.local_transformer_attn_implementation
+
+    # Compatibility names, each routed to `set_attention_implementation`.
+
+    def _set_attention_implementation(self, global_impl: str, local_attn_implementation: Optional[str] = None) -> None:
+        """Upstream's name (its drivers call it)."""
+        self.set_attention_implementation(global_impl, local_attn_implementation)
+
+    def set_attn_implementation(self, attn_implementation: Union[str, dict]) -> None:
+        """transformers' public setter: one name (or {"": name}) for both decoders."""
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", self.config.attn_implementation)
+        self.set_attention_implementation(attn_implementation)
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: Optional[Union[str, dict]], is_init_check: bool = False, **kwargs: Any
+    ) -> str:
+        """transformers' hook (`PreTrainedModel.__init__` passes the `attn_implementation` of from_pretrained): record
+        an explicit request for the global decoder, never reject a known name; return the global request.
+
+        Why: transformers validates names against its own registry and raises for flash_attention_2 without the
+        package (e.g. on CPU); this model resolves names per device instead. The local decoder keeps its backend.
+        """
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", None)
+        if attn_implementation is not None:
+            check_attention_name(attn_implementation)  # the error names the from_pretrained argument
+            self.set_attention_implementation(attn_implementation, self.config.local_transformer_attn_implementation)
+        return self.config.attn_implementation
+
+    # ------------------------------------------------------------------------------------------------ kernels
 
     def kernel_plan(self) -> KernelPlan:
         """The kernels that run for the model's current device and dtype: attention backends, RoPE and linear kernels.
@@ -277,56 +290,14 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
     # ------------------------------------------------------------------------------------------------ inputs
 
     def check_input_ids(self, input_ids: Any, name: str = "input_ids") -> torch.Tensor:
-        """Validate rows (B, T, n_vq + 1): integer ids, text ids in the vocabulary, codes in range or the pad code.
-
-        Raises:
-            ValueError: naming the argument, the value and what is allowed.
-        """
-        width = self.config.n_vq + 1
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3 or input_ids.shape[-1] != width:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"{name} is {shape}: expected a tensor [B, T, {width}] (n_vq + 1 columns per row)")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"{name} has dtype {input_ids.dtype}: rows must hold integer ids")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"{name} is {tuple(input_ids.shape)}: at least one row per batch item is required")
-        text = input_ids[..., 0]
-        bad_text = (text < 0) | (text >= self.config.vocab_size)
-        if bool(bad_text.any()):
-            raise ValueError(
-                f"{name}[..., 0] holds text id {int(text[bad_text][0])}: allowed 0..{self.config.vocab_size - 1}"
-            )
-        self._check_codes(input_ids[..., 1:], name)
-        return input_ids.long()
-
-    def _check_codes(self, codes: torch.Tensor, name: str) -> None:
-        pad = self.config.audio_pad_token_id
-        sizes = torch.tensor(self.config.audio_codebook_sizes, device=codes.device)
-        bad = (codes != pad) & ((codes < 0) | (codes >= sizes))  # (B, T, n_vq)
-        if bool(bad.any()):
-            channel = int(bad.flatten(0, -2).any(0).nonzero()[0])
-            value = int(codes[..., channel][bad[..., channel]][0])
-            size = self.config.audio_codebook_sizes[channel]
-            raise ValueError(
-                f"{name}[..., {channel + 1}] (codebook {channel}) holds code {value}: allowed 0..{size - 1} "
-                f"or {pad} (audio_pad_token_id)"
-            )
+        """`model_inputs.check_input_ids` for this model's config: the rows as int64, or a ValueError."""
+        return check_input_ids(self.config, input_ids, name)
 
     @staticmethod
-    def check_attention_mask(
-        attention_mask: Any, batch: int, length: int, name: str = "attention_mask"
-    ) -> Optional[torch.Tensor]:
-        """Return `attention_mask` (B, T) as bool; None means every row is real.
-
-        Raises:
-            ValueError: when the shape is not (batch, length).
-        """
-        if attention_mask is None:
-            return None
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"{name} is {shape}: expected shape ({batch}, {length}) matching input_ids [B, T]")
-        return attention_mask.bool()
+    def check_attention_mask(attention_mask: Any, batch: int, length: int,
+                             name: str = "attention_mask") -> Optional[torch.Tensor]:
+        """`model_inputs.check_attention_mask`: the (batch, length) mask as bool, None for none, or a ValueError."""
+        return check_attention_mask(attention_mask, batch, length, name)
 
     def embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """wte(col 0) + sum_i [col i+1 != pad] * audio_embeddings[i](col i+1), summed in channel order (B, T, H)."""
@@ -385,18 +356,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         Raises:
             ValueError: for malformed rows, codes out of range, a mask of the wrong shape or a foreign cache.
         """
-        input_ids = self.check_input_ids(input_ids)
+        input_ids, mask = check_forward_inputs(self.config, input_ids, attention_mask, past_key_values)
         batch, length = input_ids.shape[:2]
-        if past_key_values is not None and not isinstance(past_key_values, KVCache):
-            raise ValueError(
-                f"past_key_values is a {type(past_key_values).__name__}: pass the KVCache returned by forward"
-            )
-        past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == past + length:
-            attention_mask = attention_mask[:, past:]
-        mask = self.check_attention_mask(attention_mask, batch, length)
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device)
         cache = past_key_values
         if cache is None and use_cache:
             weight = self.transformer.wte.weight
@@ -434,24 +395,11 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         Raises:
             ValueError: for a mode rule violation, empty text, or malformed codes.
         """
-        ids = PromptTokenIds.from_config(self.config)
-        validate_mode(mode, has_prompt_audio=prompt_audio_codes is not None, has_prompt_text=bool(prompt_text))
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(item, str) for item in texts):
-            raise ValueError(f"text={text!r} must be a string or a non-empty list of strings")
-
         def encode(value: str) -> list[int]:
             return list(text_tokenizer.encode(value, add_special_tokens=False))
 
-        template = build_prompt_template(encode, ids)
-        if mode == "voice_clone":
-            rows = [build_voice_clone_rows(template, ids, encode(item), prompt_audio_codes, nq) for item in texts]
-        else:
-            rows = [
-                build_continuation_rows(template, ids, encode((prompt_text or "") + item), prompt_audio_codes, nq)
-                for item in texts
-            ]
-        input_ids, attention_mask = left_pad_batch(rows, ids)
+        input_ids, attention_mask = build_prompt_batch(encode, PromptTokenIds.from_config(self.config), text, mode,
+                                                       prompt_text, prompt_audio_codes, nq)
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     # ------------------------------------------------------------------------------------------------ generation
@@ -516,7 +464,8 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
         generator = extra.pop("generator", None)
         if extra:
             logger.warning("generate ignores unknown keyword arguments: %s", ", ".join(sorted(extra)))
-        input_ids, mask = self._check_generation_inputs(input_ids, attention_mask, params)
+        input_ids, mask = check_generation_inputs(self.config, input_ids, attention_mask, params,
+                                                  self.transformer.wte.weight.device)
         yield from generate_frames(self, input_ids, mask, params, use_kv_cache=use_kv_cache, generator=generator)
 
     @torch.inference_mode()
@@ -540,120 +489,6 @@ class MossTTSNanoForCausalLM(PreTrainedModel):
 
     # One parameter list for both entry points: introspection shows generate_stream's (upstream's) signature.
     generate.__signature__ = inspect.signature(generate_stream).replace(return_annotation="GenerationOutput")
-
-    def _check_generation_inputs(
-        self, input_ids: Any, attention_mask: Any, params: SamplingParams
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        params.resolve_nq(self.config.n_vq)
-        device = self.transformer.wte.weight.device
-        input_ids = self.check_input_ids(input_ids).to(device)
-        batch, length = input_ids.shape[:2]
-        mask = self.check_attention_mask(attention_mask, batch, length)
-        mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(device)
-        if not bool(mask[:, -1].all()):
-            rows = (~mask[:, -1]).nonzero().flatten().tolist()
-            raise ValueError(
-                f"attention_mask: rows {rows} end with padding; prompts must be left-padded (last position real)"
-            )
-        limit = self.config.max_position_embeddings
-        if int(mask.sum(-1).max()) + params.max_new_frames > limit:
-            raise ValueError(
-                f"max_new_frames={params.max_new_frames} plus the prompt length exceeds max_position_embeddings={limit}"
-            )
-        return input_ids, mask
-
-    # ------------------------------------------------------------------------------------------------ pipeline
-
-    def inference(self, text: str, output_audio_path: Optional[str] = None, **kwargs: Any) -> dict:
-        """Text (+ prompt audio) to a 48 kHz stereo waveform, optionally written to a file (atomically).
-
-        Args:
-            text: what to say. A text over `voice_clone_max_text_tokens` (50) is normalised and split into chunks
-                within it (docs/model.md); a text that fits is used as given. voice_clone chunks are generated
-                independently (batched) and joined with short pauses; continuation chunks one after another, each
-                continuing the previous chunk's text and audio, into one continuous waveform.
-            output_audio_path: .wav/.flac/.ogg file to write (parent directories are created), or None.
-            mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt at all, or prompt_text +
-                prompt audio). Default: inferred from the prompt like infer_npu.py does (voice_clone for prompt
-                audio without prompt text, else continuation); an explicit mode wins.
-            prompt_audio_path / prompt_audio (+ prompt_audio_sample_rate): the reference recording, a file or a
-                [channels, samples] tensor; resampled to 48 kHz, mono duplicated; `downmix=True` for > 2 channels.
-            prompt_text: transcript of the prompt audio (continuation).
-            text_tokenizer / text_tokenizer_path: default: tokenizer.model of the checkpoint directory.
-            audio_tokenizer / audio_tokenizer_path (alias audio_tokenizer_pretrained_name_or_path): the codec;
-                default: <checkpoint>/audio_tokenizer, else config.audio_tokenizer_pretrained_name_or_path.
-            local_files_only: never download the codec.
-            device: where the model should be ("auto", "npu:0", "cuda", "cpu", ...): nothing happens when it is
-                there; otherwise the model is moved, with a warning (a call running on it meanwhile would fail).
-            max_new_frames, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
-                audio_top_k, audio_repetition_penalty, nq, use_kv_cache: as in `generate` (same defaults).
-            voice_clone_max_text_tokens (token budget of a text chunk, both modes),
-                voice_clone_max_memory_per_sample_gb (1.0), voice_clone_chunk_batch_size (cap),
-                voice_clone_codec_batch_size: long-text chunking and batching.
-            seed: seeds this call's own random generator (on the model's device); the process-wide generators
-                (random, numpy, torch) are neither read nor changed, so a seeded call repeats whatever runs beside it.
-            generator: a torch.Generator on the model's device to draw from instead (not with seed). Sampling without
-                either draws from a fresh generator seeded by the OS.
-            progress: callable receiving progress messages for long texts.
-            engine: a started `engine.SynthesisEngine` built on this model: the call (all its text chunks) runs
-                there, sharing each generation step with the engine's other requests; resources are the engine's.
-                Without it, the call steps a private engine core in the calling thread (the same core).
-
-        Returns:
-            dict with audio_path, sample_rate (48000), audio_token_ids (a list with one [frames, 16] tensor per
-            text chunk), waveform ([2, samples] float32), reference_audio_token_ids, text_chunks,
-            voice_clone_text_chunks (None in continuation), truncated_chunks (indices of chunks that reached
-            max_new_frames before the model ended them: their audio is cut off), voice_clone_chunk_batch_size (the
-            chunks generated side by side, after any out-of-memory halving), voice_clone_codec_batch_size, frames,
-            float32_fallback (whether a numerical failure was re-run in float32).
-
-        Raises:
-            ValueError: invalid text, prompt, mode combination, sampling value or file.
-            RuntimeError: missing codec offline, out of memory at batch 1, or non-finite logits after the float32 retry.
-
-        Every call owns its state (caches, codec decode session, random generator) and only reads the model, codec
-        and tokenizer: threads and interleaved `inference_stream` generators may share one model and one codec.
-        Resources are loaded once per set of resource arguments (see `pipeline.Synthesizer`). The float32 re-run runs
-        a float32 copy kept beside the model, never this model cast in place.
-        """
-        return _pipeline_module().run_inference(self, text, output_audio_path, **kwargs)
-
-    def inference_stream(self, text: str, output_audio_path: Optional[str] = None, **kwargs: Any) -> Iterator[dict]:
-        """Streaming `inference`: audio is decoded and yielded while frames are generated.
-
-        Args:
-            Same as `inference`.
-
-        Yields:
-            {"type": "audio", "waveform": [2, n], "sample_rate", "chunk_index"} as frames are decoded (windows of
-            1, 1, 2, 4, then 8 frames: the same bytes however fast the machine is), {"type": "pause", ...} silence between
-            voice-clone chunks, then {"type": "result", ...} with `inference`'s fields plus first_audio_latency_s.
-            Their concatenation equals the non-streaming waveform for the same codes.
-
-        Raises:
-            As `inference`. A call that fails numerically before its first audio event runs again from its start
-            in float32 (as `inference` does); after audio went out, the error is raised. The stream owns
-            its codec decode session: leaving it early (`break`) affects no other call.
-        """
-        return _pipeline_module().run_inference_stream(self, text, output_audio_path, **kwargs)
-
-
-def _pipeline_module() -> Any:
-    """pipeline.py, imported on first use (generation never needs it, nor its audio / tokenizer dependencies).
-
-    The `from .x import` lines name pipeline.py's sibling dependencies for transformers 4.57's remote-code loader,
-    which copies only the relative imports written in this file when loading from a local folder.
-    """
-    from . import pipeline
-    from .atomic_files import write_atomic  # noqa: F401
-    from .audio_io import write_audio_atomic  # noqa: F401
-    from .codec_loading import load_codec  # noqa: F401
-    from .engine import SynthesisEngine  # noqa: F401
-    from .pipeline import run_inference  # noqa: F401
-    from .shared_resources import load_resources  # noqa: F401
-    from .text_chunking import split_text_into_chunks  # noqa: F401
-    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401
-    return pipeline
 
 
 def _drop_local_token_embedding(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

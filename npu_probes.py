@@ -146,11 +146,11 @@ def limits_for_release(version: Optional[str]) -> FusionAttentionLimits:
     return _LATER_DOCS if first is not None and post >= first else _SEQUENCE_16_DOCS
 
 
-def _installed_torch_npu_version() -> Optional[str]:
+def torch_npu_version() -> Optional[str]:
+    """The installed torch_npu release (the imported module's ``__version__``, else the distribution's), or None."""
     module = sys.modules.get("torch_npu")
-    version = getattr(module, "__version__", None) if module is not None else None
-    if version:
-        return str(version)
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
     try:
         return importlib.metadata.version("torch_npu")
     except importlib.metadata.PackageNotFoundError:
@@ -160,7 +160,7 @@ def _installed_torch_npu_version() -> Optional[str]:
 @functools.cache
 def fusion_attention_limits() -> FusionAttentionLimits:
     """The documented ``npu_fusion_attention`` limits of the installed torch_npu (read once per process)."""
-    return limits_for_release(_installed_torch_npu_version())
+    return limits_for_release(torch_npu_version())
 
 
 _SHAPE_CLASSES_LOGGED: set[tuple[bool, ...]] = set()

@@ -395,3 +395,42 @@ def left_pad_batch(
         batch[index, start:] = item.to(device=device, dtype=torch.long)
         mask[index, start:] = True
     return batch, mask
+
+
+def build_prompt_batch(
+    encode: Callable[[str], list[int]],
+    ids: PromptTokenIds,
+    text: str | Sequence[str],
+    mode: str,
+    prompt_text: str | None = None,
+    prompt_audio_codes: Any = None,
+    nq: int | None = None,
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Prompt rows of one text, or a left-padded batch of several texts that share one prompt.
+
+    Args:
+        encode: text -> token ids (no special tokens).
+        ids: the special ids.
+        text: the text to speak, or a non-empty list of texts.
+        mode: "voice_clone" (prompt audio, no prompt text) or "continuation" (no prompt, or both).
+        prompt_text: transcript of the prompt audio (continuation only).
+        prompt_audio_codes: `[T_ref, n_vq]` codes of the prompt audio, or None.
+        nq: codebooks in use (1..n_vq); prompt codes of higher channels become `audio_pad`.
+
+    Returns:
+        (`[B, T_max, n_vq + 1]` int64 rows, `[B, T_max]` bool mask that is False on padding).
+
+    Raises:
+        ValueError: for a mode rule violation, empty text, or malformed codes.
+    """
+    validate_mode(mode, has_prompt_audio=prompt_audio_codes is not None, has_prompt_text=bool(prompt_text))
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(item, str) for item in texts):
+        raise ValueError(f"text={text!r} must be a string or a non-empty list of strings")
+    template = build_prompt_template(encode, ids)
+    if mode == "voice_clone":
+        rows = [build_voice_clone_rows(template, ids, encode(item), prompt_audio_codes, nq) for item in texts]
+    else:
+        rows = [build_continuation_rows(template, ids, encode((prompt_text or "") + item), prompt_audio_codes, nq)
+                for item in texts]
+    return left_pad_batch(rows, ids)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .cpu_fast_paths import cpu_kernel
-from .devices import npu_fused_kernel_problem, npu_rotary_mul_fn
+from .kernel_probes import npu_fused_kernel_problem, npu_rotary_mul_fn
 from .npu_probes import probe_tensor_device, rotary_interleave_problem
 
 
@@ -141,11 +141,6 @@ _NPU_ROTARY_MAX_HEADS_TIMES_TWO = 1000  # interleave mode: B * N < 1000 (N = 2 *
 _NPU_ROTARY_MAX_HEAD_DIM = 896  # interleave mode: D < 896 and even
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (x[2j], x[2j+1]) of x (B, H, T, D) by the angles behind cos/sin (.., T, D/2), in float32."""
-    return rotate_real(x, torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
-
-
 def resolve_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_dim: int,
                           dtype: torch.dtype = torch.float16) -> str:
     """The RoPE kernel for a device (see `choose_rotary_kernel`, which also says why)."""
@@ -157,8 +152,9 @@ def choose_rotary_kernel(device: Union[torch.device, str], num_heads: int, head_
     """(kernel, why) for a model with `num_heads` heads of `head_dim` in `dtype` on `device`.
 
     "complex" on CPU (a fast path; "real" with MOSS_TTS_CPU_FAST_PATHS=0); "npu_rotary_mul" on an NPU where
-    `devices.npu_rotary_mul_fn` finds the interleave mode, the shape fits its documented limits, JIT compilation is
-    off and one tiny call matches the real-valued kernel (`npu_probes.rotary_interleave_problem`); "real" elsewhere.
+    `kernel_probes.npu_rotary_mul_fn` finds the interleave mode, the shape fits its documented limits, JIT
+    compilation is off and one tiny call matches the real-valued kernel (`npu_probes.rotary_interleave_problem`);
+    "real" elsewhere.
     The model calls this once per (device, dtype) and caches the plan.
     """
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]

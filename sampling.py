@@ -8,21 +8,17 @@ race (argmax of p / Exp(1)), which needs no cumulative sums and no host synchron
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from .value_bounds import SAMPLING_BOUNDS, sampling_problem
+
 
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}={value!r} must be an integer")
-
-
-def _check_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -49,25 +45,12 @@ class SamplingParams:
     min_new_frames: int = 0  # not upstream's: frames during which "continue" is forced (0: the model decides)
 
     def __post_init__(self) -> None:
-        _check_int("max_new_frames", self.max_new_frames)
-        if self.max_new_frames < 1:
-            raise ValueError(f"max_new_frames={self.max_new_frames} must be >= 1")
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample={self.do_sample!r} must be True or False")
-        for prefix in ("text", "audio"):
-            temperature, top_p = getattr(self, f"{prefix}_temperature"), getattr(self, f"{prefix}_top_p")
-            _check_float(f"{prefix}_temperature", temperature)
-            if self.do_sample and temperature <= 0:
-                raise ValueError(f"{prefix}_temperature={temperature} must be > 0 when do_sample=True")
-            _check_float(f"{prefix}_top_p", top_p)
-            if not 0 < top_p <= 1:
-                raise ValueError(f"{prefix}_top_p={top_p} must be within (0, 1] (1 disables top-p)")
-            _check_int(f"{prefix}_top_k", getattr(self, f"{prefix}_top_k"))
-        _check_float("audio_repetition_penalty", self.audio_repetition_penalty)
-        if self.audio_repetition_penalty <= 0:
-            raise ValueError(
-                f"audio_repetition_penalty={self.audio_repetition_penalty} must be > 0 (1.0 disables it)"
-            )
+        for name in SAMPLING_BOUNDS:  # the one table of ranges, which the flags and the server read too
+            problem = sampling_problem(name, getattr(self, name), self.do_sample)
+            if problem:
+                raise ValueError(problem)
         _check_int("min_new_frames", self.min_new_frames)
         if not 0 <= self.min_new_frames <= self.max_new_frames:
             raise ValueError(f"min_new_frames={self.min_new_frames} must be within 0..max_new_frames "

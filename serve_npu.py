@@ -41,7 +41,6 @@ from .cli_common import Parser, _bounded, add_model_arguments, add_performance_a
 from .cli_common import classify_failure, load_model_for_cli, run_cli
 from .cli_common import resolve_model_path, sampling_kwargs
 from .engine import SynthesisEngine
-from .pipeline import load_resources
 from .audio_formats import OUTPUT_LAYOUTS
 from .http_guards import API_KEY_ENV, LOOPBACK_HOSTS, is_loopback, protocol_class
 from .speech_api import DEFAULT_MAX_BODY_BYTES, QuietStreamAborted, ServiceState, Voice, create_app, encode_voice
@@ -233,12 +232,12 @@ def load_service(args: argparse.Namespace, path: Path | None, state: ServiceStat
     model, resources = load_model_for_cli(args, path)
     state.keep.append(resources.pop("_demo_workdir", None))
     demo_prompt = resources.pop("prompt_audio", None)
-    loaded = load_resources(model, **resources)
-    voices = load_voices(args.voices, loaded.codec) if args.voices else {}
+    # The engine loads the tokenizer and codec (once); the voices are encoded with its codec.
+    engine = SynthesisEngine(model, **resources, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    codec = engine.resources.codec
+    voices = load_voices(args.voices, codec) if args.voices else {}
     if demo_prompt is not None:
-        voices.setdefault(DEMO_VOICE, Voice(DEMO_VOICE, encode_voice(demo_prompt, loaded.codec)))
-    engine = SynthesisEngine(model, text_tokenizer=loaded.tokenizer, audio_tokenizer=loaded.codec,
-                             max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        voices.setdefault(DEMO_VOICE, Voice(DEMO_VOICE, encode_voice(demo_prompt, codec)))
     engine.start()
     state.ready(engine, voices)
     return model

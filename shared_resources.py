@@ -168,8 +168,8 @@ def _float32_copy(model: Any, device: torch.device) -> Any:
             else:
                 memo[id(tensor)] = tensor  # shared, not copied (ties stay tied: one entry per tensor object)
         for module in model.modules():
-            if getattr(module, "_packed", None) is not None:
-                memo[id(module._packed)] = None  # derived int8 weights: the retry runs plain float32
+            if getattr(module, "_packed_rows", None) is not None:
+                memo[id(module._packed_rows)] = None  # derived int8 weights: the retry runs plain float32
         retry = copy.deepcopy(model, memo)
     retry.set_attention_implementation(devices.fallback_attention_implementation(device))
     return retry.eval()

@@ -336,7 +336,7 @@ def create_app(state: ServiceState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def voices() -> dict:
         return {"voices": describe_voices(state.voices)}
 
-    @app.post("/v1/audio/speech", response_class=Response, **speech_route_docs(state.limits))
+    @app.post("/v1/audio/speech", response_class=Response, **speech_route_docs(state.limits, state.defaults))
     async def speech(request: Request) -> Response:
         log = RequestLog(new_request_id())
         try:

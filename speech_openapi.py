@@ -9,7 +9,8 @@ from typing import Any
 
 from .audio_formats import MAX_SPEED, MIN_SPEED, RESPONSE_FORMATS
 from .speech_request import RequestLimits, SpeechRequest
-from .value_bounds import SAMPLING_BOUNDS, SEED_LIMIT
+from .sampling import SamplingParams
+from .value_bounds import SAMPLING_BOUNDS, SEED_LIMIT, Bound
 
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "additionalProperties": False,
@@ -61,7 +62,8 @@ def _non_null(prop: dict) -> dict:
     return prop
 
 
-def request_schema(limits: RequestLimits) -> dict:
+def request_schema(limits: RequestLimits, defaults: dict | None = None) -> dict:
+    """The request body's schema; ``defaults`` are the server's generation defaults (a request's missing fields)."""
     schema = copy.deepcopy(SpeechRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
     schema.pop("$defs", None)
     props = schema["properties"]
@@ -69,21 +71,50 @@ def request_schema(limits: RequestLimits) -> dict:
     props["voice"] = {"anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/VoiceId"}, {"type": "null"}]}
     props["response_format"]["enum"] = list(RESPONSE_FORMATS)
     props["speed"].update(minimum=MIN_SPEED, maximum=MAX_SPEED)
-    for name, (_, low, *rest) in SAMPLING_BOUNDS.items():
-        target = _non_null(props[name])
-        high = rest[0] if rest else None
-        low_open = rest[1] if len(rest) > 1 else False
-        target["exclusiveMinimum" if low_open else "minimum"] = low
-        if high is not None:
-            target["maximum"] = high
+    for name, bound in SAMPLING_BOUNDS.items():
+        if not bound.sampling_only:
+            _non_null(props[name]).update(_range(bound))
     _non_null(props["max_new_frames"])["maximum"] = limits.max_new_frames
     _non_null(props["seed"]).update(minimum=0, maximum=SEED_LIMIT - 1)
     _non_null(props["mode"])["enum"] = ["continuation", "voice_clone"]
     _non_null(props["model"])["pattern"] = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+    schema["allOf"] = [_when_sampling(props, defaults or {})]
     return schema
 
 
-def speech_route_docs(limits: RequestLimits) -> dict[str, Any]:
+def _range(bound: Bound) -> dict:
+    """A setting's range as JSON Schema keywords."""
+    keywords: dict[str, Any] = {}
+    if bound.low is not None:
+        keywords["exclusiveMinimum" if bound.low_open else "minimum"] = bound.low
+    if bound.high is not None:
+        keywords["maximum"] = bound.high
+    return keywords
+
+
+def _when_sampling(props: dict, defaults: dict) -> dict:
+    """The ranges that hold only when sampling (the temperatures), as ``if`` the request samples ``then`` them.
+
+    A request samples when its do_sample is true, or absent / null while the server samples by default. A server
+    default that breaks such a range (possible when it decodes greedily by default) makes the field required then.
+    """
+    sampling_default = defaults.get("do_sample", SamplingParams.do_sample)
+    chosen = {"required": ["do_sample"], "properties": {"do_sample": {"const": not sampling_default}}}
+    sampling = {"not": chosen} if sampling_default else chosen
+    then: dict[str, Any] = {"properties": {}}
+    for name, bound in SAMPLING_BOUNDS.items():
+        if not bound.sampling_only:
+            continue
+        ranged = {**_non_null(props[name]), **_range(bound)}
+        if name in defaults and bound.range_problem(defaults[name]):
+            then["properties"][name] = ranged
+            then.setdefault("required", []).append(name)
+        else:
+            then["properties"][name] = {"anyOf": [ranged, {"type": "null"}]}
+    return {"if": sampling, "then": then}
+
+
+def speech_route_docs(limits: RequestLimits, defaults: dict | None = None) -> dict[str, Any]:
     """Keyword arguments of the route decorator: summary, request body and responses."""
     audio = {fmt.media_type: {"schema": {"type": "string", "format": "binary"}} for fmt in RESPONSE_FORMATS.values()}
     audio["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
@@ -96,7 +127,7 @@ def speech_route_docs(limits: RequestLimits) -> dict[str, Any]:
     responses[429]["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
     extra = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/SpeechRequest"}, "examples": REQUEST_EXAMPLES}}},
-        "x-request-schema": request_schema(limits)}
+        "x-request-schema": request_schema(limits, defaults)}
     return {"summary": "Generate speech (OpenAI's audio.speech.create)", "responses": responses,
             "openapi_extra": extra}
 

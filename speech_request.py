@@ -14,8 +14,10 @@ from .audio_formats import MAX_SPEED, MIN_SPEED, OUTPUT_LAYOUTS, RESPONSE_FORMAT
 from .audio_io import TARGET_SAMPLE_RATE
 from .engine import EngineClosed, EngineFull, RequestCancelled
 from .pipeline import SAMPLES_PER_FRAME
+from .prompting import infer_mode
+from .sampling import SamplingParams
 from .text_chunking import split_text_into_chunks
-from .value_bounds import SAMPLING_BOUNDS, bound_error, seed_error
+from .value_bounds import SAMPLING_BOUNDS, sampling_problem, seed_error
 from .voices import Voice, decode_ref_audio, resolve_voice
 
 DEFAULT_MAX_BODY_BYTES = 25 * 1024 * 1024
@@ -179,11 +181,13 @@ def check_request(req: SpeechRequest, limits: RequestLimits) -> None:
 
 
 def check_ranges(values: dict[str, Any]) -> None:
-    """The command line's ranges for the generation settings (so a greedy request cannot carry a bad value)."""
-    for name, (_, *bounds) in SAMPLING_BOUNDS.items():
-        problem = bound_error(values[name], *bounds) if name in values else None
+    """The library's ranges for the generation settings (``SamplingParams``'s table), checked on the values the engine
+    will receive (the server's defaults and the request's own), so a bad value fails here, before any work."""
+    do_sample = values.get("do_sample", SamplingParams.do_sample)  # as the engine fills it in
+    for name in SAMPLING_BOUNDS:
+        problem = sampling_problem(name, values[name], do_sample) if name in values else None
         if problem:
-            raise ApiError(400, f"{name} {problem}", name)
+            raise ApiError(400, problem, name)
     problem = seed_error(values["seed"]) if values.get("seed") is not None else None
     if problem:
         raise ApiError(400, f"seed {problem}", "seed")
@@ -213,8 +217,8 @@ def engine_arguments(req: SpeechRequest, defaults: dict, voices: dict[str, Voice
     """The keyword arguments of ``engine.submit`` for a request (server defaults, then the request's values); the
     audio budget is checked before the reference audio is decoded."""
     given = {name: getattr(req, name) for name in ENGINE_FIELDS if getattr(req, name) is not None}
-    check_ranges(given)
     kwargs = {**defaults, **given}
+    check_ranges(kwargs)
     check_audio_budget(req.input, kwargs, limits, count_tokens)
     try:
         voice = resolve_voice(req.voice_name, voices)
@@ -232,7 +236,6 @@ def engine_arguments(req: SpeechRequest, defaults: dict, voices: dict[str, Voice
         except ValueError as exc:
             raise ApiError(400, first_line(exc), "ref_audio") from None
         kwargs["prompt_audio_sample_rate"] = TARGET_SAMPLE_RATE
-    if "mode" not in kwargs:  # as infer_npu.py infers it: a transcript or no prompt audio means continuation
-        has_audio = "prompt_audio_codes" in kwargs or "prompt_audio" in kwargs
-        kwargs["mode"] = "continuation" if kwargs.get("prompt_text") or not has_audio else "voice_clone"
+    kwargs["mode"] = infer_mode(kwargs.get("mode"), has_prompt_text=bool(kwargs.get("prompt_text")),
+                                has_prompt_audio="prompt_audio_codes" in kwargs or "prompt_audio" in kwargs)
     return kwargs

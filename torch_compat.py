@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -46,6 +47,18 @@ def add_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -
     if public is not None:
         return public(hook)
     return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def is_compiling() -> bool:
+    """``torch.compiler.is_compiling()``: whether torch.compile is tracing the caller.
+
+    ``torch.compiler.is_compiling`` is torch >= 2.3. Before that, dynamo's own flag answers where dynamo was ever
+    imported (``torch._dynamo.is_compiling``); where it was not, nothing is being compiled.
+    """
+    probe = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if probe is None:
+        probe = getattr(sys.modules.get("torch._dynamo"), "is_compiling", None)
+    return bool(probe()) if probe is not None else False
 
 
 @functools.lru_cache(maxsize=None)

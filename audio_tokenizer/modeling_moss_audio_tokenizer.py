@@ -3,7 +3,8 @@
 Encode: wav (B,2,T) -> zero-pad to 3840k -> interleave (B,1,2T') -> encoder -> (B,768,N) -> residual LFQ -> (16,B,N).
 Decode: codes (nq,B,N) -> LFQ decode -> (B,768,N) -> decoder -> (B,1,7680N) -> de-interleave -> (B,2,3840N).
 Runs on CPU, CUDA and Ascend NPU: attention is SDPA with boolean masks, ``compute_dtype`` is honoured with
-``torch.autocast`` on the parameters' device type, and the quantizer always runs in float32.
+``torch.autocast`` on the parameters' device type, and the quantizer always runs in float32. What runs the stacks
+step by step (chunked calls, ``streaming()``, decode sessions) is the ``CodecStreaming`` mixin (codec_streaming.py).
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
 from .codec_checkpoint import (
     has_legacy_keys,
@@ -26,18 +26,12 @@ from .codec_checkpoint import (
     read_checkpoint_keys,
     remap_legacy_keys_in_place,
 )
-from .codec_inputs import (
-    chunk_size,
-    check_codes,
-    check_num_quantizers,
-    check_waveform,
-    pad_right,
-    plan_chunk_steps,
-    resolve_code_rows,
-)
-from .codec_layers import LayerScale, PatchedPretransform, ProjectedTransformer, StackStreamState, StepGate
+from .codec_inputs import chunk_size, check_codes, check_num_quantizers, check_waveform, pad_right, resolve_code_rows
+from .codec_layers import LayerScale, PatchedPretransform, ProjectedTransformer, StackStreamState
+from .codec_outputs import MossAudioTokenizerDecoderOutput, MossAudioTokenizerEncoderOutput, MossAudioTokenizerOutput
 from .codec_quantizer import WeightNormConv1x1, ResidualLFQ, _WeightNormParameters
 from .codec_session import MossAudioTokenizerDecodeSession, StreamingDecodeController
+from .codec_streaming import CodecStreaming
 from .configuration_moss_audio_tokenizer import (
     MossAudioTokenizerConfig,
     normalize_attention_implementation,
@@ -61,36 +55,6 @@ COMPUTE_TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.floa
 # Autocast dtypes honoured per device type (devices not listed: whatever torch.autocast supports there).
 # Why CPU is bf16-only: the spec asks for bf16 on CPU; fp16 CPU autocast is slow and rarely what anyone wants.
 AUTOCAST_DTYPES_BY_DEVICE = {"cpu": (torch.bfloat16,)}
-# Longest streaming step: a chunk of Lc tokens attends context + Lc keys, so long calls (e.g. priming with a prompt)
-# run in steps of 8 frames (256 tokens against a 1600-token window at the last released stage).
-MAX_STEP_FRAMES = 8
-
-
-@dataclass
-class MossAudioTokenizerEncoderOutput(ModelOutput):
-    """``audio_codes (nq,B,N)`` int64, ``audio_codes_lengths (B,)`` int64, ``encoder_hidden_states (B,768,N)``."""
-
-    audio_codes: torch.Tensor | None = None
-    audio_codes_lengths: torch.Tensor | None = None
-    encoder_hidden_states: torch.Tensor | None = None
-
-
-@dataclass
-class MossAudioTokenizerDecoderOutput(ModelOutput):
-    """``audio (B,channels,T)`` float32 and ``audio_lengths (B,)`` int64 valid samples per channel."""
-
-    audio: torch.Tensor | None = None
-    audio_lengths: torch.Tensor | None = None
-
-
-@dataclass
-class MossAudioTokenizerOutput(ModelOutput):
-    """Encode-then-decode result of ``forward``."""
-
-    audio: torch.Tensor | None = None
-    audio_lengths: torch.Tensor | None = None
-    audio_codes: torch.Tensor | None = None
-    audio_codes_lengths: torch.Tensor | None = None
 
 
 class MossAudioTokenizerPreTrainedModel(PreTrainedModel):
@@ -127,7 +91,7 @@ class MossAudioTokenizerPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
 
 
-class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
+class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel, CodecStreaming):
     """The codec. Public API: ``batch_encode``, ``batch_decode``, ``encode``, ``decode``, ``forward``,
     ``streaming``, ``create_decode_session``; attributes ``sampling_rate``/``sample_rate``, ``number_channels``,
     ``downsample_rate``, ``frame_rate``."""
@@ -296,14 +260,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
                 x = module(x, torch.tensor(lengths, device=x.device) if padded else None)
         return x, lengths
 
-    def _new_stream_state(self, stack: nn.ModuleList, slots: int) -> StackStreamState:
-        """Fresh streaming state of ``stack`` for ``slots`` rows, on the parameters' device (owned by the caller)."""
-        return StackStreamState(self._stages(stack), slots, self.device)
-
-    def _context_state(self, name: str) -> StackStreamState | None:
-        """The ``streaming()`` context's state of the "encoder" or "decoder" stack (None outside the context)."""
-        return None if self._streaming_context is None else self._streaming_context[name]
-
     def _interleave(self, wav: torch.Tensor) -> torch.Tensor:
         if self._interleave_factor == 1:
             return wav
@@ -391,38 +347,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
             return self._encode_batch(pad_right(items), lengths, nq)
         chunk = chunk_size(chunk_duration, self.sampling_rate, self.downsample_rate)
         return self._encode_chunked(items, lengths, nq, chunk)
-
-    def _encode_chunked(self, items: list[torch.Tensor], lengths: list[int], nq: int, chunk: int):
-        frame = self.downsample_rate
-        # Tails shorter than a frame hold no valid frame and nothing follows them: they are skipped.
-        steps = [(size, active) for size, active in plan_chunk_steps(lengths, chunk, frame) if size >= frame]
-        codes: list[list[torch.Tensor]] = [[] for _ in items]
-        hidden: list[list[torch.Tensor]] = [[] for _ in items]
-        positions = [0] * len(items)
-        state = self._new_stream_state(self.encoder, len(items))  # this call's own: any other stream may run
-        for size, active in steps:
-            batch = items[0].new_zeros((len(items), self.number_channels, size))
-            for row, is_active in enumerate(active):
-                if is_active:
-                    batch[row] = items[row][:, positions[row]: positions[row] + size]
-                    positions[row] += size
-            state.set_gate(StepGate.from_rows(active, self.device))
-            step_hidden, _ = self._encode_hidden(batch, None, state)
-            frames = torch.full((len(items),), size // frame, dtype=torch.int64, device=step_hidden.device)
-            step_codes = self.quantizer.encode(step_hidden, frames, nq)
-            for row in (r for r, is_active in enumerate(active) if is_active):
-                codes[row].append(step_codes[:, row])
-                hidden[row].append(step_hidden[row])
-        return self._stack_chunked_encode(codes, hidden, nq)
-
-    def _stack_chunked_encode(self, codes, hidden, nq: int) -> MossAudioTokenizerEncoderOutput:
-        device = self.device
-        width = self.config.quantizer_kwargs["input_dim"]
-        code_rows = [torch.cat(c, dim=-1) if c else torch.zeros(nq, 0, dtype=torch.int64, device=device)
-                     for c in codes]
-        hidden_rows = [torch.cat(h, dim=-1) if h else torch.zeros(width, 0, device=device) for h in hidden]
-        lengths = torch.tensor([c.shape[-1] for c in code_rows], dtype=torch.int64, device=device)
-        return MossAudioTokenizerEncoderOutput(pad_right(code_rows).transpose(0, 1), lengths, pad_right(hidden_rows))
 
     @torch.inference_mode()
     def encode(self, input_values: torch.Tensor, padding_mask: torch.Tensor | None = None,
@@ -514,25 +438,6 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
                                                                       device=self.device))
         return self._decode_batch(self._pad_codes(items), lengths)
 
-    def _decode_chunked(self, items: list[torch.Tensor], lengths: list[int], chunk: int):
-        frame = self.downsample_rate
-        pieces: list[list[torch.Tensor]] = [[] for _ in items]
-        positions = [0] * len(items)
-        state = self._new_stream_state(self.decoder, len(items))  # this call's own: any other stream may run
-        for size, active in plan_chunk_steps(lengths, chunk, 1):
-            codes = items[0].new_zeros((items[0].shape[0], len(items), size), device=self.device)
-            for row in (r for r, is_active in enumerate(active) if is_active):
-                codes[:, row] = items[row][:, positions[row]: positions[row] + size]
-                positions[row] += size
-            state.set_gate(StepGate.from_rows(active, self.device))
-            audio = self._decode_embedding(self.quantizer.decode(codes), None, state)
-            for row in (r for r, is_active in enumerate(active) if is_active):
-                pieces[row].append(audio[row])
-        empty = torch.zeros(self.number_channels, 0, device=self.device)
-        rows = [torch.cat(p, dim=-1) if p else empty for p in pieces]
-        audio_lengths = torch.tensor([n * frame for n in lengths], dtype=torch.int64, device=self.device)
-        return MossAudioTokenizerDecoderOutput(pad_right(rows), audio_lengths)
-
     @torch.inference_mode()
     def decode(self, audio_codes: torch.Tensor, padding_mask: torch.Tensor | None = None,
                return_dict: bool | None = None, chunk_duration: float | None = None,
@@ -589,87 +494,3 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         if not self._use_return_dict(return_dict):
             return audio_codes, audio, audio_lengths
         return MossAudioTokenizerOutput(audio, audio_lengths, audio_codes, codes_lengths)
-
-    # ------------------------------------------------------------------------------------ public: streaming
-
-    @contextlib.contextmanager
-    def streaming(self, batch_size: int = 1) -> Iterator["MossAudioTokenizerModel"]:
-        """Upstream's per-object streaming mode: encoder and decoder calls made on this model inside the context
-        stream through one fresh state for ``batch_size`` rows, cleared on exit.
-
-        The state belongs to the model object, so one caller at a time may use this mode (as upstream); decode
-        sessions (``create_decode_session``) and every other call keep their own state and are unaffected.
-
-        Raises:
-            ValueError: ``batch_size`` is not a positive integer.
-            RuntimeError: the model is already inside ``streaming()``.
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-        if self._streaming_context is not None:
-            raise RuntimeError("the model is already streaming; leave the current streaming() context first")
-        self._streaming_context = {"encoder": self._new_stream_state(self.encoder, batch_size),
-                                   "decoder": self._new_stream_state(self.decoder, batch_size)}
-        try:
-            yield self
-        finally:
-            self._streaming_context = None
-
-    def _set_streaming_exec_mask(self, mask: torch.Tensor | Sequence[bool]) -> None:
-        """Gate state updates per ``streaming()`` row: rows where ``mask`` is False compute but keep their state."""
-        if self._streaming_context is None:
-            raise RuntimeError("the model is not streaming; call this inside the streaming() context")
-        rows = [bool(v) for v in torch.as_tensor(mask).reshape(-1).tolist()]
-        slots = self._streaming_context["decoder"].num_slots
-        if len(rows) != slots:
-            raise ValueError(f"exec mask has {len(rows)} entries; the model streams {slots} rows")
-        gate = StepGate.from_rows(rows, self.device)
-        for state in self._streaming_context.values():
-            state.set_gate(gate)
-
-    def create_decode_session(self, max_batch_size: int, use_cuda_graph: bool = False
-                              ) -> MossAudioTokenizerDecodeSession:
-        """Open a streaming decode session with ``max_batch_size`` slots.
-
-        The session owns its streaming state (per-stage key/value windows and offsets): any number of sessions
-        can be open on one model at once, in one thread or several, beside one-shot encode/decode calls; closing
-        one never touches another. One session is meant for one caller (do not step it from two threads at once).
-
-        Raises:
-            ValueError: ``max_batch_size <= 0``.
-        """
-        return MossAudioTokenizerDecodeSession(self, max_batch_size, use_cuda_graph)
-
-    def _reset_batch_decode_streaming_state(self) -> None:
-        """Close the ``batch_decode(streaming=True)`` session, if any, and clear its bookkeeping (idempotent)."""
-        self._stream_decode.reset()
-
-    @staticmethod
-    def _session_segments(slot_lengths: list[int]) -> list[tuple[int, int, list[bool]]]:
-        """Split ``0..max(slot_lengths)`` into runs of at most ``MAX_STEP_FRAMES`` frames that advance the same
-        slots: ``(start, stop, rows)``."""
-        bounds = sorted({0, *slot_lengths})
-        return [(a, min(a + MAX_STEP_FRAMES, b), [n >= b for n in slot_lengths])
-                for start, b in zip(bounds, bounds[1:]) for a in range(start, b, MAX_STEP_FRAMES)]
-
-    def _decode_session_frames(self, codes: torch.Tensor, slot_lengths: list[int], state: StackStreamState
-                               ) -> torch.Tensor:
-        """Decode ``codes (nq, S, L)`` through the decoder state ``state``; frame f advances the slots with
-        length > f.
-
-        Why whole runs of frames per step (upstream steps one frame at a time): the decoder is causal within a
-        chunk and the window rule ``0 <= p_t - p_j < ctx`` does not depend on the chunk size, so a run of frames
-        that advances the same slots is one step with the same result (up to float rounding, well inside the
-        spec's streaming tolerances), and it turns many tiny matmuls into a few larger ones.
-        """
-        outputs = []
-        try:
-            with self._compute_autocast(codes.device):
-                for start, stop, rows in self._session_segments(slot_lengths):
-                    state.set_gate(StepGate.from_rows(rows, codes.device))
-                    x = self.quantizer.decode(codes[:, :, start:stop])  # (S, 768, n)
-                    x, _ = self._run_stack(self.decoder, x, None, state)
-                    outputs.append(x)
-        finally:
-            state.set_gate(StepGate())
-        return self._deinterleave(torch.cat(outputs, dim=-1))

@@ -18,7 +18,6 @@ Measures (median over repetitions):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,8 +30,8 @@ from typing import Any, Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measuring import add_run_arguments, apply_threads, cpu_info, load_average, write_report  # noqa: E402
 
 import compiled_step  # noqa: E402
 from environment import describe_environment  # noqa: E402
@@ -41,7 +40,6 @@ from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from codec_output import FRAMES_PER_SECOND  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine import SynthesisEngine  # noqa: E402
-from linear_kernels import WEIGHT_PRECISIONS  # noqa: E402
 from pipeline import encode_prompt_audio  # noqa: E402
 from prompting import PromptTokenIds, build_prompt_template, build_voice_clone_rows, left_pad_batch  # noqa: E402
 
@@ -364,35 +362,14 @@ def environment(device: torch.device, dtype: torch.dtype, weight_precision: str)
         threads=torch.get_num_threads(),
         machine=platform.machine(),
         processor=platform.processor() or None,
-        cpu_model=_cpu_info("model name"),
+        cpu_model=cpu_info("model name"),
         # the model name of a VM is often just the vendor's: family/model and the vector ISA torch uses tell more
-        cpu_family_model=f"{_cpu_info('cpu family')}/{_cpu_info('model')}",
+        cpu_family_model=f"{cpu_info('cpu family')}/{cpu_info('model')}",
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         logical_cpus=os.cpu_count(),
-        load_average_at_start=_load_average(),
+        load_average_at_start=load_average(),
     )
     return env
-
-
-def _cpu_info(key: str) -> str | None:
-    """A field of the first CPU in /proc/cpuinfo (Linux: "model name", "cpu family", "model"), else None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name.strip() == key:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages (other work on the machine skews every timing), where the OS reports them."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 SECTIONS = {"generation", "codec", "e2e", "concurrency"}
@@ -433,7 +410,7 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
             report["environment"]["compiled_step"] = compiled_step.status(assets.model)
     finally:
         compiled_step.disable(assets.model)  # the model may be a caller's (device_check's dry run): leave it eager
-    report["environment"]["load_average_at_end"] = _load_average()
+    report["environment"]["load_average_at_end"] = load_average()
     report["peak_memory_bytes"] = devices.peak_memory_bytes(device)
     report["peak_memory_kind"] = "process peak RSS" if device.type == "cpu" else "peak device memory allocated"
     return report
@@ -476,9 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-frames", type=int, default=100, help="max frames per chunk in the end-to-end run")
     parser.add_argument("--e2e-prompt-seconds", type=float, default=E2E_PROMPT_SECONDS,
                         help="length of the end-to-end run's reference recording (0 < s <= 30)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--weight-precision", default="float32", choices=WEIGHT_PRECISIONS,
-                        help="decoder Linear weights: float32, or the opt-in int8 mode (CPU only)")
     parser.add_argument("--concurrency", type=_levels, default=[],
                         help="comma list of stream counts for the continuous-batching section, e.g. 1,2,4,8")
     parser.add_argument("--concurrency-frames", type=int, default=50, help="frames per stream in that section")
@@ -492,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling", choices=("cli", "greedy"), default="cli",
                         help="generation section: the CLI sampling settings, or greedy (repetition penalty 1.2)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: generation,codec,e2e,concurrency")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
+    add_run_arguments(parser, output=str(ROOT / "benchmarks" / "results" / "benchmark.json"))
     args = parser.parse_args(argv)
     for name in ("repeats", "frames", "e2e_frames", "threads", "concurrency_frames"):
         value = getattr(args, name)
@@ -503,15 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - SECTIONS:
         parser.error(f"--skip: unknown section(s) {sorted(skip - SECTIONS)}; valid: {sorted(SECTIONS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     with torch.no_grad():
         report = run(args, skip)
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(report, args.output)
     return 0
 
 

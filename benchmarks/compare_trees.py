@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measuring import add_run_arguments, cpu_description, load_average, write_report  # noqa: E402
 
 CHILD = r'''
 import json, sys, time, torch
@@ -65,38 +67,25 @@ def measure(tree: str, frames: int, levels: str, precision: str, threads: int) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return (f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
-            f"{os.cpu_count()} CPUs, avx512f={'avx512f' in fields.get('flags', '')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="a checkout of the baseline commit")
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--weight-precision", default="float32", choices=("float32", "int8"))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
-    parser.add_argument("--output", default=None)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     trees = {"baseline": str(Path(args.baseline).resolve()), "new": str(ROOT)}
     rounds = []
     for _ in range(args.rounds):
-        rounds.append({name: measure(tree, args.frames, args.levels, args.weight_precision, args.threads)
+        rounds.append({name: measure(tree, args.frames, args.levels, args.weight_precision, args.threads or 0)
                        for name, tree in trees.items()})
         print(json.dumps(rounds[-1]), flush=True)
     keys = [key for key in rounds[0]["new"] if key in rounds[0]["baseline"]]
     report = {
         "frames_per_request": args.frames, "reference_seconds": 1.0, "weight_precision": args.weight_precision,
-        "torch_threads": args.threads or "torch's choice", "cpu": _cpu(),
-        "rounds": rounds, "load_average_at_end": os.getloadavg(),
+        "torch_threads": args.threads or "torch's choice", "cpu": cpu_description(),
+        "rounds": rounds, "load_average_at_end": load_average(),
         "median_frames_per_s": {name: {k: statistics.median(r[name][k] for r in rounds) for k in keys}
                                 for name in trees},
         "new_vs_baseline_plain": statistics.median(r["new"]["plain"] / r["baseline"]["plain"] for r in rounds),
@@ -105,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_engine_vs_baseline_plain": {k: statistics.median(r["baseline"][k] / r["baseline"]["plain"]
                                                                    for r in rounds) for k in keys if k != "plain"},
     }
-    print(json.dumps(report, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.output)
     return 0
 
 

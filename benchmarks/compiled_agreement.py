@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
+from measuring import add_run_arguments, apply_threads, cpu_info, load_average, write_report  # noqa: E402
 
 import compiled_step  # noqa: E402
-from benchmark import _cpu_info, _load_average, voice_clone_prompt  # noqa: E402
+from benchmark import voice_clone_prompt  # noqa: E402
 from demo import build_demo_assets  # noqa: E402
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM  # noqa: E402
 from teacher_forcing import teacher_forced_logits  # noqa: E402
@@ -95,22 +93,17 @@ def teacher_forced_check(model, input_ids, mask, codes: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "compiled_agreement.json"))
+    add_run_arguments(parser, output=str(ROOT / "benchmarks" / "results" / "compiled_agreement.json"),
+                      weight_precision=False)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = {"torch": torch.__version__, "cpu_model": _cpu_info("model name"), "threads": torch.get_num_threads(),
-              "load_average_at_start": _load_average()}
+    apply_threads(args.threads)
+    report = {"torch": torch.__version__, "cpu_model": cpu_info("model name"), "threads": torch.get_num_threads(),
+              "load_average_at_start": load_average()}
     with torch.no_grad():
         report["golden_tts_tiny"] = golden_check()
         report["released_architecture_random_weights"] = released_check(args.frames)
-    report["load_average_at_end"] = _load_average()
-    text = json.dumps(report, indent=2)
-    print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    report["load_average_at_end"] = load_average()
+    write_report(report, args.output)
     return 0
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
-import json
-import os
 import pstats
 import sys
 import time
@@ -20,14 +18,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-__import__("repo_imports").install()  # the repository's modules by their names (repo_imports.py)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measuring import add_run_arguments, apply_threads, cpu_description, load_average, write_report  # noqa: E402
 
 from cli_common import CLI_SAMPLING_DEFAULTS  # noqa: E402
 from demo import build_demo_assets, demo_prompt_audio  # noqa: E402
 from engine_core import EngineCore  # noqa: E402
-from pipeline import Plan, build_request, core_request, encode_prompt_audio, plan_chunks  # noqa: E402
+from pipeline import Plan, core_request, encode_prompt_audio, plan_chunks  # noqa: E402
 from shared_resources import cached_resources  # noqa: E402
+from synthesis_request import build_request  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
 PARTS = {  # report name -> (file suffix, function name) in the profile
@@ -45,12 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--reference-seconds", type=float, default=1.0)
-    parser.add_argument("--weight-precision", default="float32", choices=("float32", "int8"))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output", default=None)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     assets = build_demo_assets(seed=0)
     assets.model.set_weight_precision(args.weight_precision)
     resources = cached_resources(assets.model, text_tokenizer=assets.tokenizer, audio_tokenizer=assets.codec)
@@ -90,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               "reference_seconds": args.reference_seconds, "torch_threads": torch.get_num_threads(),
               "cumulative_s": parts,
               "note": "cProfile adds overhead per Python call; compare the parts with each other",
-              "load_average_at_end": os.getloadavg()}
-    print(json.dumps(report, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+              "cpu": cpu_description(), "load_average_at_end": load_average()}
+    write_report(report, args.output)
     return 0
 
 

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import _cpu_info, _load_average  # noqa: E402
+from measuring import cpu_info, load_average  # noqa: E402
 
 BYTES_PER_SECOND = 48000 * 2 * 2  # 48 kHz, stereo, 16-bit PCM
 TEXT = "The quick brown fox jumps over the lazy dog while the band plays on in the distance."
@@ -192,8 +192,8 @@ def summarize(clients: int, results: list[dict], wall: float) -> dict[str, Any]:
 
 def environment(startup_line: str | None, url: str) -> dict[str, Any]:
     return {"url": url, "server": startup_line, "client_python": platform.python_version(),
-            "machine": platform.machine(), "cpu_model": _cpu_info("model name"), "logical_cpus": os.cpu_count(),
-            "load_average_at_start": _load_average()}
+            "machine": platform.machine(), "cpu_model": cpu_info("model name"), "logical_cpus": os.cpu_count(),
+            "load_average_at_start": load_average()}
 
 
 def measure(url: str, args: argparse.Namespace, startup_line: str | None) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def measure(url: str, args: argparse.Namespace, startup_line: str | None) -> dic
     with httpx.Client(timeout=args.timeout) as client:  # warm-up, not counted: first-call setup on the server
         report["warm_up"] = one_request(client, url, request_body(args, 0))
     report["levels"] = [run_level(url, n, args, seeds) for n in args.levels]
-    report["environment"]["load_average_at_end"] = _load_average()
+    report["environment"]["load_average_at_end"] = load_average()
     return report
 
 

@@ -46,6 +46,17 @@ def shared_path(*parts: str) -> pathlib.Path:
     return path
 
 
+def load_script(name: str, path: pathlib.Path):
+    """Import a script that is not a module of the package (benchmarks/*.py) under ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(params=["cpu fast paths", "accelerator path"])
 def cpu_path(request, monkeypatch):
     """Run the test twice: with the CPU fast paths, and with MOSS_TTS_CPU_FAST_PATHS=0 (the operations an accelerator

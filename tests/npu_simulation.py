@@ -111,6 +111,18 @@ def rotary_mul_kernel(calls: list, aclop=lambda: False):
     return npu_rotary_mul
 
 
+@pytest.fixture(autouse=True)
+def fresh_probes(monkeypatch: pytest.MonkeyPatch):
+    """Probes and downgrade warnings start anew for each test and are forgotten after it (the simulated card goes).
+    Autouse in the test modules that import it by name."""
+    import attention
+
+    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
+    devices.clear_caches()
+    yield
+    devices.clear_caches()
+
+
 def simulated_cards(names: tuple[str, ...] = ("Ascend910B3",), soc_version: Optional[int] = None, bf16: bool = True,
                     current: int = 0, with_soc_getter: bool = True, jit_compile: bool = False) -> types.SimpleNamespace:
     """A ``torch.npu`` for ``len(names)`` cards. Like torch_npu 2.1.0.post12, 2.1.0.post17, 2.3.1.post6, 2.4.0.post4,

@@ -73,3 +73,22 @@ def upstream_style_codec(seed: int = 0) -> UpstreamStyleCodec:
     """The stand-in with the weights of ``tiny_codec_model(seed)``."""
     torch.manual_seed(seed)
     return randomize(UpstreamStyleCodec(tiny_config()), seed)
+
+
+def poison_text_logits(monkeypatch, model: MossTTSNanoForCausalLM, steps: set[int]) -> list[tuple]:
+    """Non-finite text logits at the given step numbers (0-based) of `model` (not of its float32 retry model);
+    returns the (step model, dtype, attention) of every step, recorded as they run."""
+    import model_runner
+
+    seen = []
+    real = model_runner.sample_frame
+
+    def poisoned(step_model, *args, **kwargs):
+        frame = real(step_model, *args, **kwargs)
+        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
+        if step_model is model and len(seen) - 1 in steps:
+            frame.text_finite = torch.zeros_like(frame.text_finite)
+        return frame
+
+    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
+    return seen

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pytest
 import soundfile
 
 import serve_npu
@@ -18,6 +19,18 @@ from engine import SynthesisEngine
 from pipeline_assets import TinyAssets
 
 GREEDY_DEFAULTS = ("--do-sample", "false", "--max-new-frames", "6")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    """Tiny assets for a test module's servers (import it by name to use it)."""
+    return TinyAssets(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def voices_dir(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A --voices folder with the voices of `write_voices` (import it by name to use it)."""
+    return write_voices(tmp_path_factory.mktemp("voices"), tiny)
 
 
 def tiny_engine(tiny: TinyAssets, max_batch_size: int = 4, max_queue: int = 16) -> SynthesisEngine:

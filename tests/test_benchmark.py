@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,22 +9,15 @@ import pytest
 import torch
 
 import cpu_fast_paths
-from pipeline_assets import TinyAssets
+from conftest import load_script
+from serve_assets import tiny  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("moss_benchmark", ROOT / "benchmarks" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
+    return load_script("moss_benchmark", ROOT / "benchmarks" / "benchmark.py")
 
 
 @pytest.fixture

@@ -99,7 +99,18 @@ def test_save_pretrained_round_trip_through_auto_model(tmp_path):
     assert all(torch.equal(value, original[key]) for key, value in again.state_dict().items())
 
 
-def test_pytorch_model_bin_is_loaded(tmp_path):  # before torch 2.6 through safe_checkpoint.py
+@pytest.mark.parametrize("torch_release", ["installed", "simulated 2.5"])
+def test_pytorch_model_bin_is_loaded(tmp_path, monkeypatch, torch_release):
+    """A pickled codec checkpoint loads: before torch 2.6 (simulated: the codec's torch_compat says 2.5) through
+    safe_checkpoint.py, never calling torch.load."""
+    if torch_release == "simulated 2.5":
+        import audio_tokenizer.torch_compat as codec_compat
+
+        def no_torch_load(*args, **kwargs):
+            raise AssertionError("torch.load was called")
+
+        monkeypatch.setattr(codec_compat, "torch_version", lambda: (2, 5))
+        monkeypatch.setattr(torch, "load", no_torch_load)
     model = tiny_model(seed=5)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")

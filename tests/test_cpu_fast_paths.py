@@ -121,14 +121,23 @@ def test_the_variable_is_read_once_per_process_and_validated(monkeypatch):
         cpu_fast_paths.cpu_fast_paths_enabled()
 
 
-def test_kernel_plan_names_the_paths_for_reports(monkeypatch):
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_kernel_plan_reports_the_kernels_a_forward_runs(monkeypatch, fast):
+    """What reports print (`describe()`) is what runs: complex RoPE ops exactly when the plan says "complex", the
+    split matvec exactly when it names it, and no fast-path op when it says "F.linear"."""
     model = tiny_model()
-    use_cpu_fast_paths(monkeypatch, True)
+    input_ids, mask = batch(9, 6)
+    split_calls = []
+    real_split = linear_kernels.split_matvec_linear
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear", lambda *a: split_calls.append(1) or real_split(*a))
+    use_cpu_fast_paths(monkeypatch, fast)
     described = model.kernel_plan().describe()
-    assert described["rope"] == "complex (cpu fast path)" and described["linear"].endswith("(cpu fast path)")
-    assert described["attention"] == "sdpa/sdpa"
-    use_cpu_fast_paths(monkeypatch, False)
-    assert model.kernel_plan().describe() == {"attention": "sdpa/sdpa", "rope": "real", "linear": "F.linear"}
+    with OpRecorder() as recorder:
+        _greedy(model, input_ids, mask)
+    assert described["rope"].split()[0] == ("complex" if recorder.complex_ops() else "real")
+    linear_kernel = described["linear"].split()[0]
+    assert linear_kernel.startswith("split-matvec") == bool(split_calls)
+    assert (linear_kernel == "F.linear") == (not split_calls and "mkldnn" not in recorder.namespaces())
 
 
 def test_codec_encode_and_decode_run_no_complex_or_float64_op():

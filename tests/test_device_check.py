@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,19 +21,12 @@ import torch
 
 import compiled_step
 import devices
+from conftest import load_script
 import verify_npu
 from pipeline_assets import TinyAssets
 from test_devices import block_cuda, block_torch_npu, install_simulated_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str, path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +38,7 @@ def fresh_device_probes():
 
 @pytest.fixture(scope="module")
 def check() -> types.ModuleType:
-    return _load_script("moss_device_check", ROOT / "benchmarks" / "device_check.py")
+    return load_script("moss_device_check", ROOT / "benchmarks" / "device_check.py")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +117,7 @@ def _in_process_runner(check: types.ModuleType, tiny: TinyAssets, monkeypatch: p
     """Runs verify and the benchmark in this process on tiny models; the device tests as a real subprocess. The
     benchmark's compiled step traces with dynamo's "eager" backend here (inductor compiles a 16-codebook frame for a
     minute or two on this kind of CPU; tests/test_compiled_step.py and the device tests run inductor itself)."""
-    benchmark = _load_script("moss_benchmark_for_device_check", ROOT / "benchmarks" / "benchmark.py")
+    benchmark = load_script("moss_benchmark_for_device_check", ROOT / "benchmarks" / "benchmark.py")
     monkeypatch.setattr(benchmark, "build_demo_assets", lambda seed=0: tiny)
     monkeypatch.setattr(verify_npu, "build_demo_assets", lambda seed=0: tiny)
     monkeypatch.setattr(compiled_step, "_auto_backend", lambda model: "eager")

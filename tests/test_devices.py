@@ -18,6 +18,7 @@ import torch
 
 import environment
 import failures
+import kernel_probes
 import devices
 from npu_simulation import run_python
 from torch_compat import OutOfMemoryError
@@ -480,26 +481,26 @@ def install_simulated_flash_attn(monkeypatch):
 
 def test_simulated_cuda_flash_attn_usable_only_with_half_precision_and_ampere(monkeypatch):
     install_simulated_cuda(monkeypatch)
-    assert not devices.is_flash_attn_usable("cuda", torch.float16)  # package absent
+    assert not kernel_probes.is_flash_attn_usable("cuda", torch.float16)  # package absent
     install_simulated_flash_attn(monkeypatch)
-    assert devices.is_flash_attn_usable("cuda", torch.float16)
-    assert devices.is_flash_attn_usable("cuda:0", "bf16")
-    assert not devices.is_flash_attn_usable("cuda", torch.float32)
-    assert not devices.is_flash_attn_usable("cpu", torch.float16)
-    assert not devices.is_flash_attn_usable(torch.device("meta"), torch.float16)
-    assert not devices.is_flash_attn_usable("cuda", torch.float64)
+    assert kernel_probes.is_flash_attn_usable("cuda", torch.float16)
+    assert kernel_probes.is_flash_attn_usable("cuda:0", "bf16")
+    assert not kernel_probes.is_flash_attn_usable("cuda", torch.float32)
+    assert not kernel_probes.is_flash_attn_usable("cpu", torch.float16)
+    assert not kernel_probes.is_flash_attn_usable(torch.device("meta"), torch.float16)
+    assert not kernel_probes.is_flash_attn_usable("cuda", torch.float64)
     with pytest.raises(ValueError, match="dtype='fp64'"):
-        devices.is_flash_attn_usable("cuda", "fp64")
+        kernel_probes.is_flash_attn_usable("cuda", "fp64")
     install_simulated_cuda(monkeypatch, capability=(7, 5))
-    assert not devices.is_flash_attn_usable("cuda", torch.float16)
+    assert not kernel_probes.is_flash_attn_usable("cuda", torch.float16)
 
 
 def test_simulated_npu_flash_attn_never_usable_but_fusion_kernel_found(monkeypatch):
-    assert devices.npu_fusion_attention_fn() is None  # torch_npu absent
+    assert kernel_probes.npu_fusion_attention_fn() is None  # torch_npu absent
     install_simulated_npu(monkeypatch)
     install_simulated_flash_attn(monkeypatch)
-    assert not devices.is_flash_attn_usable("npu", torch.float16)
-    assert devices.npu_fusion_attention_fn() is fake_npu_attention
+    assert not kernel_probes.is_flash_attn_usable("npu", torch.float16)
+    assert kernel_probes.npu_fusion_attention_fn() is fake_npu_attention
 
 
 @pytest.mark.parametrize("message", [

@@ -14,7 +14,7 @@ import codec_output
 import model_runner as runner_module
 from engine import EngineClosed, EngineFull, RequestCancelled, SynthesisEngine
 from model_runner import SlotGlobal
-from linear_kernels import batched_products, linear, onednn_rows_invariant, row_invariant_products
+from linear_kernels import batched_products, linear, row_invariant_limit
 from pipeline_assets import TinyAssets
 from sampling import RowSampler, SamplingParams, select_tokens
 
@@ -26,7 +26,7 @@ TEXTS = ("Hello world, this is the first request.", "A second one.",
 needs_int8 = pytest.mark.skipif(
     cpu_fast_paths.cpu_kernel("int8_weights") is None, reason="int8 weights are a CPU fast path: MOSS_TTS_CPU_FAST_PATHS=0")
 needs_row_invariance = pytest.mark.skipif(
-    not onednn_rows_invariant(), reason="oneDNN's float32 products are not row-invariant on this CPU (see docs/performance.md)")
+    row_invariant_limit() < 3, reason="oneDNN's float32 products are not row-invariant on this CPU (see docs/performance.md)")
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +329,7 @@ def test_row_invariant_products_do_not_depend_on_the_other_rows(shape):
     weight = torch.randn(*shape, generator=generator)
     bias = torch.randn(shape[0], generator=generator)
     rows = torch.randn(41, shape[1], generator=generator)
-    with row_invariant_products() as limit:
+    with batched_products(row_invariant=True) as limit:
         assert limit >= 3
         alone = linear(rows[:1], weight, bias)
         for count, position in ((2, 1), (3, 0), (7, 5), (15, 14), (16, 15), (17, 3), (40, 39)):
@@ -357,7 +357,7 @@ def test_packed_global_forward_equals_each_sequence_alone(assets):
         runner = SlotGlobal(model, 1, 16, attend)
         return [runner.run([(0, prompts[i])]), runner.run([(0, steps[i])])]
 
-    with torch.inference_mode(), row_invariant_products():
+    with torch.inference_mode(), batched_products(row_invariant=True):
         expected = [alone(i) for i in range(3)]
         runner = SlotGlobal(model, 4, 10, attend)
         first = runner.run([(3, prompts[0]), (1, prompts[1])])  # two prefills packed
@@ -520,7 +520,7 @@ def test_int8_rows_are_quantized_each_with_its_own_range(assets):
     layer.set_weight_precision("int8")
     with torch.inference_mode():
         one_row = layer(rows[:1])
-        with row_invariant_products():
+        with batched_products(row_invariant=True):
             alone = layer(rows[:1])
             for count in (2, 5, 9):
                 assert torch.equal(layer(rows[:count].flip(0))[count - 1], alone[0])
@@ -544,7 +544,7 @@ def test_a_lone_int8_row_outside_batch_invariance_takes_fbgemms_own_range_produc
         assert torch.equal(layer(rows[:1]), fbgemm)
         assert torch.equal(layer(rows[None, :1]), fbgemm[None])  # (B, T, C) with one row: the same product
         assert torch.equal(layer(rows)[3], layer(rows[2:4])[1])  # several rows: each with its own range
-        with row_invariant_products():
+        with batched_products(row_invariant=True):
             assert not torch.equal(layer(rows[:1]), fbgemm)  # batch-invariant: the pinned-row form, as beside others
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from linear_kernels import (
     linear,
     split_matvec_linear,
 )
-from rotary import RotaryEmbedding, apply_rotary, rotate_pairs
+from rotary import RotaryEmbedding, rotate_pairs
+from test_gpt2_decoder import rotate_heads
 from modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from teacher_forcing import teacher_forced_logits
 
@@ -65,7 +68,8 @@ def test_rotate_pairs_matches_the_interleaved_formula_on_strided_input():
     cos, sin = RotaryEmbedding(16, 10000.0).angles(torch.arange(5)[None] + 7)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     expected = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    torch.testing.assert_close(apply_rotary(x, cos, sin), expected, atol=1e-6, rtol=1e-6)
+    for kernel in ("real", "complex"):  # the portable kernel and the CPU fast path
+        torch.testing.assert_close(rotate_heads(x, cos, sin, kernel), expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rotate_pairs(x, torch.complex(cos, sin)), expected, atol=1e-6, rtol=1e-6)
 
 
@@ -210,6 +214,49 @@ def test_casting_an_int8_model_returns_it_to_float32(model, caplog):
         model.to(torch.bfloat16)
     assert model.weight_precision == "float32"
     assert "switches it back to float32" in caplog.text
+
+
+@needs_int8_engine
+def test_first_int8_forwards_from_several_threads_equal_serial_ones_and_build_nothing(monkeypatch):
+    """set_weight_precision builds the int8 state whole; forwards only read it, so threads running the first
+    forwards at once (one and several rows: both int8 kernels) compute what one thread computes."""
+    layer = linear_kernels.PrecisionLinear(64, 96)
+    layer.set_weight_precision("int8")
+    builds = []
+    real = linear_kernels._pack_int8_rows
+    monkeypatch.setattr(linear_kernels, "_pack_int8_rows", lambda weight: builds.append(1) or real(weight))
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, 64, generator=generator) for rows in (1, 3, 1, 5, 2, 1, 4, 3)]
+    barrier = threading.Barrier(len(inputs))
+
+    def first_forward(x):
+        barrier.wait(timeout=60)
+        with torch.no_grad():
+            return layer(x)
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        together = list(pool.map(first_forward, inputs))
+    with torch.no_grad():
+        assert all(torch.equal(out, layer(x)) for x, out in zip(inputs, together))
+    assert builds == [] and layer.weight_precision == "int8"
+
+
+@needs_int8_engine
+def test_the_float32_retry_model_of_an_int8_model_keeps_no_int8_state(model):
+    """The numerical retry runs plain float32: its layers hold no packed weight (nor its row sums), and its
+    logits are the float32 model's, while the caller's model stays int8."""
+    from shared_resources import float32_retry_model
+
+    rows = prompt_rows()
+    frames = model.generate(rows, max_new_frames=4).audio_token_ids
+    reference = teacher_forced_logits(model, rows, None, frames)
+    model.set_weight_precision("int8")
+    retry = float32_retry_model(model, torch.device("cpu"))
+    layers = [m for m in retry.modules() if isinstance(m, linear_kernels.PrecisionLinear)]
+    assert layers and all(m.weight_precision == "float32" and m._packed_rows is None for m in layers)
+    torch.testing.assert_close(teacher_forced_logits(retry, rows, None, frames).audio, reference.audio,
+                               atol=1e-4, rtol=1e-4)
+    assert model.weight_precision == "int8"
 
 
 def test_unknown_weight_precision_is_a_value_error(model):

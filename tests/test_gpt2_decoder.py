@@ -25,7 +25,7 @@ from attention import (
 )
 from gpt2_decoder import GPT2Decoder
 from kv_cache import positions_from_mask
-from rotary import apply_rotary
+from rotary import make_rotation
 
 # The backends that run their own code on a CPU. flash_attention_2 and npu_fusion_attention need their kernels
 # (CUDA / Ascend): here they are tested for what they really do on a CPU (resolution, delegation to sdpa) and,
@@ -66,6 +66,12 @@ def _naive_attention(q, k, v, key_valid, scale):
             probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
             out[b, i] = torch.einsum("hk,hkd->hd", probs, v[b].float()).reshape(-1)
     return out
+
+
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "real") -> torch.Tensor:
+    """x (B, H, T, D) rotated by the model's own `Rotation` (which takes q and k as (B, T, 2, H, D))."""
+    qk = x.transpose(1, 2).unsqueeze(2).expand(-1, -1, 2, -1, -1)
+    return make_rotation(kernel, cos, sin, x.dtype)(qk)[:, :, 0].transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------ simulated kernels
@@ -295,7 +301,7 @@ def test_rope_rotates_interleaved_pairs_in_float32():
     cos, sin = rotary.angles(positions)
     assert cos.dtype == torch.float32 and cos.shape == (1, 1, 3, 4)
     x = torch.randn(1, 2, 3, 8)
-    out = apply_rotary(x, cos, sin)
+    out = rotate_heads(x, cos, sin)
     for t, p in enumerate([0, 1, 5]):
         for j in range(4):
             angle = p * 10000.0 ** (-2 * j / 8)
@@ -309,7 +315,7 @@ def test_rope_angles_exact_for_large_positions_in_bfloat16_models():
     cos, _ = rotary.angles(torch.tensor([[1000, 1001]]))
     assert cos[0, 0, 0, 0] != cos[0, 0, 1, 0]  # float32 angles: neighbouring positions above 256 stay distinct
     x = torch.randn(1, 1, 2, 4, dtype=torch.bfloat16)
-    assert apply_rotary(x, *rotary.angles(torch.tensor([[3, 4]]))).dtype == torch.bfloat16
+    assert rotate_heads(x, *rotary.angles(torch.tensor([[3, 4]]))).dtype == torch.bfloat16
 
 
 def test_positions_from_left_padded_mask():

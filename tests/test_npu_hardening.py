@@ -15,23 +15,17 @@ from transformers import GPT2Config
 
 import devices
 import engine
+import kernel_probes
 import attention
 import npu_probes
 import npu_simulation
+from npu_simulation import fresh_probes  # noqa: F401 (an autouse fixture: fresh probes per test)
 import rotary
 import teacher_forcing
 import verification_metrics
 from attention import ATTENTION_FUNCTIONS, build_attention_mask
 from gpt2_decoder import GPT2Decoder, resolve_kernel_plan
 from sampling import select_tokens
-
-
-@pytest.fixture(autouse=True)
-def fresh_probes(monkeypatch):
-    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
-    devices.clear_caches()
-    yield
-    devices.clear_caches()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ def test_verification_metrics_copy_to_the_host_before_widening():
 def test_simulated_second_card_is_made_current_only_in_threads_the_caller_owns(monkeypatch):
     cards = npu_simulation.simulated_cards(("Ascend910B3", "Ascend910B3"))
     npu_simulation.install(monkeypatch, cards)
-    assert devices.resolve_dtype("bf16", "npu:1") == torch.bfloat16 and devices.npu_fused_kernel_problem() is None
+    assert devices.resolve_dtype("bf16", "npu:1") == torch.bfloat16 and kernel_probes.npu_fused_kernel_problem() is None
     assert _plan().rope == "npu_rotary_mul"  # the kernel plan and its probe call
     assert cards.set_device_calls == []  # library calls never change the caller's current device
     devices.use_device_in_this_thread("npu:1")

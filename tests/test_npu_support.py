@@ -16,21 +16,15 @@ from transformers import GPT2Config
 import failures
 import devices
 import attention
+import kernel_probes
 import kv_cache
 import npu_simulation
+from npu_simulation import fresh_probes  # noqa: F401 (an autouse fixture: fresh probes per test)
 from npu_simulation import run_python
 import rotary
 from attention import ATTENTION_FUNCTIONS, build_attention_mask, resolve_attention_implementation
 from gpt2_decoder import GPT2Decoder
 from rotary import make_rotation, resolve_rotary_kernel
-
-
-@pytest.fixture(autouse=True)
-def fresh_probes(monkeypatch):
-    monkeypatch.setattr(attention, "_DOWNGRADES_LOGGED", set())
-    devices.clear_caches()
-    yield
-    devices.clear_caches()
 
 
 def _cards(name, **kwargs):
@@ -45,7 +39,7 @@ def _cards(name, **kwargs):
 @pytest.mark.parametrize("with_soc_getter", [True, False])
 def test_simulated_atlas_a2_a3_soc_gets_the_fused_kernel(monkeypatch, name, with_soc_getter):
     npu_simulation.install(monkeypatch, _cards(name, with_soc_getter=with_soc_getter))
-    assert devices.npu_fused_kernel_problem() is None
+    assert kernel_probes.npu_fused_kernel_problem() is None
     for requested in ("npu_fusion_attention", "flash_attention_2"):
         assert resolve_attention_implementation(requested, "npu:0", torch.float16) == "npu_fusion_attention"
 
@@ -59,7 +53,7 @@ def test_simulated_older_soc_falls_back_to_sdpa_with_one_warning(monkeypatch, ca
             assert resolve_attention_implementation("npu_fusion_attention", "npu:0", torch.float16) == "sdpa"
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and name in warnings[0] and "Atlas A2/A3" in warnings[0] and "sdpa" in warnings[0]
-    assert devices.npu_fusion_attention_fn() is None
+    assert kernel_probes.npu_fusion_attention_fn() is None
     # The backend itself, called anyway (an explicit request on that card), runs SDPA instead of failing.
     q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float16) for _ in range(3))
     mask = build_attention_mask(None, 3)

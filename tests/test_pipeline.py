@@ -11,7 +11,7 @@ import codec_output
 import model_runner
 
 import text_chunking
-from pipeline_assets import TinyAssets
+from pipeline_assets import TinyAssets, poison_text_logits
 from torch_compat import OutOfMemoryError
 
 GREEDY = {"do_sample": False}
@@ -84,9 +84,19 @@ def test_continuation_with_prompt_drops_the_prompt_audio_and_streams_the_same(as
     assert torch.allclose(streamed, whole["waveform"], atol=1e-5)
 
 
-def test_plain_continuation_without_prompt(assets):
+def test_plain_continuation_without_prompt_continues_the_text_rows_alone(assets):
+    """No prompt: the codes are what generate() makes from the text rows alone (no prompt audio row, no voice-clone
+    layout), and the waveform is those frames' audio."""
+    from prompting import PromptTokenIds, build_continuation_rows, build_prompt_template
+
     result = assets.model.inference("Hello.", mode="continuation", max_new_frames=3, **assets.resources(), **GREEDY)
-    assert result["waveform"].shape == (2, 3 * 3840) and result["reference_audio_token_ids"] is None
+    ids = PromptTokenIds.from_config(assets.model.config)
+    encode = lambda text: list(assets.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    rows = build_continuation_rows(build_prompt_template(encode, ids), ids, encode("Hello."))[None]
+    expected = assets.model.generate(rows, max_new_frames=3, do_sample=False).audio_token_ids[0]
+    assert result["reference_audio_token_ids"] is None and len(result["audio_token_ids"]) == 1
+    assert torch.equal(result["audio_token_ids"][0], expected)
+    assert result["waveform"].shape == (2, expected.shape[0] * 3840)
 
 
 def test_abandoned_stream_releases_the_codec_session(assets):
@@ -130,25 +140,9 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(assets, monkeypatch):
         _run(assets)
 
 
-def _poison(monkeypatch, model, times=None):
-    """Make the text logits of `model`'s steps non-finite (`times` steps, or every step); record the step models."""
-    seen = []
-    real = model_runner.sample_frame
-
-    def poisoned(step_model, *args, **kwargs):
-        frame = real(step_model, *args, **kwargs)
-        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
-        if step_model is model and (times is None or len(seen) <= times):
-            frame.text_finite = torch.zeros_like(frame.text_finite)
-        return frame
-
-    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
-    return seen
-
-
 def test_non_finite_logits_retry_in_float32_with_the_fallback_backend(assets, monkeypatch):
     before = assets.model.get_attention_implementation()
-    seen = _poison(monkeypatch, assets.model, times=1)
+    seen = poison_text_logits(monkeypatch, assets.model, steps={0})
     result = _run(assets)
     assert seen[0][0] is assets.model and seen[1][0] is not assets.model  # a retry model
     assert seen[1][1] == torch.float32 and seen[1][2] == ("eager", "eager")  # CPU fallback

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_assets import TinyAssets
+from pipeline_assets import TinyAssets, poison_text_logits
 
 GREEDY = {"do_sample": False}
 
@@ -122,10 +122,15 @@ def test_chunks_that_end_by_themselves_are_not_reported(tmp_path):
     assert _stream(quiet, LONG_TEXT, prompt_audio=quiet.prompt_audio)[-1]["truncated_chunks"] == []
 
 
-def test_audio_token_ids_is_a_list_per_chunk_for_one_chunk_too(assets):
-    for result in (_run(assets, prompt_audio=assets.prompt_audio), _stream(assets, prompt_audio=assets.prompt_audio)[-1],
-                   _run(assets, "Hi.")):
-        assert isinstance(result["audio_token_ids"], list) and [c.shape for c in result["audio_token_ids"]] == [(4, 16)]
+def test_audio_token_ids_hold_each_chunks_codes_for_one_chunk_too(assets):
+    """Upstream's list of one tensor per text chunk, also for one chunk: that chunk's codes, the same streamed and
+    whole, one frame per 3840 samples of the waveform."""
+    whole = _run(assets, prompt_audio=assets.prompt_audio)
+    streamed = _stream(assets, prompt_audio=assets.prompt_audio)[-1]
+    for result in (whole, streamed, _run(assets, "Hi.")):
+        (codes,) = result["audio_token_ids"]
+        assert codes.shape[-1] == 16 and result["waveform"].shape[-1] == codes.shape[0] * 3840
+    assert torch.equal(streamed["audio_token_ids"][0], whole["audio_token_ids"][0])
 
 
 # ------------------------------------------------------------------------------------------------ long continuation
@@ -175,28 +180,10 @@ def test_short_continuation_keeps_the_exact_text(assets, monkeypatch):
 # ------------------------------------------------------------------------------------------------ streaming retry
 
 
-def _poison_text(monkeypatch, model, steps):
-    """Non-finite text logits at the given step numbers of `model` (not of its float32 retry model)."""
-    import model_runner
-
-    seen = []
-    real = model_runner.sample_frame
-
-    def poisoned(step_model, *args, **kwargs):
-        frame = real(step_model, *args, **kwargs)
-        seen.append((step_model, next(step_model.parameters()).dtype, step_model.get_attention_implementation()))
-        if step_model is model and len(seen) - 1 in steps:
-            frame.text_finite = torch.zeros_like(frame.text_finite)
-        return frame
-
-    monkeypatch.setattr(model_runner, "sample_frame", poisoned)
-    return seen
-
-
 def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, monkeypatch):
     before = assets.model.get_attention_implementation()
     expected = _run(assets, prompt_audio=assets.prompt_audio)
-    seen = _poison_text(monkeypatch, assets.model, steps={0})
+    seen = poison_text_logits(monkeypatch, assets.model, steps={0})
     events = _stream(assets, prompt_audio=assets.prompt_audio)
     assert seen[0] == (assets.model, torch.float32, before)
     # the retry runs a float32 model with the CPU fallback backend; the caller's model is left alone
@@ -206,7 +193,7 @@ def test_stream_that_fails_before_its_first_audio_is_retried_in_float32(assets, 
 
 
 def test_stream_that_fails_after_audio_went_out_is_not_retried(assets, monkeypatch):
-    seen = _poison_text(monkeypatch, assets.model, steps={3})
+    seen = poison_text_logits(monkeypatch, assets.model, steps={3})
     stream = assets.model.inference_stream("Hello world.", prompt_audio=assets.prompt_audio, max_new_frames=6,
                                            **assets.resources(), **GREEDY)
     assert next(stream)["type"] == "audio"

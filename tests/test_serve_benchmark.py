@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline_assets import TinyAssets
+from conftest import load_script
+from serve_assets import tiny  # noqa: F401 (a fixture)
 from serve_assets import running_server, tiny_engine, tiny_state, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,15 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def serve_load():
-    spec = importlib.util.spec_from_file_location("moss_serve_load", ROOT / "benchmarks" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
+    return load_script("moss_serve_load", ROOT / "benchmarks" / "serve_load.py")
 
 
 def _check(report: dict, levels: list[int], requests_per_client: int, frames: int) -> None:

@@ -15,15 +15,10 @@ import pytest
 import http_guards
 import serve_npu
 import speech_request
-from pipeline_assets import TinyAssets
 from serve_assets import running_server, tiny_engine, tiny_state
+from serve_assets import tiny  # noqa: F401 (fixtures)
 
 KEY = "sk-test-123"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -26,23 +26,13 @@ import serve_npu
 import speech_api
 from audio_io import load_prompt_audio
 from pipeline import encode_prompt_audio
-from pipeline_assets import TinyAssets
 from serve_assets import running_server, tiny_engine, tiny_state, wav_bytes, write_checkpoint, write_voices
+from serve_assets import tiny, voices_dir  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 6  # the served default (GREEDY_DEFAULTS): the tiny model always runs to max_new_frames
 SAMPLES_PER_FRAME = 3840
 LIMIT = 1 << 20  # the test server's body limit (1 MiB), well above the reference audio the tests send
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def voices_dir(tiny, tmp_path_factory):
-    return write_voices(tmp_path_factory.mktemp("voices"), tiny)
 
 
 @pytest.fixture(scope="module")
@@ -270,10 +260,12 @@ def _short_wav() -> str:
     (b'{"input": "x", "ref_audio": "data:audio/wav,abc"}', 400, "must be base64-encoded", "ref_audio"),
     (json.dumps({"input": "x", "ref_audio": _short_wav()}).encode(), 400, "ref_audio is too short", "ref_audio"),
     (b'{"input": "x", "voice": "alice", "ref_audio": "aGk="}', 400, "either voice 'alice' or ref_audio", "ref_audio"),
-    (b'{"input": "x", "audio_top_p": 2.0}', 400, "audio_top_p must be <= 1, got 2.0", "audio_top_p"),
-    (b'{"input": "x", "text_temperature": 0}', 400, "text_temperature must be > 0, got 0.0", "text_temperature"),
-    (b'{"input": "x", "audio_top_k": -1}', 400, "audio_top_k must be >= 0, got -1", "audio_top_k"),
-    (b'{"input": "x", "max_new_frames": 0}', 400, "max_new_frames must be >= 1, got 0", "max_new_frames"),
+    (b'{"input": "x", "audio_top_p": 2.0}', 400, "audio_top_p=2.0 must be within (0, 1]", "audio_top_p"),
+    (b'{"input": "x", "do_sample": true, "text_temperature": 0}', 400,
+     "text_temperature=0.0 must be > 0 when do_sample=True", "text_temperature"),
+    (b'{"input": "x", "audio_repetition_penalty": 0}', 400, "audio_repetition_penalty=0.0 must be > 0",
+     "audio_repetition_penalty"),
+    (b'{"input": "x", "max_new_frames": 0}', 400, "max_new_frames=0 must be >= 1", "max_new_frames"),
     (b'{"input": "x", "seed": 100000000000000000000}', 400, "seed must be an int in [0, 2**32)", "seed"),
     (b'{"input": "x", "seed": -1}', 400, "seed must be an int in [0, 2**32), got -1", "seed"),  # as check_seed
     (b'{"input": "x", "seed": 4294967296}', 400, "seed must be an int in [0, 2**32)", "seed"),
@@ -358,6 +350,34 @@ def test_a_busy_port_is_one_line_and_exit_1(capsys):
         taken.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot listen on 127.0.0.1:" in err[0] and "choose another --port" in err[0]
+
+
+def test_the_server_loads_the_tokenizer_and_codec_once(tiny, monkeypatch):
+    """serve_npu hands its resource arguments to the engine, which loads them once; the voices use its codec."""
+    import weakref
+
+    import shared_resources
+
+    tiny.workdir = None
+    monkeypatch.setattr(demo, "build_demo_assets", lambda seed=0: tiny)
+    monkeypatch.setattr(shared_resources, "_RESOURCES", weakref.WeakKeyDictionary())  # nothing loaded yet
+    loads = []
+    real = shared_resources.load_resources
+
+    def counting(*args, **kwargs):
+        loads.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shared_resources, "load_resources", counting)
+    monkeypatch.setattr(serve_npu, "load_resources", counting, raising=False)  # had the server called it itself
+    args = serve_npu.build_parser().parse_args(["--demo", "--do-sample", "false"])
+    state = speech_api.ServiceState(defaults=serve_npu.generation_defaults(args))
+    serve_npu.load_service(args, None, state)
+    try:
+        assert len(loads) == 1 and state.status == "ready"
+        assert state.voices[serve_npu.DEMO_VOICE].codes.shape[-1] == tiny.model.config.n_vq
+    finally:
+        state.engine.shutdown(cancel_running=True)
 
 
 def test_a_bad_voice_file_fails_the_load_with_one_line(tiny, tmp_path, monkeypatch, capsys):

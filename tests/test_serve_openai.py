@@ -14,8 +14,8 @@ import pytest
 
 import engine as engine_module
 import speech_api
-from pipeline_assets import TinyAssets
 from serve_assets import running_server, tiny_engine, tiny_state, write_voices
+from serve_assets import tiny  # noqa: F401 (fixtures)
 
 openai = pytest.importorskip("openai", reason="the OpenAI SDK tests need openai (requirements-dev.txt)")
 av = pytest.importorskip("av", reason="mp3/opus/aac need PyAV (requirements-serve.txt)")
@@ -26,11 +26,6 @@ SAMPLES_PER_FRAME = 3840
 # codes can then be decoded in different windows, which may move a sample by one 16-bit step.
 WALL_CLOCK_WINDOWS = "now" in inspect.signature(getattr(engine_module, "_Window", object).__dict__.get(
     "frames", lambda self: None)).parameters
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

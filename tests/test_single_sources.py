@@ -56,33 +56,39 @@ def test_one_mode_decision(mode, audio, text, expected):
     assert prompting.infer_mode(mode, has_prompt_audio=audio, has_prompt_text=text) == expected
 
 
-def test_one_atomic_write_and_the_demo_tokenizer_leaves_nothing_on_failure(tmp_path, monkeypatch):
+def test_every_file_writer_keeps_the_old_file_and_leaves_no_partial_one_on_failure(tmp_path, monkeypatch):
+    """Audio, the verification report and the demo tokenizer all write through one atomic writer: when the final
+    rename fails, the file that was there is untouched and no temporary file is left beside it."""
     import os
 
     import audio_io
     import tokenization_moss_tts_nano
     import verify_npu
 
-    assert audio_io.write_atomic is verify_npu.write_text_atomic.__globals__["write_atomic"]
-    assert tokenization_moss_tts_nano.write_bytes_atomic.__globals__["write_atomic"] is audio_io.write_atomic
+    audio, report_dir = tmp_path / "out.wav", tmp_path / "report"
+    report_dir.mkdir()
+    audio.write_bytes(b"old audio")
+    (report_dir / verify_npu.JSON_NAME).write_text("old report")
 
     def failing_replace(*args, **kwargs):
         raise OSError("simulated: disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        tokenization_moss_tts_nano.build_demo_tokenizer(str(tmp_path / "tok"))
-    assert list((tmp_path / "tok").iterdir()) == []  # no tokenizer.model.tmp or partial file left behind
+    writers = [lambda: audio_io.write_audio_atomic(audio, torch.zeros(1, 480), 48000),
+               lambda: verify_npu.write_text_atomic(report_dir / verify_npu.JSON_NAME, "{}"),
+               lambda: tokenization_moss_tts_nano.build_demo_tokenizer(str(tmp_path / "tok"))]
+    for write in writers:
+        with pytest.raises(OSError, match="disk full"):
+            write()
+    assert audio.read_bytes() == b"old audio" and (report_dir / verify_npu.JSON_NAME).read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [verify_npu.JSON_NAME, "out.wav"]
 
 
 def test_one_local_decoder_loop_for_generation_recompute_and_teacher_forcing():
-    """Issue 11: the cached and recomputing local steps and verification's teacher forcing are one runner."""
+    """Issue 11: the cached and recomputing local steps are one runner, step by step equal to one whole run."""
     import generation
-    import verification
     from pipeline_assets import tiny_tts
 
-    assert verification._local_logits.__globals__["LocalRunner"] is generation.LocalRunner
-    assert not hasattr(generation, "_CachedLocal") and not hasattr(generation, "_RecomputeLocal")
     model = tiny_tts()
     attend = model.attention_functions()[1]
     inputs = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -95,18 +101,11 @@ def test_one_local_decoder_loop_for_generation_recompute_and_teacher_forcing():
 
 
 def test_one_execution_core_for_every_call(monkeypatch, tmp_path):
-    """Issue 16: generate, inference, inference_stream and the engine all step an EngineCore; the old frame loops,
-    retry copies and the engine's fallback to the plain pipeline are gone."""
+    """Issue 16: generate, inference, inference_stream and the engine all step one EngineCore each."""
     import engine
     import engine_core
-    import generation
     from pipeline_assets import TinyAssets
 
-    gone = {generation: ("generate_frames", "_CachedGlobal", "_RecomputeGlobal", "SlotGlobal"),
-            pipeline: ("generate_robust", "stream_robust", "StreamDecoder", "generate_chunks", "generate_continuation",
-                       "_engine_fallback"),
-            engine: ("_FrameRunner", "_CodecStreams", "_Window")}
-    assert [(m.__name__, n) for m, names in gone.items() for n in names if hasattr(m, n)] == []
     steps = []
     real = engine_core.EngineCore.step
 
@@ -130,3 +129,110 @@ def test_one_execution_core_for_every_call(monkeypatch, tmp_path):
         steps.clear()
         eng.submit("Hi.", prompt_audio=assets.prompt_audio, max_new_frames=2).result(timeout=120)
         assert steps and steps[0] is eng._core
+
+
+# ------------------------------------------------------------------------------------------------ value ranges
+
+
+# (setting, value, do_sample (None: the flags' and the server's default, sampling), whether it is allowed)
+SETTINGS = [
+    ("text_temperature", 0.0, False, True),  # greedy: the temperature is unused (upstream's greedy calls pass any)
+    ("audio_temperature", -1.0, False, True),
+    ("text_temperature", 0.0, True, False),
+    ("audio_temperature", 0.0, None, False),
+    ("audio_temperature", 0.5, True, True),
+    ("audio_top_k", -1, True, True),  # <= 0 disables top-k
+    ("text_top_k", 0, None, True),
+    ("audio_top_p", 1.0, True, True),
+    ("audio_top_p", 0.0, True, False),
+    ("text_top_p", 1.5, False, False),
+    ("audio_repetition_penalty", 0.0, False, False),
+    ("audio_repetition_penalty", 0.5, True, True),
+    ("max_new_frames", 0, False, False),
+    ("max_new_frames", 1, False, True),
+]
+
+
+def _request(name, value, do_sample) -> dict:
+    return {"input": "x", name: value, **({} if do_sample is None else {"do_sample": do_sample})}
+
+
+def _cli_accepts(name, value, do_sample) -> bool:
+    import cli_common
+
+    parser = cli_common.Parser()
+    cli_common.add_sampling_arguments(parser)
+    argv = [f"--{name.replace('_', '-')}", str(value)] + ([] if do_sample is None else ["--do-sample", str(do_sample)])
+    try:
+        parser.parse_args(argv)
+    except cli_common.UsageError:
+        return False
+    return True
+
+
+def _server_defaults() -> dict:
+    import cli_common
+
+    return {**cli_common.CLI_SAMPLING_DEFAULTS, "max_new_frames": cli_common.CLI_MAX_NEW_FRAMES}
+
+
+def _server_accepts(name, value, do_sample) -> bool:
+    import json
+
+    from speech_request import ApiError, RequestLimits, engine_arguments, parse_request
+
+    request = parse_request(json.dumps(_request(name, value, do_sample)).encode())
+    try:
+        engine_arguments(request, _server_defaults(), {}, RequestLimits(), lambda text: 1)
+    except ApiError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("name", "value", "do_sample", "allowed"), SETTINGS)
+def test_the_library_the_flags_and_the_server_accept_the_same_generation_settings(name, value, do_sample, allowed):
+    sampling_on = True if do_sample is None else do_sample  # the flags' and the server's default: sampling
+    try:
+        SamplingParams(**{name: value, "do_sample": sampling_on})
+        library = True
+    except ValueError:
+        library = False
+    assert (library, _cli_accepts(name, value, do_sample), _server_accepts(name, value, do_sample)) == (allowed,) * 3
+
+
+@pytest.mark.parametrize(("name", "value", "do_sample", "allowed"), SETTINGS)
+def test_the_openapi_schema_accepts_the_same_generation_settings(name, value, do_sample, allowed):
+    jsonschema_rs = pytest.importorskip("jsonschema_rs", reason="schema validation needs jsonschema_rs (schemathesis)")
+    from speech_openapi import request_schema
+    from speech_request import RequestLimits, VoiceId
+
+    schema = {**request_schema(RequestLimits(), _server_defaults()),
+              "components": {"schemas": {"VoiceId": VoiceId.model_json_schema()}}}
+    assert jsonschema_rs.is_valid(schema, _request(name, value, do_sample)) == allowed
+
+
+def _parse_model_flags(argv: list[str]) -> None:
+    import cli_common
+
+    parser = cli_common.Parser()
+    cli_common.add_model_arguments(parser)
+    parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(("seed", "allowed"), [(0, True), (2**32 - 1, True), (2**32, False), (-1, False)])
+def test_the_library_the_flags_and_the_server_accept_the_same_seeds(seed, allowed):
+    import json
+
+    import devices
+    from speech_request import ApiError, RequestLimits, engine_arguments, parse_request
+
+    outcomes = []
+    for check in (lambda: devices.check_seed(seed), lambda: _parse_model_flags(["--seed", str(seed)]),
+                  lambda: engine_arguments(parse_request(json.dumps({"input": "x", "seed": seed}).encode()),
+                                           _server_defaults(), {}, RequestLimits(), lambda text: 1)):
+        try:
+            check()
+            outcomes.append(True)
+        except (ValueError, ApiError):  # the flags' UsageError is a ValueError
+            outcomes.append(False)
+    assert outcomes == [allowed] * 3

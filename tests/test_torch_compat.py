@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import pathlib
 import re
+import sys
 import tokenize
 import types
 from typing import Callable
@@ -78,6 +79,10 @@ NEWER_APIS = (
              "the attention backends table"),
     NewerApi("torch.library.custom_op", r"\btorch\.library\.custom_op\b", (2, 4),
              lambda: hasattr(torch.library, "custom_op"), "plain Python functions"),
+    # In 2.3 itself (so present on every supported stack), but absent from the torch 2.1 / 2.2 builds of older
+    # torch_npu stacks: used through its fallback only.
+    NewerApi("torch.compiler.is_compiling", r"\bcompiler\.is_compiling\b", (2, 3),
+             lambda: hasattr(torch.compiler, "is_compiling"), "torch_compat.is_compiling"),
     NewerApi("torch.accelerator", r"\btorch\.accelerator\b", (2, 6), lambda: hasattr(torch, "accelerator"),
              "devices.py's per-device table"),
 )
@@ -193,6 +198,29 @@ def test_out_of_memory_error_without_the_top_level_alias(monkeypatch):
     spec.loader.exec_module(module)
     assert module.OutOfMemoryError is torch.cuda.OutOfMemoryError
     assert failures.is_out_of_memory_error(module.OutOfMemoryError("simulated: allocation failed"))
+
+
+# ------------------------------------------------------------------------------------------------ is_compiling
+
+
+def test_is_compiling_without_torch_compiler_is_compiling(monkeypatch):
+    """Before torch 2.3: dynamo's own flag where dynamo was imported, else False (nothing compiles without it)."""
+    assert torch_compat.is_compiling() is False
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    monkeypatch.setitem(sys.modules, "torch._dynamo", types.SimpleNamespace(is_compiling=lambda: True))
+    assert torch_compat.is_compiling() is True
+    monkeypatch.delitem(sys.modules, "torch._dynamo")
+    assert torch_compat.is_compiling() is False
+
+
+def test_linear_runs_f_linear_while_compiling(monkeypatch):
+    """Under torch.compile the CPU fast paths step aside (inductor makes its own kernels), on every torch."""
+    import linear_kernels
+
+    monkeypatch.setattr(linear_kernels, "split_matvec_linear", lambda *args: pytest.fail("fast path while compiling"))
+    monkeypatch.setattr(linear_kernels, "is_compiling", lambda: True)
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    assert torch.equal(linear_kernels.linear(x, weight), F.linear(x, weight))
 
 
 # ------------------------------------------------------------------------------------------------ CUDA bfloat16
@@ -313,17 +341,6 @@ def test_simulated_torch_2_5_refuses_a_sharded_bin_with_the_remedy(monkeypatch, 
         '{"weight_map": {"transformer.wte.weight": "pytorch_model-00001-of-00001.bin"}}')
     with pytest.raises(RuntimeError, match=r"sharded pickled checkpoint.*CVE-2025-32434.*model\.safetensors"):
         cli_common.load_checkpoint(folder, torch.float32)
-
-
-def test_simulated_torch_2_5_reads_the_codec_bin_without_torch_load(monkeypatch, tmp_path):
-    monkeypatch.setattr(codec_compat, "torch_version", lambda: (2, 5))
-    monkeypatch.setattr(torch, "load", _no_torch_load)
-    model = tiny_codec(seed=5)
-    model.config.save_pretrained(tmp_path)
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    loaded = MossAudioTokenizerModel.from_pretrained(tmp_path)
-    codes = random_codes(3, seed=6)
-    assert torch.equal(loaded.batch_decode([codes]).audio, model.batch_decode([codes]).audio)
 
 
 def _no_torch_load(*args, **kwargs):

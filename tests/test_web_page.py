@@ -19,8 +19,8 @@ import serve_npu
 import speech_api
 import web_page
 from audio_io import load_prompt_audio
-from pipeline_assets import TinyAssets
 from serve_assets import GREEDY_DEFAULTS, running_server, tiny_engine, tiny_state, write_voices
+from serve_assets import tiny, voices_dir  # noqa: F401 (fixtures)
 
 FRAMES = 10  # served default max_new_frames of these tests: 0.8 s of audio
 SAMPLES_PER_FRAME = 3840
@@ -66,16 +66,6 @@ class PacedEngine:
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def voices_dir(tiny, tmp_path_factory):
-    return write_voices(tmp_path_factory.mktemp("voices"), tiny)
 
 
 @pytest.fixture(scope="module")
