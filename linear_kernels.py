@@ -131,6 +131,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if _GRAPH_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
             return _GRAPH_LINEAR(x, weight, bias)
         return F.linear(x, weight, bias)
+    return _eager_linear(x, weight, bias)
+
+
+def _eager_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`linear` outside a graph: its kernel choice (also what the graph operator runs)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not weight.is_contiguous() or not cpu_fast_paths_enabled()):
         return F.linear(x, weight, bias)
@@ -162,7 +167,7 @@ _GRAPH_LOCK = threading.Lock()
 
 
 def register_graph_linear() -> None:
-    """Make `linear` the operator moss_tts_nano::linear that compiled graphs call (once per process)."""
+    """Make `linear`'s eager choice the operator moss_tts_nano::linear that compiled graphs call (once per process)."""
     global _GRAPH_LINEAR, _GRAPH_LIBRARY
     with _GRAPH_LOCK:
         if _GRAPH_LINEAR is not None:
@@ -170,7 +175,7 @@ def register_graph_linear() -> None:
         if not hasattr(torch.ops.moss_tts_nano, "linear"):  # another copy of this module may have registered it
             library = torch.library.Library("moss_tts_nano", "FRAGMENT")
             library.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-            library.impl("linear", linear, "CPU")
+            library.impl("linear", _eager_linear, "CPU")
             register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # torch 2.3
             register_fake("moss_tts_nano::linear", lib=library)(_linear_shape)
             _GRAPH_LIBRARY = library

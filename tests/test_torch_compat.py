@@ -214,13 +214,18 @@ def test_is_compiling_without_torch_compiler_is_compiling(monkeypatch):
 
 
 def test_linear_runs_f_linear_while_compiling(monkeypatch):
-    """Under torch.compile the CPU fast paths step aside (inductor makes its own kernels), on every torch."""
+    """Under torch.compile the CPU fast paths stay out of the trace, on every torch: F.linear, or the graph operator
+    (compiled_step registers it) that makes the eager choice when the graph runs."""
     import linear_kernels
 
     monkeypatch.setattr(linear_kernels, "split_matvec_linear", lambda *args: pytest.fail("fast path while compiling"))
     monkeypatch.setattr(linear_kernels, "is_compiling", lambda: True)
+    monkeypatch.setattr(linear_kernels, "_GRAPH_LINEAR", None)
     x, weight = torch.randn(2, 8), torch.randn(4, 8)
     assert torch.equal(linear_kernels.linear(x, weight), F.linear(x, weight))
+    calls = []
+    monkeypatch.setattr(linear_kernels, "_GRAPH_LINEAR", lambda *args: calls.append(args) or F.linear(*args))
+    assert torch.equal(linear_kernels.linear(x, weight), F.linear(x, weight)) and len(calls) == 1
 
 
 # ------------------------------------------------------------------------------------------------ CUDA bfloat16
