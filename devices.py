@@ -38,7 +38,7 @@ DtypeLike = Union[str, torch.dtype, None]
 
 _ALLOWED_DEVICES = '"auto", "npu", "npu:N", "cuda", "cuda:N", "cpu" or a torch.device of type npu, cuda or cpu'
 _DEVICE_PATTERN = re.compile(r"(npu|cuda|cpu)(?::(\d+))?")
-_DTYPE_ALIASES = {
+DTYPE_ALIASES = {  # every dtype name the CLIs, the library and verify_npu accept (one source)
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -336,10 +336,10 @@ def fallback_attention_implementation(device: DeviceLike) -> str:
 
 
 def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_ALIASES.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_ALIASES.values():
         return dtype
     if isinstance(dtype, str):
-        resolved = _DTYPE_ALIASES.get(dtype.strip().lower().removeprefix("torch."))
+        resolved = DTYPE_ALIASES.get(dtype.strip().lower().removeprefix("torch."))
         if resolved is not None:
             return resolved
     raise ValueError(f"dtype={dtype!r} is not supported; use {_ALLOWED_DTYPES}")

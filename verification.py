@@ -29,7 +29,6 @@ from .prompting import infer_mode
 from .sampling import resolve_nq
 from .teacher_forcing import TeacherForcedLogits, measure_codec, measure_greedy, measure_hidden, measure_logits
 # tests/test_single_sources.py (another change's file) still reads these two here:
-from .teacher_forcing import _local_logits, teacher_forced_logits  # noqa: F401
 from .verification_metrics import (
     TOLERANCES, Tolerance, all_finite, code_agreement, cosine_similarity, dtype_name, first_divergent_frame,
     max_abs_difference, snr_db, tolerance_for,

@@ -13,10 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-DTYPE_NAMES = {
-    "auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+from .devices import DTYPE_ALIASES
+
+DTYPE_NAMES = {"auto": None, **DTYPE_ALIASES}  # the dtype names devices.resolve_dtype accepts
 
 # ---------------------------------------------------------------------------------------------------- tolerances
 

@@ -27,7 +27,7 @@ def test_generate_signatures_and_pipeline_defaults_are_the_sampling_params_defau
 
 def test_one_nq_rule_for_prompts_generation_and_teacher_forcing():
     """The same nq values fail with the same message wherever nq is taken."""
-    import verification
+    import teacher_forcing
     from pipeline_assets import tiny_tts
 
     model = tiny_tts()
@@ -36,7 +36,7 @@ def test_one_nq_rule_for_prompts_generation_and_teacher_forcing():
     rows[..., 0] = 5
     frames = torch.zeros(1, 2, n_vq, dtype=torch.long)
     takers = [lambda nq: sampling.resolve_nq(nq, n_vq), lambda nq: prompting.resolve_nq(nq, n_vq),
-              lambda nq: verification.teacher_forced_logits(model, rows, None, frames, nq=nq)]
+              lambda nq: teacher_forcing.teacher_forced_logits(model, rows, None, frames, nq=nq)]
     for nq in (0, n_vq + 1, True, 2.0):
         for take in takers:
             with pytest.raises(ValueError, match=rf"nq={nq!r} must be an integer within 1\.\.{n_vq}"):
@@ -236,3 +236,19 @@ def test_the_library_the_flags_and_the_server_accept_the_same_seeds(seed, allowe
         except (ValueError, ApiError):  # the flags' UsageError is a ValueError
             outcomes.append(False)
     assert outcomes == [allowed] * 3
+
+
+def test_verify_npu_takes_every_dtype_name_the_library_takes():
+    """One table of dtype names: whatever `devices.resolve_dtype` accepts, verify_npu's --dtypes accepts as the
+    same dtype, and tolerances exist for it."""
+    import devices
+    import verify_npu
+    from verification_metrics import tolerance_for
+
+    for name, dtype in devices.DTYPE_ALIASES.items():
+        assert devices.resolve_dtype(name, "cpu") == dtype
+        assert verify_npu.parse_dtype_name(name.upper()) == dtype
+        tolerance_for(name)
+    assert verify_npu.parse_dtype_name("auto") is None
+    with pytest.raises(ValueError, match="--dtypes entry 'float64'"):
+        verify_npu.parse_dtype_name("float64")
