@@ -108,16 +108,23 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(torch.as_tensor(t)).all()) for t in tensors)
 
 
+def _finite_pair(reference: torch.Tensor, other: torch.Tensor, what: str) -> Optional[tuple]:
+    """Both flattened to float64 (shapes checked), or None when either holds a non-finite value."""
+    _same_shape(reference, other, what)
+    a, b = _flat64(reference), _flat64(other)
+    return (a, b) if all_finite(a) and all_finite(b) else None
+
+
 def cosine_similarity(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Cosine of the flattened tensors in float64: nan if either is non-finite, 1.0 if both are zero.
 
     Raises:
         ValueError: when the shapes differ.
     """
-    _same_shape(reference, other, "cosine_similarity")
-    a, b = _flat64(reference), _flat64(other)
-    if not (all_finite(a) and all_finite(b)):
+    pair = _finite_pair(reference, other, "cosine_similarity")
+    if pair is None:
         return math.nan
+    a, b = pair
     if torch.equal(a, b):
         return 1.0  # exactly, not 1 - 1e-16
     norm_a, norm_b = float(a.norm()), float(b.norm())
@@ -145,10 +152,10 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     Raises:
         ValueError: when the shapes differ.
     """
-    _same_shape(reference, other, "snr_db")
-    a, b = _flat64(reference), _flat64(other)
-    if not (all_finite(a) and all_finite(b)):
+    pair = _finite_pair(reference, other, "snr_db")
+    if pair is None:
         return math.nan
+    a, b = pair
     noise = float((a - b).pow(2).sum())
     if noise == 0.0:
         return math.inf
