@@ -258,18 +258,27 @@ def row_invariant_limit() -> int:
 def _onednn_row_limit() -> int:
     if not onednn_linear_usable():
         return 0
+    limit = _probe_row_limit(_onednn_rows, smallest=2)
+    if limit == 0:
+        logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
+                       "differ from solo runs in their last bits")
+    return limit
+
+
+def _probe_row_limit(product: Callable, smallest: int, prepare: Callable = lambda weight: weight) -> int:
+    """The largest R such that `product(rows, prepare(weight), bias)` gives a row the same bits for every row count
+    from `smallest` to R, wherever the row sits (three positions; probed up to ROW_PROBE_MAX rows on a released-size
+    weight); 0 when `smallest` rows already differ from one more."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(768, 768, generator=generator)
     bias = torch.randn(768, generator=generator)
     rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
-    reference = _onednn_rows(rows[:2], weight, bias)[0]
-    for count in range(3, ROW_PROBE_MAX + 1):
-        if not all(torch.equal(_onednn_rows(_placed(rows, count, position), weight, bias)[position], reference)
+    weight = prepare(weight)
+    reference = product(rows[:smallest], weight, bias)[0]
+    for count in range(smallest + 1, ROW_PROBE_MAX + 1):
+        if not all(torch.equal(product(_placed(rows, count, position), weight, bias)[position], reference)
                    for position in (0, count // 2, count - 1)):
-            if count == 3:
-                logger.warning("oneDNN's float32 products depend on the row count on this CPU: batched requests may "
-                               "differ from solo runs in their last bits")
-            return count - 1 if count > 3 else 0
+            return count - 1 if count > smallest + 1 else 0
     return ROW_PROBE_MAX
 
 
@@ -291,8 +300,9 @@ def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 # oneDNN on a prepacked weight. oneDNN's float32 GEMM wants the weight in a blocked layout of its own; given a plain
 # weight, `_linear_pointwise` reorders it at every call, which for a few rows costs more than the product. Packed
 # once (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU backend does), a 4-row product of a
-# 768 x 3072 weight costs 1.2-1.3x a one-row product instead of 2-3x, and the one-row product beats the split matvec
-# (2-core Zen 4, torch 2.3.1 and 2.13: benchmarks/linear_products.py). The packed copy is derived data, like the int8
+# 3072 x 768 weight read from memory took 524 us against 894 us for the plain weight and 800 us for the split matvec;
+# for one row the split matvec stays faster (416 vs 747 us) (one thread, 2-core Zen 4, torch 2.13:
+# benchmarks/linear_products.py, benchmarks/measured/epyc_zen4_2core_linear_kernels_threads1.json). The packed copy is derived data, like the int8
 # copy: it costs the weight's bytes again, lives in a process-wide table keyed by the weight tensor (never in the
 # module, so state_dict, deepcopy and pickling never see it), and is rebuilt when the weight changes (its version
 # counter or storage moves: load_state_dict, in-place edits, .to()).
@@ -306,7 +316,8 @@ _PACK_LOCK = threading.Lock()
 @functools.lru_cache(maxsize=None)
 def packed_onednn_usable() -> bool:
     """Whether `linear` runs oneDNN on prepacked weights here: x86-64, the op present, F.linear's result on a probe,
-    and a row's bits the same for one row and for any count up to ROW_PROBE_MAX (`_packed_row_limit`)."""
+    and a row's bits the same for one, two and three rows at least (`_packed_row_limit`, which also bounds
+    `row_invariant_limit`)."""
     if not onednn_linear_usable() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     try:
@@ -367,18 +378,8 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.
 @functools.lru_cache(maxsize=None)
 def _packed_row_limit() -> int:
     """The largest R such that the packed product gives a row the same bits for every row count 1..R and every
-    position (probed once up to ROW_PROBE_MAX rows on a released-size weight); 0 when one row differs from two."""
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(768, 768, generator=generator)
-    bias = torch.randn(768, generator=generator)
-    rows = torch.randn(ROW_PROBE_MAX + 1, 768, generator=generator)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-    reference = _packed_product(rows[:1], packed, bias)[0]
-    for count in range(2, ROW_PROBE_MAX + 1):
-        if not all(torch.equal(_packed_product(_placed(rows, count, position), packed, bias)[position], reference)
-                   for position in (0, count // 2, count - 1)):
-            return count - 1 if count > 2 else 0
-    return ROW_PROBE_MAX
+    position (`_probe_row_limit`); 0 when one row differs from two."""
+    return _probe_row_limit(_packed_product, smallest=1, prepare=_reorder)
 
 
 def split_matvec_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
