@@ -395,9 +395,11 @@ def checkpoint(tiny, tmp_path_factory):
 
 
 def refused(url: str) -> bool:
+    """True once the server serves no new connection: refused outright, or (a connection the kernel queued just
+    before the listening socket closed) reset or closed without any response."""
     try:
         httpx.get(url + "/health")
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
     return False
 
