@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .generation import Frame, FrameConstants, LocalRunner, audio_logits, frame_constants, text_logits
-from .linear_kernels import register_graph_linear
+from .linear_kernels import graph_products_registered, register_graph_linear
 from .sampling import RowSampler, SamplingParams, apply_repetition_penalty, filter_top_k_top_p
 from .torch_compat import torch_version
 
@@ -215,9 +215,9 @@ def _captured_frame(*args: Any) -> "CompiledFrame":
 def _model_problem(model: Any) -> Optional[str]:
     """Why this model's weights run eager even with compilation on (None: they compile)."""
     precision = getattr(model, "weight_precision", "float32")
-    if precision != "float32":
-        return (f"weight precision {precision}: its packed fbgemm products break the graph into per-position pieces "
-                "(slower than eager), so the eager step runs")
+    if precision != "float32" and not graph_products_registered():
+        return (f"weight precision {precision}: the graph's product operator (moss_tts_nano::linear) is not "
+                "registered, and the graph would trace the float32 weights, so the eager step runs")
     return None
 
 

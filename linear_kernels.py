@@ -61,9 +61,14 @@ class PrecisionLinear(nn.Linear):
         if precision not in WEIGHT_PRECISIONS:
             raise ValueError(f"precision={precision!r} is not a known weight precision; valid: {WEIGHT_PRECISIONS}")
         self._packed_rows = None if precision == "float32" else _pack_int8_rows(self.weight)
+        _own_int8(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        int8 = self._packed_rows  # read once
+        if is_compiling():  # the graph operator finds this layer's int8 copy, if any, at run time (`_graph_product`)
+            return linear(x, self.weight, self.bias)
+        return self._product(x, self._packed_rows)  # read once
+
+    def _product(self, x: torch.Tensor, int8: Any) -> torch.Tensor:
         if int8 is not None:
             # Per-row (per-token) dynamic quantization in every mode: a row's int8 result never depends on the rows
             # beside it (fbgemm alone would quantize a product of several rows with one range).
@@ -104,7 +109,31 @@ class PrecisionLinear(nn.Linear):
             else:
                 logger.warning("moving or casting a model in int8 weight precision switches it back to float32")
                 self._packed_rows = None
+            _own_int8(self)
         return result
+
+
+# Layers in int8 by their weight's (data pointer, shape): how the graph operator, which sees only tensors, finds the
+# packed int8 copy of a weight. An entry holds weak references only and checks the weight is still the layer's.
+_INT8_OWNERS: dict[tuple, tuple] = {}
+
+
+def _own_int8(layer: PrecisionLinear) -> None:
+    key = (layer.weight.data_ptr(), tuple(layer.weight.shape))
+    if layer._packed_rows is None:
+        if key in _INT8_OWNERS and _INT8_OWNERS[key][1]() is layer:
+            _INT8_OWNERS.pop(key, None)
+        return
+    _INT8_OWNERS[key] = (weakref.ref(layer.weight), weakref.ref(layer))
+    weakref.finalize(layer.weight, _INT8_OWNERS.pop, key, None)
+
+
+def _int8_owner(weight: torch.Tensor) -> Optional[PrecisionLinear]:
+    entry = _INT8_OWNERS.get((weight.data_ptr(), tuple(weight.shape)))
+    layer = None if entry is None else entry[1]()
+    if layer is None or entry[0]() is None or layer.weight.data_ptr() != weight.data_ptr():
+        return None
+    return layer
 
 
 # A decoding step multiplies a handful of rows by every weight: memory-bound matrix-vector products. On CPU,
@@ -175,11 +204,27 @@ def register_graph_linear() -> None:
         if not hasattr(torch.ops.moss_tts_nano, "linear"):  # another copy of this module may have registered it
             library = torch.library.Library("moss_tts_nano", "FRAGMENT")
             library.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-            library.impl("linear", _eager_linear, "CPU")
+            library.impl("linear", _graph_product, "CPU")
             register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # torch 2.3
             register_fake("moss_tts_nano::linear", lib=library)(_linear_shape)
             _GRAPH_LIBRARY = library
         _GRAPH_LINEAR = torch.ops.moss_tts_nano.linear.default
+
+
+def _graph_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The graph operator at run time: the int8 product of the layer that owns `weight` when that layer is in int8
+    precision (the same kernel and bits as its eager forward), else `linear`'s eager choice."""
+    layer = _int8_owner(weight)
+    int8 = None if layer is None else layer._packed_rows
+    if int8 is not None:
+        return layer._product(x, int8)
+    return _eager_linear(x, weight, bias)
+
+
+def graph_products_registered() -> bool:
+    """Whether compiled graphs call this module's product operator, which int8 layers need to stay int8 inside a
+    graph (an operator another copy of this module registered knows only that copy's int8 layers)."""
+    return _GRAPH_LIBRARY is not None
 
 
 def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import compiled_step
+import linear_kernels
 from model_runner import ModelRunner, RowInput
 from pipeline_assets import tiny_tts
 from sampling import SamplingParams
@@ -137,12 +138,58 @@ def test_golden_greedy_codes_through_the_compiled_step():
     assert backend.compiled == 1
 
 
-def test_int8_weights_run_the_eager_step_and_say_why(model):
+def _int8_tiny():
     int8 = tiny_tts()
     try:
         int8.set_weight_precision("int8")
     except RuntimeError as error:
         pytest.skip(f"no int8 engine here: {error}")
+    return int8
+
+
+def test_int8_weights_stay_int8_inside_the_graph(monkeypatch):
+    int8 = _int8_tiny()
+    calls = []
+    product = linear_kernels.PrecisionLinear._product
+    monkeypatch.setattr(linear_kernels.PrecisionLinear, "_product",
+                        lambda self, x, packed: calls.append((self, packed is not None)) or product(self, x, packed))
+    backend = CountingBackend()
+    compiled_step.enable(int8, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = _codes(int8, None, 2, GREEDY, frames=3)
+    local_layers = set(int8.local_transformer.modules())
+    in_graph = [int8_copy for layer, int8_copy in calls if layer in local_layers]
+    eager = _codes(int8, False, 2, GREEDY, frames=3)
+    assert torch.equal(compiled, eager) and backend.compiled == 1
+    assert compiled_step.status(int8) == "compiled (counting, 1 graphs)"
+    # the local decoder runs only inside the graph: its products went through the operator to the int8 copies
+    assert in_graph and all(in_graph)
+    int8.set_weight_precision("float32")  # the same graph now runs the float32 weights: different logits
+    layer = next(m for m in int8.local_transformer.modules() if isinstance(m, linear_kernels.PrecisionLinear))
+    assert linear_kernels._int8_owner(layer.weight) is None
+
+
+def test_int8_owner_table_follows_the_layer():
+    int8 = _int8_tiny()
+    layer = next(m for m in int8.local_transformer.modules() if isinstance(m, linear_kernels.PrecisionLinear))
+    assert linear_kernels._int8_owner(layer.weight) is layer
+    x = torch.randn(1, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(linear_kernels._graph_product(x, layer.weight, layer.bias), layer(x))
+        other = torch.randn_like(layer.weight)  # a weight no int8 layer owns: the float32 product
+        assert torch.equal(linear_kernels._graph_product(x, other, None), linear_kernels.linear(x, other))
+    int8.float()  # a cast rebuilds the int8 copy for the (same or new) weight, and the table follows
+    assert linear_kernels._int8_owner(layer.weight) is layer
+    key = (layer.weight.data_ptr(), tuple(layer.weight.shape))
+    del int8, layer
+    import gc
+    gc.collect()
+    assert key not in linear_kernels._INT8_OWNERS  # a freed weight leaves the table
+
+
+def test_int8_without_this_modules_operator_runs_eager_and_says_why(monkeypatch):
+    int8 = _int8_tiny()
+    monkeypatch.setattr(linear_kernels, "_GRAPH_LIBRARY", None)  # the operator belongs to another copy
     backend = CountingBackend()
     compiled_step.enable(int8, backend=backend)
     assert torch.equal(_codes(int8, None, 2, GREEDY, frames=2), _codes(int8, False, 2, GREEDY, frames=2))
