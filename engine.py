@@ -270,7 +270,10 @@ class SynthesisEngine:
         stream = bool(kwargs.pop("stream", True))
         request = build_request(text, **kwargs)
         generator = request.call_generator(device)
-        prompt_codes = prepare_prompt(request, self.resources)
+        encodes = device.type == "cpu" and request.prompt_audio_codes is None \
+            and (request.prompt_audio is not None or request.prompt_audio_path is not None)
+        prompt_codes = _in_a_passing_thread(prepare_prompt, request, self.resources) if encodes \
+            else prepare_prompt(request, self.resources)
         plan = Plan(request, self.resources, prompt_codes, *plan_chunks(request, self.resources), None, generator)
         core_req = core_request(plan, stream, f"{next(self._ids)}-{uuid.uuid4().hex[:12]}")
         check_position_limit(self.model, core_req.chunk_rows(0, []), request.max_new_frames)
@@ -352,6 +355,29 @@ class SynthesisEngine:
         if output.finished:
             with self._cond:
                 self._jobs.pop(job.id, None)
+
+
+def _in_a_passing_thread(function: Any, *args: Any) -> Any:
+    """`function(*args)` in a thread that ends with it (the caller waits), on a CPU.
+
+    Why: encoding prompt audio is large enough for torch to run it on an OpenMP team of the calling thread, and GNU
+    OpenMP (torch's Linux wheels) keeps that team while the thread lives. A server's request threads live long, and
+    once the process holds more pooled threads than CPUs every team spins shorter: the worker's frame step ran
+    about 30% slower (docs/performance.md, "OpenMP teams"). A team made here ends with this thread."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # noqa: BLE001  (raised again in the caller's thread)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="moss-tts-prompt", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _same_device(requested: torch.device, device: torch.device) -> bool:

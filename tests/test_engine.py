@@ -240,6 +240,25 @@ def test_prompt_codes_stand_for_the_prompt_audio(engine, assets):
     _assert_same_output(by_codes, by_audio)
 
 
+def test_prompt_audio_is_encoded_in_a_thread_that_ends_with_it(engine, assets, monkeypatch, tmp_path):
+    """On a CPU the encoding's OpenMP team must not stay with the caller's (long-lived) thread: docs/performance.md,
+    "OpenMP teams". Its errors still reach the caller, and codes given by the caller are not re-encoded."""
+    import pipeline
+
+    threads = []
+    encode = pipeline.encode_prompt_audio
+    monkeypatch.setattr(pipeline, "encode_prompt_audio",
+                        lambda *args: threads.append(threading.current_thread()) or encode(*args))
+    handle = engine.submit("Hello.", prompt_audio=assets.prompt_audio, max_new_frames=2)
+    assert len(threads) == 1 and threads[0] is not threading.current_thread() and not threads[0].is_alive()
+    assert handle.result(120)["audio_token_ids"]
+    with pytest.raises(ValueError, match="prompt audio is too short"):  # raised in that thread, re-raised here
+        engine.submit("Hello.", prompt_audio=torch.zeros(2, 100), max_new_frames=2)
+    engine.submit("Hello.", prompt_audio_codes=torch.zeros(3, assets.model.config.n_vq, dtype=torch.long),
+                  max_new_frames=2).result(120)
+    assert len(threads) == 1  # the codes were used as they are
+
+
 # ------------------------------------------------------------------------------------------- back-pressure
 
 
