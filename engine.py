@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from . import devices
@@ -142,8 +143,10 @@ class RequestHandle:
     def _build_result(self) -> dict:
         job = self._job
         request = job.request
-        if request.streamed:
-            waveform = torch.cat(job.parts, dim=-1) if job.parts else torch.zeros(2, 0)
+        if request.streamed:  # joined in NumPy: a torch copy this large would give the consumer's thread an OpenMP
+            # team, which slows the worker's step (see `_in_a_passing_thread`)
+            waveform = torch.from_numpy(np.concatenate([part.numpy() for part in job.parts], axis=-1)) \
+                if job.parts else torch.zeros(2, 0)
         else:
             waveform = request.waveform if request.waveform is not None else torch.zeros(2, 0)
         return finish_result(job.plan, generated_of(request), waveform, job.output_audio_path, type="result",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -257,6 +258,28 @@ def test_prompt_audio_is_encoded_in_a_thread_that_ends_with_it(engine, assets, m
     engine.submit("Hello.", prompt_audio_codes=torch.zeros(3, assets.model.config.n_vq, dtype=torch.long),
                   max_new_frames=2).result(120)
     assert len(threads) == 1  # the codes were used as they are
+
+
+def test_the_result_is_joined_without_a_torch_kernel_in_the_consumers_thread(engine, assets):
+    """A torch copy of the whole waveform would give the consumer's thread an OpenMP team (docs/performance.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func).split(".")[1])
+            return func(*args, **(kwargs or {}))
+
+    handle = engine.submit("Hello there.", prompt_audio=assets.prompt_audio, max_new_frames=6)
+    while not handle.done:  # the worker's own kernels run before the mode (modes are per thread anyway)
+        time.sleep(0.01)
+    with Kernels() as seen:
+        result = handle.result(120)
+    assert result["waveform"].shape[-1] == 3840 * sum(c.shape[0] for c in result["audio_token_ids"])
+    assert set(seen.ops) <= {"detach", "to", "resolve_conj", "resolve_neg", "lift_fresh", "alias"}, seen.ops
 
 
 # ------------------------------------------------------------------------------------------- back-pressure
