@@ -79,7 +79,7 @@ class PrecisionLinear(nn.Linear):
                 out = torch.ops.quantized.linear_dynamic(x.reshape(1, -1), int8[0], True)  # reduce_range
                 return (out if self.bias is None else out + self.bias).view(*x.shape[:-1], out.shape[-1])
             return self._int8_rows(x, *int8)
-        return linear(x, self.weight, self.bias)
+        return _eager_linear(x, self.weight, self.bias)  # never inside a graph: forward and the operator call this
 
     def _int8_rows(self, x: torch.Tensor, packed: Any, weight_sums: torch.Tensor) -> torch.Tensor:
         """int8 products whose rows do not depend on each other (per-row dynamic activation quantization).

@@ -82,14 +82,14 @@ def bench_generation(assets: Any, device: torch.device, frames: int, repeats: in
     kwargs = dict(generation_settings(sampling), max_new_frames=frames)
     results: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        _use_mode(assets.model, mode)
+        use_mode(assets.model, mode)
         start = time.perf_counter()
         assets.model.generate(input_ids=input_ids, attention_mask=mask, **dict(kwargs, max_new_frames=4))  # warm-up
         # with compiled: the graphs' compile (first start) or cache load
         results[mode] = {"runs": [], "cpu_ms": [], "warmup_s": time.perf_counter() - start}
     for _ in range(repeats):
         for mode in modes:
-            _use_mode(assets.model, mode)
+            use_mode(assets.model, mode)
             devices.synchronize(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             out = assets.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
@@ -110,7 +110,7 @@ def bench_generation(assets: Any, device: torch.device, frames: int, repeats: in
     return report
 
 
-def _use_mode(model: Any, mode: str) -> None:
+def use_mode(model: Any, mode: str) -> None:
     if mode == "compiled":
         compiled_step.enable(model)
     else:
@@ -400,13 +400,13 @@ def run(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
                 continue
             section_modes = modes[:1] if section == "codec" else modes  # the codec has no frame step to compile
             for mode in section_modes:  # eager and compiled side by side, section by section
-                _use_mode(assets.model, mode)
+                use_mode(assets.model, mode)
                 key = section if len(section_modes) == 1 else f"{section}_{mode}"
                 report[key] = measure()
                 if mode == "compiled":
                     report.setdefault("compiled_step", {})[section] = compiled_step.status(assets.model)
         if "compiled" in modes:
-            _use_mode(assets.model, "compiled")
+            use_mode(assets.model, "compiled")
             report["environment"]["compiled_step"] = compiled_step.status(assets.model)
     finally:
         compiled_step.disable(assets.model)  # the model may be a caller's (device_check's dry run): leave it eager

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from measuring import add_run_arguments, apply_threads, cpu_description, load_average, write_report  # noqa: E402
 
 import compiled_step  # noqa: E402
-from benchmark import generation_settings, voice_clone_prompt  # noqa: E402
+from benchmark import generation_settings, use_mode, voice_clone_prompt  # noqa: E402
 from demo import build_demo_assets  # noqa: E402
 from linear_kernels import PrecisionLinear, linear  # noqa: E402
 from model_runner import ModelRunner  # noqa: E402
@@ -46,10 +46,7 @@ def frame_split(model: Any, assets: Any, frames: int, mode: str) -> dict[str, fl
             return out
         return run
 
-    if mode == "compiled":
-        compiled_step.enable(model)
-    else:
-        compiled_step.disable(model, keep_graphs=True)
+    use_mode(model, mode)
     ids, mask = voice_clone_prompt(assets)
     settings = generation_settings("cli")
     ModelRunner._global_step, ModelRunner._local_step = timed("global", runner_global), timed("local", runner_local)

@@ -57,6 +57,27 @@ def load_script(name: str, path: pathlib.Path):
     return module
 
 
+class TorchKernels:
+    """Context manager that records the name of every torch kernel the current thread runs (``detach``, ``cat``)."""
+
+    def __enter__(self) -> "TorchKernels":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class _Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(str(func).split(".")[1])
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._mode.__exit__(*exc_info)
+
+
 @pytest.fixture(params=["cpu fast paths", "accelerator path"])
 def cpu_path(request, monkeypatch):
     """Run the test twice: with the CPU fast paths, and with MOSS_TTS_CPU_FAST_PATHS=0 (the operations an accelerator

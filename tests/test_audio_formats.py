@@ -102,22 +102,13 @@ def test_flac_cannot_stream():
 def test_pcm_conversion_matches_torch_rounding_and_runs_no_torch_kernel():
     """The request threads' conversion gives torch's bits (clip, NaN as 0, infinities clipped, ties to even) in
     NumPy: a torch kernel there would give that thread an OpenMP team and slow the engine's step (docs/performance.md)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Kernels(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from conftest import TorchKernels
 
     wave = torch.randn(2, 50_000, generator=torch.Generator().manual_seed(0)) * 1.5
     wave[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5 / 32767])  # 0.5 LSB: a tie
     wave[1, :2] = torch.tensor([1.5 / 32767, -2.5 / 32767])
     expected = torch.nan_to_num(wave, nan=0.0).clamp(-1, 1).mul(32767.0).round().to(torch.int16).t().contiguous()
-    with Kernels() as seen:
+    with TorchKernels() as seen:
         got = audio_formats.pcm16(wave)
     assert got == expected.numpy().astype("<i2").tobytes()
-    assert [op for op in seen.ops if "detach" not in op and "alias" not in op] == []
+    assert [op for op in seen.ops if op not in ("detach", "alias")] == []

@@ -262,21 +262,12 @@ def test_prompt_audio_is_encoded_in_a_thread_that_ends_with_it(engine, assets, m
 
 def test_the_result_is_joined_without_a_torch_kernel_in_the_consumers_thread(engine, assets):
     """A torch copy of the whole waveform would give the consumer's thread an OpenMP team (docs/performance.md)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Kernels(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func).split(".")[1])
-            return func(*args, **(kwargs or {}))
+    from conftest import TorchKernels
 
     handle = engine.submit("Hello there.", prompt_audio=assets.prompt_audio, max_new_frames=6)
     while not handle.done:  # the worker's own kernels run before the mode (modes are per thread anyway)
         time.sleep(0.01)
-    with Kernels() as seen:
+    with TorchKernels() as seen:
         result = handle.result(120)
     assert result["waveform"].shape[-1] == 3840 * sum(c.shape[0] for c in result["audio_token_ids"])
     assert set(seen.ops) <= {"detach", "to", "resolve_conj", "resolve_neg", "lift_fresh", "alias"}, seen.ops
