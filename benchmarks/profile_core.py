@@ -14,6 +14,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,22 +40,15 @@ PARTS = {  # report name -> (file suffix, function name) in the profile
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=100)
-    parser.add_argument("--reference-seconds", type=float, default=1.0)
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    apply_threads(args.threads)
-    assets = build_demo_assets(seed=0)
-    assets.model.set_weight_precision(args.weight_precision)
+def profile(assets: Any, streams: int, frames: int, reference_seconds: float) -> dict[str, Any]:
+    """Run `streams` voice-clone streams of `frames` frames through one core (after a 2-frame warm-up request) under
+    cProfile; the wall time, the frames made and the cumulative seconds of each of PARTS."""
     resources = cached_resources(assets.model, text_tokenizer=assets.tokenizer, audio_tokenizer=assets.codec)
-    codes = encode_prompt_audio(assets.codec, demo_prompt_audio(seconds=args.reference_seconds))
-    core = EngineCore(assets.model, assets.codec, slots=args.streams, shared=True)
+    codes = encode_prompt_audio(assets.codec, demo_prompt_audio(seconds=reference_seconds))
+    core = EngineCore(assets.model, assets.codec, slots=streams, shared=True)
     requests = []
-    for seed in range(args.streams):
-        request = build_request(TEXT, **dict(CLI_SAMPLING_DEFAULTS, max_new_frames=args.frames,
+    for seed in range(streams):
+        request = build_request(TEXT, **dict(CLI_SAMPLING_DEFAULTS, max_new_frames=frames,
                                              prompt_audio_codes=codes, seed=seed))
         plan = Plan(request, resources, codes, *plan_chunks(request, resources), None,
                     request.call_generator(assets.model.device))
@@ -66,27 +60,38 @@ def main(argv: list[str] | None = None) -> int:
         core.step()
     for request in requests:
         core.add(request)
-    profile = cProfile.Profile()
+    profiler = cProfile.Profile()
     start = time.perf_counter()
-    profile.enable()
+    profiler.enable()
     steps = 0
     while not all(r.done for r in requests):
         core.step()
         steps += 1
-    profile.disable()
+    profiler.disable()
     wall = time.perf_counter() - start
-    frames = sum(sum(c.shape[0] for c in r.codes) for r in requests)
-    stats = pstats.Stats(profile).stats
-    parts = {}
-    for name, (suffix, function) in PARTS.items():
-        parts[name] = sum(entry[3] for (path, _, func), entry in stats.items()
-                          if path.endswith(suffix) and func == function)
-    report = {"streams": args.streams, "frames": frames, "steps": steps, "wall_s": wall,
-              "aggregate_frames_per_s": frames / wall, "weight_precision": args.weight_precision,
-              "reference_seconds": args.reference_seconds, "torch_threads": torch.get_num_threads(),
-              "cumulative_s": parts,
-              "note": "cProfile adds overhead per Python call; compare the parts with each other",
-              "cpu": cpu_description(), "load_average_at_end": load_average()}
+    made = sum(sum(c.shape[0] for c in r.codes) for r in requests)
+    stats = pstats.Stats(profiler).stats
+    parts = {name: sum(entry[3] for (path, _, func), entry in stats.items()
+                       if path.endswith(suffix) and func == function)
+             for name, (suffix, function) in PARTS.items()}
+    return {"streams": streams, "frames": made, "steps": steps, "wall_s": wall,
+            "aggregate_frames_per_s": made / wall, "reference_seconds": reference_seconds, "cumulative_s": parts,
+            "note": "cProfile adds overhead per Python call; compare the parts with each other"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--reference-seconds", type=float, default=1.0)
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args.threads)
+    assets = build_demo_assets(seed=0)
+    assets.model.set_weight_precision(args.weight_precision)
+    report = profile(assets, args.streams, args.frames, args.reference_seconds)
+    report.update({"weight_precision": args.weight_precision, "torch_threads": torch.get_num_threads(),
+                   "cpu": cpu_description(), "load_average_at_end": load_average()})
     write_report(report, args.output)
     return 0
 
