@@ -20,13 +20,8 @@ def script():
     return load_script("moss_global_step_graph", ROOT / "benchmarks" / "global_step_graph.py")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return TinyAssets(tmp_path_factory.mktemp("tok"))
-
-
-def test_the_graph_decode_equals_eager_step_by_step_in_one_graph(script, assets):
-    model = assets.model
+def test_the_graph_decode_equals_eager_step_by_step_in_one_graph(script, tmp_path):
+    model = TinyAssets(tmp_path).model
     eager, row = script.decoder_with_prompt(model, prompt_rows=5, steps=6)
     graph, _ = script.decoder_with_prompt(model, prompt_rows=5, steps=6)
     decoder = script.GraphDecoder(backend="eager")  # dynamo's graph run by torch's own kernels: the same ops as eager
@@ -40,8 +35,8 @@ def test_the_graph_decode_equals_eager_step_by_step_in_one_graph(script, assets)
     assert decoder.graphs == 1  # lengths 6..11: one graph, no recompilation as the key length grows
 
 
-def test_compare_reports_both_steps_and_one_graph(script, assets):
-    report = script.compare(assets.model, prompt_rows=4, steps=3, rounds=2, backend="eager")
+def test_compare_reports_both_steps_and_one_graph(script, tmp_path):
+    report = script.compare(TinyAssets(tmp_path).model, prompt_rows=4, steps=3, rounds=2, backend="eager")
     assert len(report["runs_ms"]["eager"]) == len(report["runs_ms"]["graph"]) == 2
     assert report["graphs_compiled"] == 1 and report["max_abs_difference"] == 0.0
     assert report["graph_vs_eager"] == pytest.approx(report["eager_ms_per_step"] / report["graph_ms_per_step"])
