@@ -120,7 +120,8 @@ def status(model: Any) -> str:
         return f"eager ({graphs.skipped})"
     count = sum(f is not None for f in graphs.frames.values())
     if graphs.backend == "capture":
-        return f"captured ({graphs.model.transformer.wte.weight.device.type} graph, {count} graphs)"
+        decode = f"; global decode eager: {graphs.decode_problem}" if graphs.decode_problem else ""
+        return f"captured ({graphs.model.transformer.wte.weight.device.type} graph, {count} graphs{decode})"
     name = graphs.backend if isinstance(graphs.backend, str) else getattr(graphs.backend, "__name__", "custom")
     return f"compiled ({name}, {count} graphs)"
 
@@ -157,6 +158,7 @@ class StepGraphs:
             logger.warning("frame step compilation is off: %s; the eager step runs", self.problem)
         self.frames: dict[tuple, Optional[CompiledFrame]] = {}  # None: this key runs eager (`skipped` says why)
         self.skipped: Optional[str] = None
+        self.decode_problem: Optional[str] = None  # capture: why the global decode runs eager (step_capture.py)
         self._lock = threading.Lock()
 
     def frame(self, batch: int, sampler: RowSampler, attend: Any) -> Optional["CompiledFrame"]:

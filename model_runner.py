@@ -66,6 +66,7 @@ class SlotGlobal:
         self.model, self.attend, self.batch_invariant = model, attend, batch_invariant
         self.cache = SlotKVCache(len(decoder.h), slots, decoder.num_heads, decoder.head_dim, capacity,
                                  dtype=weight.dtype, device=weight.device)
+        self.captures: Any = None  # step_capture.DecodeCaptures when the runner's steps are captured graphs
 
     def reserve(self, rows: int) -> None:
         self.cache.reserve(-(-rows // CAPACITY_STEP) * CAPACITY_STEP)
@@ -88,6 +89,10 @@ class SlotGlobal:
 
     def decode(self, slots: list[int], embeds: torch.Tensor) -> torch.Tensor:
         """One new row (B, 1, H) for each of `slots`; outputs (B, H)."""
+        if self.captures is not None:
+            out = self.captures.decode(self, slots, embeds)
+            if out is not None:
+                return out
         view = _DecodeView(self.cache, slots, self.batch_invariant)
         rope = self.model.rotation(self.model.transformer, view.positions[:, None])
         out, _ = self.model.transformer(embeds, rope, _NO_MASK, view.attention(self.attend), view)
@@ -209,6 +214,10 @@ class ModelRunner:
         wanted = compile_enabled(model) if compile is None else compile
         self.graphs = graphs_for(model, create=True) if wanted and use_kv_cache \
             and not batch_invariant else None
+        if self.graphs is not None and self.graphs.backend == "capture":  # the decode is recorded too (per runner)
+            from .step_capture import DecodeCaptures  # imported when first used: it builds on compiled_step
+
+            self.global_.captures = DecodeCaptures(self.graphs)
 
     def begin(self, slot: int, rows: int) -> None:
         """Free `slot` for a new sequence of up to `rows` rows (prompt plus frames)."""

@@ -7,17 +7,30 @@ default capture nor any torch_npu release registers one), the local KV cache is 
 and the outputs are static tensors copied out after the replay. A capture failure switches the model back to the
 eager step, once, with the reason (`compiled_step.status`).
 
+The global decode (`DecodeCaptures`, one runner's slot KV cache): the decode of B rows whose slots form one run
+first..first+B-1, recorded once per (first, B, cache buffers) and replayed. Fixed shapes: each row attends to its
+slot's whole capacity with a key mask built inside the graph from its position (a static buffer), so the growing
+length never changes a shape; its key and value are written in place at that position. Attention there is SDPA with
+that mask (flash-attn's padded path needs a host synchronisation). Slots that are not one run, or a cache that has
+grown (new buffers), decode eager or record again. A failed recording leaves the decode eager, once, with the
+reason (`compiled_step.status`); the local frames stay captured.
+
 `graph_api(device)` names the device's graph API (`torch.cuda` or `torch.npu`), or says why there is none;
 tests pass a simulated one (tests/test_step_capture.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .attention import AttentionMask, sdpa_attention
 from .compiled_step import CompiledFrame, _local_frame
+
+logger = logging.getLogger(__name__)
+_NO_MASK = AttentionMask()
 
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (lazy initialisation stays out of the graph)
 
@@ -89,17 +102,114 @@ class CapturedFrame(CompiledFrame):
         return tuple(None if t is None else t.clone() for t in self.outputs)
 
     def _capture(self, penalty: Any) -> None:
-        api = self.api
         inputs = (self, self.h, tuple(self.races), self.seen, self.force, penalty, self.teacher)
-        side = api.Stream()
-        side.wait_stream(api.current_stream())
-        with api.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.local.reset()
-                _local_frame(*inputs)
-        api.current_stream().wait_stream(side)
-        graph = api.Graph()
-        self.local.reset()
-        with api.graph(graph):
-            self.outputs = _local_frame(*inputs)
-        self.captured = graph
+
+        def frame() -> tuple:
+            self.local.reset()
+            return _local_frame(*inputs)
+
+        self.outputs, self.captured = _record(self.api, frame)
+
+
+def _record(api: Any, body: Any) -> tuple[Any, Any]:
+    """`body`'s outputs and its recorded graph: WARMUP_RUNS eager runs on a side stream (lazy initialisation stays
+    out of the graph), then one recording."""
+    side = api.Stream()
+    side.wait_stream(api.current_stream())
+    with api.stream(side):
+        for _ in range(WARMUP_RUNS):
+            body()
+    api.current_stream().wait_stream(side)
+    graph = api.Graph()
+    with api.graph(graph):
+        outputs = body()
+    return outputs, graph
+
+
+class DecodeCaptures:
+    """One runner's captured global decodes (see the module docstring), keyed by (first slot, rows, cache buffers)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner  # the model's StepGraphs: its graph API, and `decode_problem` once recording failed
+        self.graphs: dict[tuple, CapturedDecode] = {}
+
+    def decode(self, slot_global: Any, slots: Sequence[int], embeds: torch.Tensor) -> Optional[torch.Tensor]:
+        """The decode of `embeds` (B, 1, H) for `slots`, (B, H), with the slots' lengths advanced; None: run eager
+        (slots not one run, capture off, or this recording failed: then off for the model, once)."""
+        first, cache = slots[0], slot_global.cache
+        if self.owner.problem is not None or self.owner.decode_problem is not None \
+                or list(slots) != list(range(first, first + len(slots))):
+            return None
+        key = (first, len(slots), cache.keys[0].data_ptr(), cache.capacity)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.graphs = {k: g for k, g in self.graphs.items() if k[2:] == key[2:]}  # older buffers: drop theirs
+            graph = self.graphs[key] = CapturedDecode(slot_global, first, len(slots), self.owner.api)
+        lengths = [cache.lengths[s] for s in slots]
+        if graph.captured is not None:
+            out = graph.replay(embeds, lengths)
+        else:
+            try:
+                out = graph.replay(embeds, lengths)
+            except Exception as error:  # noqa: BLE001  (any recording failure: eager decode from now on, once)
+                self.graphs.pop(key)
+                self.owner.decode_problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+                logger.warning("recording the global decode failed (%s); it runs eager from now on",
+                               self.owner.decode_problem)
+                return None
+        for slot, length in zip(slots, lengths):
+            cache.lengths[slot] = length + 1
+        return out
+
+
+class CapturedDecode:
+    """The global decode of `batch` rows in slots first..first+batch-1 of a slot KV cache, as one recorded graph."""
+
+    def __init__(self, slot_global: Any, first: int, batch: int, api: Any) -> None:
+        model, cache = slot_global.model, slot_global.cache
+        weight = model.transformer.wte.weight
+        device = weight.device
+        self.model, self.cache, self.api = model, cache, api
+        self.first, self.batch = first, batch
+        self.embeds = torch.zeros(batch, 1, weight.shape[1], dtype=weight.dtype, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # each row's position (its length)
+        self.rows = torch.arange(first, first + batch, device=device)
+        self.key_index = torch.arange(cache.capacity, device=device)
+        self.query_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        self.out: Optional[torch.Tensor] = None
+        self.captured: Any = None
+
+    def replay(self, embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Copy the step's inputs into the static buffers, record on first use, replay; the outputs (B, H)."""
+        self.embeds.copy_(embeds)
+        self.positions.copy_(torch.tensor(lengths))
+        if self.captured is None:
+            self.out, self.captured = _record(self.api, self._decode)
+        self.captured.replay()
+        return self.out.clone()
+
+    def _decode(self) -> torch.Tensor:
+        model = self.model
+        rope = model.rotation(model.transformer, self.positions[:, None])
+        valid = self.key_index[None, :] <= self.positions[:, None]  # (B, capacity): the keys so far and its own
+        mask = AttentionMask(dense=valid[:, None, None, :], key_valid=valid, query_valid=self.query_valid)
+        out, _ = model.transformer(self.embeds, rope, _NO_MASK, self._attention(mask), self)
+        return out[:, 0]
+
+    # the cache view GPT2Decoder.forward writes through (`update`) and advances (`length`, unused here)
+    length = 0
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.rows, :, self.positions] = key[:, :, 0]  # (B, heads, D) at each row's slot and position
+        values[self.rows, :, self.positions] = value[:, :, 0]
+        return keys, values
+
+    def _attention(self, mask: AttentionMask) -> Any:
+        first, last = self.first, self.first + self.batch
+
+        def slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, unused: AttentionMask,
+                           scale: float) -> torch.Tensor:
+            return sdpa_attention(q, keys[first:last], values[first:last], mask, scale)
+
+        return slot_attention

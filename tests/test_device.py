@@ -168,6 +168,8 @@ def test_captured_or_compiled_step_gives_the_eager_greedy_codes_on_the_device(tt
     if status.startswith("eager"):
         pytest.skip(f"the step fell back: {status}")
     assert torch.equal(graphed.cpu(), eager.cpu()), status
+    if "global decode eager" in status:  # the codes agree, but only the local frame was a graph: say so in the report
+        pytest.skip(f"the global decode fell back: {status}")
 
 
 def test_captured_or_compiled_step_teacher_forced_logits_match_eager_on_the_device(tts, device):

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 import compiled_step
 import step_capture
+from model_runner import ModelRunner, RowInput
 from test_compiled_step import GREEDY, SAMPLED, _codes
 from pipeline_assets import tiny_tts
 
@@ -107,7 +108,9 @@ def test_simulated_capture_replays_eager_codes_once_per_bucket(model, simulated,
     four = _codes(model, None, 4, params, frames=2)  # same bucket, same key: no new capture
     assert torch.equal(captured, eager) and torch.equal(four, _codes(model, False, 4, params, frames=2))
     frames = [f for f in compiled_step.graphs_for(model).frames.values()]
-    assert SimulatedGraph.captures == 1 and len(frames) == 1 and frames[0].captured.replays == 5 + 2  # the capture runs nothing: its call replays too
+    assert len(frames) == 1 and frames[0].captured.replays == 5 + 2  # the capture runs nothing: its call replays too
+    # one local frame for the bucket, and one global decode per runner (its cache): 3 rows, then 4 rows
+    assert SimulatedGraph.captures == 1 + 2
 
 
 def test_simulated_capture_teacher_forces_through_its_static_code_buffer(model, simulated):
@@ -155,3 +158,71 @@ def test_simulated_capture_error_falls_back_to_eager_once(model, simulated, monk
 def test_graph_api_names_the_release_that_has_npu_graphs():
     api, reason = step_capture.graph_api(torch.device("cpu"))
     assert api is None and reason == "no graph capture on cpu"
+
+
+def _runner_codes(runner, slots, params, frames=5, prompts=None, rows=40):
+    """Codes (frames, B, n_vq) of `runner` stepping `slots` (prompt at the first frame, seeded per slot)."""
+    generators = {slot: torch.Generator().manual_seed(slot) for slot in slots}
+    prompts = prompts or {slot: torch.randint(0, 20, (4 + slot, runner.model.config.n_vq + 1),
+                                              generator=torch.Generator().manual_seed(slot)) for slot in slots}
+    for slot in slots:
+        runner.begin(slot, rows)
+    return torch.stack([runner.step([RowInput(slot, prompts[slot] if frame == 0 else None, params,
+                                              generators[slot], frame < 2) for slot in slots]).codes
+                        for frame in range(frames)])
+
+
+def test_simulated_capture_records_the_decode_once_per_run_of_slots(model, simulated):
+    """The global decode is recorded once for a run of slots and replayed every later step: the same greedy codes
+    as eager, and the same cache rows (the recorded decode writes each row's key and value at its position)."""
+    eager = ModelRunner(model, 4, compile=False)
+    expected = _runner_codes(eager, [1, 2], GREEDY)
+    compiled_step.enable(model, backend="capture")
+    runner = ModelRunner(model, 4)
+    assert torch.equal(_runner_codes(runner, [1, 2], GREEDY), expected)
+    (key, decode), = runner.global_.captures.graphs.items()
+    assert key[:2] == (1, 2) and decode.captured.replays == 4  # frames 1..4 are decode steps
+    cache, reference = runner.global_.cache, eager.global_.cache
+    assert cache.lengths == reference.lengths
+    for mine, theirs in zip(cache.keys + cache.values, reference.keys + reference.values):
+        for slot in (1, 2):
+            length = cache.lengths[slot]
+            torch.testing.assert_close(mine[slot, :, :length], theirs[slot, :, :length], rtol=1e-5, atol=1e-6)
+
+
+def test_simulated_capture_decodes_slots_that_are_not_one_run_eager(model, simulated):
+    expected = _runner_codes(ModelRunner(model, 4, compile=False), [0, 2], GREEDY)
+    compiled_step.enable(model, backend="capture")
+    runner = ModelRunner(model, 4)
+    assert torch.equal(_runner_codes(runner, [0, 2], GREEDY), expected)
+    assert runner.global_.captures.graphs == {}
+
+
+def test_simulated_capture_records_the_decode_again_when_the_cache_grows(model, simulated):
+    compiled_step.enable(model, backend="capture")
+    runner = ModelRunner(model, 2)
+    _runner_codes(runner, [0], GREEDY, frames=3)
+    first = set(runner.global_.captures.graphs)
+    capacity = runner.global_.cache.capacity
+    codes = _runner_codes(runner, [0], GREEDY, frames=3, rows=capacity + 1)  # a longer request: new cache buffers
+    assert runner.global_.cache.capacity > capacity
+    keys = set(runner.global_.captures.graphs)
+    assert len(keys) == 1 and keys != first and next(iter(keys))[3] == runner.global_.cache.capacity
+    assert torch.equal(codes, _runner_codes(ModelRunner(model, 2, compile=False), [0], GREEDY, frames=3,
+                                            rows=capacity + 1))
+
+
+def test_simulated_decode_recording_error_leaves_the_decode_eager_once_with_the_reason(model, simulated,
+                                                                                       monkeypatch):
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_capture.CapturedDecode, "_decode", refuse)
+    compiled_step.enable(model, backend="capture")
+    runner = ModelRunner(model, 2)
+    assert torch.equal(_runner_codes(runner, [0], GREEDY, frames=4),
+                       _runner_codes(ModelRunner(model, 2, compile=False), [0], GREEDY, frames=4))
+    status = compiled_step.status(model)
+    assert status.startswith("captured (cpu graph, 1 graphs; global decode eager: RuntimeError: ")
+    assert "stream is capturing" in status and runner.global_.captures.graphs == {}
+    assert SimulatedGraph.captures == 1  # the local frame is still captured; the decode was never tried again
