@@ -20,9 +20,9 @@ per-operation overhead goes:
 Opt-in (`enable(model)`, `--compile` on the CLIs, `EngineCore(compile=True)`): the first step of each key compiles
 (seconds; inductor's cache on disk makes a second start faster). Where it cannot run (no C++ compiler for inductor,
 torch older than MIN_TORCH, a compile error) the eager step is used, chosen once, and `status(model)` says why.
-The global one-row step stays eager: as one inductor graph with its growing key length as a dynamic size it measured
-1.00-1.02x eager on a 2-core CPU (`benchmarks/global_step_graph.py`, docs/performance.md); a captured accelerator graph
-of it would need the whole slot capacity with a key mask (fixed shapes; not built).
+On a CPU the global one-row step stays eager: as one inductor graph with its growing key length as a dynamic size it
+measured 1.00-1.02x eager on a 2-core CPU (`benchmarks/global_step_graph.py`, docs/performance.md). Graph capture on
+an accelerator records it too, at fixed shapes (the slot capacity with a key mask; `step_capture.DecodeCaptures`).
 """
 
 from __future__ import annotations
