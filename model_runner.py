@@ -100,6 +100,15 @@ class SlotGlobal:
         return out[:, 0]
 
 
+def decode_key_mask(positions: torch.Tensor, keys: int) -> AttentionMask:
+    """The mask of a decode step over `keys` keys whose rows sit at `positions` (B,): row b sees keys 0..positions[b]
+    (keys right-padded per row, every query real; `build_attention_mask` is for left padding). Device ops only, so a
+    captured decode builds it inside its graph (step_capture.py)."""
+    valid = torch.arange(keys, device=positions.device)[None] <= positions[:, None]  # (B, keys)
+    return AttentionMask(dense=valid[:, None, None, :], key_valid=valid,
+                         query_valid=torch.ones(positions.shape[0], 1, dtype=torch.bool, device=positions.device))
+
+
 class _DecodeView:
     """One decode forward's view of a `SlotKVCache`: writes each row's key/value at its slot's next position and
     attends each row to its own slot. Slots that form one ascending run share one attention call (a key mask when
@@ -116,10 +125,7 @@ class _DecodeView:
         self.run = None if per_row or slots != list(range(first, first + len(slots))) else (first, first + len(slots))
         self.mask = _NO_MASK
         if self.run is not None and len(set(self.lengths)) > 1:
-            valid = torch.arange(self.end, device=device)[None] <= self.positions[:, None]  # (B, end)
-            # keys right-padded per row and every query real (build_attention_mask is for left padding)
-            self.mask = AttentionMask(dense=valid[:, None, None, :], key_valid=valid,
-                                      query_valid=torch.ones(len(slots), 1, dtype=torch.bool, device=device))
+            self.mask = decode_key_mask(self.positions, self.end)
         self.length = 0  # GPT2Decoder.forward advances it; `commit` is what counts
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +221,7 @@ class ModelRunner:
         self.graphs = graphs_for(model, create=True) if wanted and use_kv_cache \
             and not batch_invariant else None
         if self.graphs is not None and self.graphs.backend == "capture":  # the decode is recorded too (per runner)
-            from .step_capture import DecodeCaptures  # imported when first used: it builds on compiled_step
+            from .step_capture import DecodeCaptures  # imported when first used: step_capture imports this module
 
             self.global_.captures = DecodeCaptures(self.graphs)
 

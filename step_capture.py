@@ -28,9 +28,9 @@ import torch
 
 from .attention import AttentionMask, sdpa_attention
 from .compiled_step import CompiledFrame, _local_frame
+from .model_runner import _NO_MASK, decode_key_mask
 
 logger = logging.getLogger(__name__)
-_NO_MASK = AttentionMask()
 
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (lazy initialisation stays out of the graph)
 
@@ -146,17 +146,17 @@ class DecodeCaptures:
             self.graphs = {k: g for k, g in self.graphs.items() if k[2:] == key[2:]}  # older buffers: drop theirs
             graph = self.graphs[key] = CapturedDecode(slot_global, first, len(slots), self.owner.api)
         lengths = [cache.lengths[s] for s in slots]
-        if graph.captured is not None:
+        recorded = graph.captured is not None
+        try:
             out = graph.replay(embeds, lengths)
-        else:
-            try:
-                out = graph.replay(embeds, lengths)
-            except Exception as error:  # noqa: BLE001  (any recording failure: eager decode from now on, once)
-                self.graphs.pop(key)
-                self.owner.decode_problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
-                logger.warning("recording the global decode failed (%s); it runs eager from now on",
-                               self.owner.decode_problem)
-                return None
+        except Exception as error:  # noqa: BLE001  (a recording failure: eager decode from now on, once)
+            if recorded:  # a replay error is the step's own failure
+                raise
+            self.graphs.pop(key)
+            self.owner.decode_problem = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+            logger.warning("recording the global decode failed (%s); it runs eager from now on",
+                           self.owner.decode_problem)
+            return None
         for slot, length in zip(slots, lengths):
             cache.lengths[slot] = length + 1
         return out
@@ -174,8 +174,6 @@ class CapturedDecode:
         self.embeds = torch.zeros(batch, 1, weight.shape[1], dtype=weight.dtype, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # each row's position (its length)
         self.rows = torch.arange(first, first + batch, device=device)
-        self.key_index = torch.arange(cache.capacity, device=device)
-        self.query_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
         self.out: Optional[torch.Tensor] = None
         self.captured: Any = None
 
@@ -191,8 +189,7 @@ class CapturedDecode:
     def _decode(self) -> torch.Tensor:
         model = self.model
         rope = model.rotation(model.transformer, self.positions[:, None])
-        valid = self.key_index[None, :] <= self.positions[:, None]  # (B, capacity): the keys so far and its own
-        mask = AttentionMask(dense=valid[:, None, None, :], key_valid=valid, query_valid=self.query_valid)
+        mask = decode_key_mask(self.positions, self.cache.capacity)  # each row: its keys so far and its own
         out, _ = model.transformer(self.embeds, rope, _NO_MASK, self._attention(mask), self)
         return out[:, 0]
 

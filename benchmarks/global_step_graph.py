@@ -26,12 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from measuring import add_run_arguments, apply_threads, cpu_description, load_average, write_report  # noqa: E402
 
-from attention import AttentionMask  # noqa: E402
 from demo import build_demo_assets  # noqa: E402
 from linear_kernels import register_graph_linear  # noqa: E402
-from model_runner import ModelRunner, SlotGlobal  # noqa: E402
-
-_NO_MASK = AttentionMask()
+from model_runner import _NO_MASK, ModelRunner, SlotGlobal  # noqa: E402
 
 
 class _GraphView:
