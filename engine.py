@@ -40,6 +40,7 @@ import torch
 
 from . import devices
 from .engine_core import EngineCore, RequestOutput
+from .openmp_runtime import release_idle_team
 from .pipeline import Plan, check_position_limit, core_request, finish_result, generated_of, plan_chunks, prepare_prompt
 from .scheduler import EngineClosed, EngineFull, Request, RequestCancelled
 from .shared_resources import RESOURCE_KEYS, cached_resources
@@ -214,7 +215,9 @@ class SynthesisEngine:
         """Validate and queue one request (the keywords of `inference_stream`, plus `prompt_audio_codes`, and
         `stream`: False decodes its audio once at the end, and its events are then the result only).
 
-        Prompt audio is read and encoded here, in the calling thread.
+        Prompt audio is read and encoded here, in the calling thread. The calling thread's idle OpenMP team (from
+        its earlier torch work, e.g. loading the model) is then released, so that it does not slow the worker's
+        team (`openmp_runtime`); its next parallel torch op builds a new one.
 
         Raises:
             ValueError: invalid text, prompt, mode or sampling value (the messages of `inference`).
@@ -223,6 +226,7 @@ class SynthesisEngine:
         """
         self._check_open()
         job = self._prepare(text, dict(kwargs))
+        release_idle_team()  # this thread now waits on the worker: its idle team would slow it
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shutting down; no new requests")
@@ -348,6 +352,8 @@ class SynthesisEngine:
                     continue
                 for output in outputs:
                     self._deliver(output)
+                if not core.has_work:  # idle now: a team kept while idle slows the other threads' teams
+                    release_idle_team()
         core.close()
 
     def _deliver(self, output: RequestOutput) -> None:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # never runs. The one list of the other sibling modules: for 
     from .kernel_probes import npu_fusion_attention_fn
     from .model_runner import ModelRunner
     from .npu_probes import fusion_attention_limits
+    from .openmp_runtime import release_idle_team
     from .pipeline import run_inference  # also imported on first use (synthesis_methods.pipeline_module)
     from .safe_checkpoint import UnsafeCheckpointError
     from .scheduler import Scheduler

@@ -1,6 +1,7 @@
 """How a second thread's OpenMP team slows torch's small parallel products (CPU): one product timed in the main
-thread, then in a new thread while the main thread holds a team (it ran a parallel product) and, in a fresh
-process, in a thread of a process whose main thread never ran one.
+thread, then in a new thread while the main thread holds a team (it ran a parallel product), in a new thread after
+the main thread released its team (`openmp_runtime.release_idle_team`, what `SynthesisEngine.submit` and its idle
+worker do) and, in a fresh process, in a thread of a process whose main thread never ran one.
 
 GNU OpenMP (the runtime of torch's Linux wheels) gives each thread that starts a parallel region a team of its own;
 once the process holds more pooled threads than CPUs, it shortens every team's spin-wait, so each of the many
@@ -24,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from measuring import add_run_arguments, apply_threads, cpu_description, load_average, write_report  # noqa: E402
+import openmp_runtime  # noqa: E402  (measuring put the repository's modules on the path)
 
 
 def product_us(repeats: int) -> float:
@@ -57,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     main_us = product_us(args.repeats)
     beside_us = in_new_thread(args.repeats)
+    released = openmp_runtime.release_idle_team()
+    after_release_us = in_new_thread(args.repeats) if released else None
     child = [sys.executable, __file__, "--child", "--repeats", str(args.repeats)]
     if args.threads:
         child += ["--threads", str(args.threads)]
     alone = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    report = {"main_thread_us": main_us, "thread_beside_a_main_team_us": beside_us, **alone,
+    report = {"main_thread_us": main_us, "thread_beside_a_main_team_us": beside_us,
+              "thread_after_the_main_team_was_released_us": after_release_us,
+              "release_unavailable": openmp_runtime.unavailable_reason() or None, **alone,
               "torch_threads": torch.get_num_threads(), "cpu": cpu_description(), "load_average_at_end": load_average()}
     write_report(report, args.output)
     return 0
