@@ -5,8 +5,8 @@ the prompt rows; teacher-forced logits (teacher_forcing.py: the reference prompt
 frames through both decoders); greedy codes (agreement, first divergent frame); codec decode of identical codes (SNR,
 max abs difference / peak). A short sampled `model.inference(...)` run (its first frames forced, so that the
 model's decision to stop cannot end it) must give finite audio without a float32 retry. Every check captures its own
-exceptions (device-side errors included), so one failure never ends the run. The metrics and the tolerances they are
-judged by: verification_metrics.py. `VerificationSettings.compile`: the checked models run the compiled frame step
+exceptions (device-side errors included), so one failure never ends the run. The reference and the verdicts:
+verification_judges.py; the metrics and the tolerances they are judged by: verification_metrics.py. `VerificationSettings.compile`: the checked models run the compiled frame step
 (compiled_step.py); the report names the step each target ran.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +26,9 @@ from . import compiled_step, devices, environment
 from .pipeline import encode_prompt_audio
 from .prompting import infer_mode
 from .sampling import resolve_nq
-from .teacher_forcing import TeacherForcedLogits, measure_codec, measure_greedy, measure_hidden, measure_logits
-# tests/test_single_sources.py (another change's file) still reads these two here:
-from .verification_metrics import (
-    TOLERANCES, Tolerance, all_finite, code_agreement, cosine_similarity, dtype_name, first_divergent_frame,
-    max_abs_difference, snr_db, tolerance_for,
-)
+from .teacher_forcing import measure_codec, measure_greedy, measure_hidden, measure_logits
+from .verification_judges import Outcome, Reference, judge_codec, judge_codes, judge_hidden, judge_logits
+from .verification_metrics import TOLERANCES, all_finite, dtype_name, tolerance_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +48,6 @@ COMPILE_NOTE = (
 )
 
 # ---------------------------------------------------------------------------------------------------- reference
-
-
-@dataclass
-class Reference:
-    """The CPU float32 run every other (device, dtype) is compared with (CPU tensors)."""
-
-    input_ids: torch.Tensor  # (1, T, n_vq + 1) prompt rows
-    attention_mask: torch.Tensor  # (1, T) bool
-    nq: int
-    hidden: torch.Tensor  # (1, T, H) global hidden states after ln_f
-    hidden_finite: bool  # every layer finite
-    codes: torch.Tensor  # (F, n_vq) greedy codes
-    logits: TeacherForcedLogits  # teacher-forced on `codes`
-    waveform: torch.Tensor  # (2, 3840 F) codec decode of `codes`
-    prompt_frames: int
 
 
 @dataclass(frozen=True)
@@ -133,67 +114,6 @@ def compute_reference(model: Any, tokenizer: Any, codec: Any, prompt_audio: Opti
         waveform=measure_codec(codec, codes, nq, REFERENCE_DEVICE, REFERENCE_DTYPE),
         prompt_frames=0 if prompt_codes is None else int(prompt_codes.shape[0]),
     )
-
-
-# ---------------------------------------------------------------------------------------------------- judging
-
-
-@dataclass
-class Outcome:
-    """What a check found: pass/fail, the numbers, an optional note, a value for later use (the loaded model)."""
-
-    passed: bool
-    metrics: dict[str, Any] = field(default_factory=dict)
-    note: Optional[str] = None
-    value: Any = None
-
-
-def _judge_hidden(hidden: torch.Tensor, finite: bool, reference: Reference, tol: Tolerance) -> Outcome:
-    cosine = cosine_similarity(reference.hidden, hidden)
-    metrics = {"finite": finite, "cosine": cosine, "max_abs_diff": max_abs_difference(reference.hidden, hidden)}
-    return Outcome(finite and cosine >= tol.min_cosine, metrics)
-
-
-def _judge_logits(logits: TeacherForcedLogits, reference: Reference, tol: Tolerance) -> Outcome:
-    finite = all_finite(logits.text, logits.audio)
-    metrics: dict[str, Any] = {"finite": finite, "frames": int(logits.text.shape[1]), "step": logits.step}
-    passed = finite
-    for kind in ("text", "audio"):
-        ref, got = getattr(reference.logits, kind), getattr(logits, kind)
-        cosine, max_abs = cosine_similarity(ref, got), max_abs_difference(ref, got)
-        rel = max_abs / max(1.0, float(ref.abs().max()))  # relative to the logit scale, at least 1
-        metrics.update({f"{kind}_cosine": cosine, f"{kind}_max_abs_diff": max_abs, f"{kind}_max_abs_rel": rel})
-        passed = passed and cosine >= tol.min_cosine and rel <= tol.max_abs_rel
-    expected = reference.codes[None, :, : reference.nq]
-    agreement = float((logits.argmax_codes() == expected).double().mean())
-    continues = bool((logits.text.argmax(-1) == 0).all())
-    metrics.update({"argmax_agreement": agreement, "text_decisions_continue": continues})
-    return Outcome(passed and agreement >= tol.min_argmax_agreement, metrics)
-
-
-def _judge_codes(codes: torch.Tensor, reference: Reference, tol: Tolerance) -> Outcome:
-    frames = int(reference.codes.shape[0])
-    first = first_divergent_frame(reference.codes, codes)
-    metrics = {"frames": int(codes.shape[0]), "reference_frames": frames, "first_divergent_frame": first,
-               "agreement": code_agreement(reference.codes, codes), "identical": first is None}
-    if first is None:
-        return Outcome(True, metrics)
-    gated = tol.min_divergence_fraction > 0.0
-    note = f"greedy codes diverge from frame {first} of {frames}" + (
-        f" (allowed from frame {math.ceil(tol.min_divergence_fraction * frames)})" if gated
-        else f"; reported, not gated in {tol.dtype} (see tolerances)")
-    return Outcome(first / frames >= tol.min_divergence_fraction, metrics, note)
-
-
-def _judge_codec(waveform: torch.Tensor, reference: Reference, tol: Tolerance) -> Outcome:
-    finite = all_finite(waveform)
-    peak = float(reference.waveform.abs().max()) if reference.waveform.numel() else 0.0
-    max_abs = max_abs_difference(reference.waveform, waveform)
-    rel = max_abs / peak if peak > 0 else (0.0 if max_abs == 0.0 else math.inf)
-    snr = snr_db(reference.waveform, waveform)
-    metrics = {"finite": finite, "samples": int(waveform.shape[-1]), "peak": peak, "max_abs_diff": max_abs,
-               "max_abs_rel": rel, "snr_db": snr}
-    return Outcome(finite and rel <= tol.codec_max_abs_rel and snr >= tol.codec_min_snr_db, metrics)
 
 
 def run_inference_smoke(model: Any, tokenizer: Any, codec: Any, prompt_audio: Optional[torch.Tensor],
@@ -347,18 +267,18 @@ def _agreement_bodies(model: Any, target: Target, context: _Context) -> dict[str
     ref, tol = context.reference, tolerance_for(target.dtype)
     if _self_compared(target, context):  # compare the reference with itself: only finiteness can fail
         return {
-            "hidden_states": lambda: _judge_hidden(ref.hidden, ref.hidden_finite, ref, tol),
-            "teacher_forced_logits": lambda: _judge_logits(ref.logits, ref, tol),
-            "greedy_codes": lambda: _judge_codes(ref.codes, ref, tol),
-            "codec_decode": lambda: _judge_codec(ref.waveform, ref, tol),
+            "hidden_states": lambda: judge_hidden(ref.hidden, ref.hidden_finite, ref, tol),
+            "teacher_forced_logits": lambda: judge_logits(ref.logits, ref, tol),
+            "greedy_codes": lambda: judge_codes(ref.codes, ref, tol),
+            "codec_decode": lambda: judge_codec(ref.waveform, ref, tol),
         }
     ids, mask, nq = ref.input_ids, ref.attention_mask, ref.nq
     return {
-        "hidden_states": lambda: _judge_hidden(*measure_hidden(model, ids, mask), ref, tol),
-        "teacher_forced_logits": lambda: _judge_logits(measure_logits(model, ids, mask, ref.codes, nq), ref, tol),
-        "greedy_codes": lambda: _judge_codes(
+        "hidden_states": lambda: judge_hidden(*measure_hidden(model, ids, mask), ref, tol),
+        "teacher_forced_logits": lambda: judge_logits(measure_logits(model, ids, mask, ref.codes, nq), ref, tol),
+        "greedy_codes": lambda: judge_codes(
             measure_greedy(model, ids, mask, context.settings.max_new_frames, nq), ref, tol),
-        "codec_decode": lambda: _judge_codec(
+        "codec_decode": lambda: judge_codec(
             measure_codec(context.codec, ref.codes, nq, target.device, target.dtype), ref, tol),
     }
 
