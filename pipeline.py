@@ -9,7 +9,9 @@ fails numerically in float32 and shrinks its row budget on out-of-memory errors.
 Every call owns its state: KV caches, its codec decode session, its random generator (``seed=`` / ``generator=``).
 The model, tokenizer and codec are only read, so one ``Synthesizer`` (or one model's ``inference`` /
 ``inference_stream``) serves any number of threads and interleaved streams. The float32 retry runs a float32 copy
-kept beside the model (``shared_resources.float32_retry_model``), never the caller's model cast in place.
+kept beside the model (``shared_resources.float32_retry_model``), never the caller's model cast in place. A call
+ends by releasing its thread's idle OpenMP team (``openmp_runtime``), so threads that are done with synthesis (a
+server's pool threads) do not slow the ones still at work.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .codec_output import (  # noqa: F401  (SAMPLES_PER_FRAME, decode_frames: im
     pause_waveform,
 )
 from .engine_core import EngineCore
+from .openmp_runtime import release_idle_team
 from .prompting import build_continuation_rows, build_voice_clone_rows
 from .scheduler import AudioPlan, Request
 from .sampling import SamplingParams
@@ -354,6 +357,14 @@ def run_inference(model: Any, text: str, output_audio_path: str | os.PathLike | 
     engine = kwargs.pop("engine", None)
     if engine is not None:
         return submit_to_engine(model, engine, text, output_audio_path, kwargs, stream=False).result()
+    try:
+        return _run_inference(model, text, output_audio_path, synthesizer, kwargs)
+    finally:  # the call's thread may idle now (a server's pool thread): its team would slow the others' teams
+        release_idle_team()
+
+
+def _run_inference(model: Any, text: str, output_audio_path: Any, synthesizer: Synthesizer | None,
+                   kwargs: dict) -> dict:
     plan = prepare_call(model, text, kwargs, synthesizer)
     request, device = plan.request, next(model.parameters()).device
     use_kv_cache = request.generation.get("use_kv_cache", True)
@@ -405,6 +416,14 @@ def run_inference_stream(
         finally:
             handle.cancel()  # nothing when it finished; frees its slot at once when the caller left early
         return
+    try:
+        yield from _run_inference_stream(model, text, output_audio_path, synthesizer, kwargs)
+    finally:  # as in run_inference; when the stream ends or its consumer leaves
+        release_idle_team()
+
+
+def _run_inference_stream(model: Any, text: str, output_audio_path: Any, synthesizer: Synthesizer | None,
+                          kwargs: dict) -> Iterator[dict]:
     plan = prepare_call(model, text, kwargs, synthesizer)
     started = time.perf_counter()
     core = EngineCore(model, plan.resources.codec, slots=1,

@@ -1,7 +1,7 @@
 """openmp_runtime releases the calling thread's idle OpenMP team: with the real GNU OpenMP runtime of this torch (the
 process's thread count drops by the team's pooled threads, the thread's next parallel op builds it again with the
-same result), the libraries it finds in a crafted /proc/self/maps, its refusal of a runtime without OpenMP 5.0, and
-the engine's two call sites (the submitting thread, the worker when it goes idle)."""
+same result), the libraries it finds in a crafted /proc/self/maps, its refusal of a runtime without OpenMP 5.0, the
+engine's two call sites (the submitting thread, the worker when it goes idle) and the end of every private call."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 import engine as engine_module
 import openmp_runtime
+import pipeline
 from engine import SynthesisEngine
 from pipeline_assets import TinyAssets
 
@@ -123,3 +124,32 @@ def test_engine_releases_the_submitters_team_and_its_own_when_idle(tmp_path, mon
     worker_calls = [name for name in calls if name == "moss-tts-engine"]
     # Once, when both had finished: not when the first finished while the second still ran, not at every step.
     assert worker_calls == ["moss-tts-engine"], calls
+
+
+def test_every_private_call_releases_its_threads_team_at_its_end(tmp_path, monkeypatch):
+    assets = TinyAssets(tmp_path)
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "release_idle_team", lambda: calls.append(threading.current_thread().name))
+    kwargs = dict(assets.resources(), prompt_audio=assets.prompt_audio, max_new_frames=4)
+
+    def in_thread(name, work):
+        thread = threading.Thread(target=work, name=name)
+        thread.start()
+        thread.join()
+
+    in_thread("caller-a", lambda: assets.model.inference("Hello world.", **kwargs))
+    assert calls == ["caller-a"]
+    in_thread("caller-b", lambda: list(assets.model.inference_stream("Hello world.", **kwargs)))
+    assert calls == ["caller-a", "caller-b"]
+
+    def leave_early():
+        stream = assets.model.inference_stream("Hello world.", **kwargs)
+        next(stream)
+        assert calls == ["caller-a", "caller-b"]  # not while the stream runs
+        stream.close()
+
+    in_thread("caller-c", leave_early)
+    assert calls[-1] == "caller-c"
+    with pytest.raises(ValueError):
+        assets.model.inference("Hello world.", **dict(kwargs, max_new_frames=0))
+    assert calls[-1] == threading.current_thread().name  # a failed call too
