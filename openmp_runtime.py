@@ -2,8 +2,8 @@
 
 GNU OpenMP gives every thread that runs a parallel region a team of pooled threads and keeps it while that thread
 lives. Once the process holds more pooled threads than CPUs, every team spins shorter before it sleeps, and a frame
-step's many small parallel regions then wait on a futex: the engine's worker ran about 30% slower beside a main
-thread that had loaded a model (docs/performance.md, "OpenMP teams").
+step's many small parallel regions then wait on a futex: one product ran 20-30% slower in a thread beside a main
+thread that had run torch (docs/performance.md, "OpenMP teams").
 
 `release_idle_team()` frees the calling thread's team with OpenMP 5.0's `omp_pause_resource_all(omp_pause_soft)`.
 In libgomp that pauses the calling thread's pool only (`gomp_pause_host`: the pooled threads exit and are joined,
@@ -22,6 +22,8 @@ import ctypes
 import os
 import threading
 from typing import Optional
+
+import torch  # noqa: F401  (imported first: torch loads its OpenMP runtime, which `_resolve` then finds)
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: omp_pause_soft = 1, omp_pause_hard = 2
 _lock = threading.Lock()
@@ -43,7 +45,6 @@ def _resolve() -> list:
     global _pauses, _why_not
     with _lock:
         if _pauses is None:
-            __import__("torch")  # torch loads its OpenMP runtime: resolve after it
             pauses, missing = [], []
             for path in _mapped_gnu_openmp():
                 try:
