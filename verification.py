@@ -6,8 +6,9 @@ frames through both decoders); greedy codes (agreement, first divergent frame); 
 max abs difference / peak). A short sampled `model.inference(...)` run (its first frames forced, so that the
 model's decision to stop cannot end it) must give finite audio without a float32 retry. Every check captures its own
 exceptions (device-side errors included), so one failure never ends the run. The reference and the verdicts:
-verification_judges.py; the metrics and the tolerances they are judged by: verification_metrics.py. `VerificationSettings.compile`: the checked models run the compiled frame step
-(compiled_step.py); the report names the step each target ran.
+verification_judges.py; the metrics and the tolerances they are judged by: verification_metrics.py.
+`VerificationSettings.compile`: the checked models run the compiled frame step (compiled_step.py); the report names
+the step each target ran.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ COMPILE_NOTE = (
 )
 
 # ---------------------------------------------------------------------------------------------------- reference
+# (the `Reference` itself: verification_judges.py)
 
 
 @dataclass(frozen=True)
