@@ -24,6 +24,7 @@ from . import devices
 from .codec_output import TARGET_SAMPLE_RATE, CodecStreams, decode_generated, join_with_pauses
 from .generation import GenerationOutput, non_finite_message
 from .model_runner import ModelRunner, RowInput
+from .openmp_runtime import release_idle_team
 from .sampling import SamplingParams
 from .scheduler import Request, RequestCancelled, Scheduler
 
@@ -284,7 +285,16 @@ class EngineCore:
 def generate_frames(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, *,
                     use_kv_cache: bool = True, generator: Optional[torch.Generator] = None) -> Iterator[dict]:
     """Stream frames for validated, left-padded prompt rows (see `MossTTSNanoForCausalLM.generate_stream`): each row
-    a request of a private core, its padding stripped; a step's frame holds the pad code for rows that ended."""
+    a request of a private core, its padding stripped; a step's frame holds the pad code for rows that ended. At its
+    end (or when its consumer leaves) the calling thread's idle OpenMP team is released, as after `inference`."""
+    try:
+        yield from _frames(model, input_ids, mask, params, use_kv_cache, generator)
+    finally:
+        release_idle_team()
+
+
+def _frames(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, use_kv_cache: bool,
+            generator: Optional[torch.Generator]) -> Iterator[dict]:
     config = model.config
     batch, device = input_ids.shape[0], input_ids.device
     pad = config.audio_pad_token_id

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import engine as engine_module
+import engine_core
 import openmp_runtime
 import pipeline
 from engine import SynthesisEngine
@@ -153,3 +154,18 @@ def test_every_private_call_releases_its_threads_team_at_its_end(tmp_path, monke
     with pytest.raises(ValueError):
         assets.model.inference("Hello world.", **dict(kwargs, max_new_frames=0))
     assert calls[-1] == threading.current_thread().name  # a failed call too
+
+
+def test_generate_and_generate_stream_release_their_threads_team_at_their_end(tmp_path, monkeypatch):
+    assets = TinyAssets(tmp_path)
+    calls: list[str] = []
+    monkeypatch.setattr(engine_core, "release_idle_team", lambda: calls.append(threading.current_thread().name))
+    model, me = assets.model, threading.current_thread().name
+    input_ids, mask = model.build_inference_input_ids(assets.tokenizer, "Hello world.")
+    model.generate(input_ids, mask, max_new_frames=3)
+    assert calls == [me]
+    stream = model.generate_stream(input_ids, mask, max_new_frames=3)
+    next(stream)
+    assert calls == [me]  # not while the stream runs
+    stream.close()
+    assert calls == [me, me]
