@@ -10,7 +10,8 @@ In libgomp that pauses the calling thread's pool only (`gomp_pause_host`: the po
 and the process's count of pooled threads drops); the thread's next parallel region builds a new team of the same
 size, so no result and no setting changes. Nothing else is touched: LLVM's and Intel's runtimes pause
 process-wide, so they are left alone, and a libgomp without OpenMP 5.0 (GCC < 9, e.g. the one in torch 2.3.1's
-x86 wheel) has no such call; `release_idle_team()` then returns False and does nothing.
+x86 wheel; its aarch64 wheel, an Ascend host's, has the call) has none; `release_idle_team()` then returns False and
+does nothing.
 """
 
 from __future__ import annotations
