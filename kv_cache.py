@@ -92,6 +92,15 @@ class Segment:
     length: int
 
 
+def write_rows(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one decode step's (B, heads, 1, D) key and value of one layer into slot buffers (slots, heads, capacity,
+    D) at row b's slot `slots[b]` and position `positions[b]`, in place; returns the buffers."""
+    keys[slots, :, positions] = key[:, :, 0]
+    values[slots, :, positions] = value[:, :, 0]
+    return keys, values
+
+
 class SlotKVCache:
     """Keys (already rotated) and values of `slots` independent sequences, (slots, heads, capacity, head_dim) per layer.
 

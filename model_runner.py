@@ -26,7 +26,7 @@ import torch
 from .compiled_step import enabled as compile_enabled, graphs_for
 from .generation import LocalRunner, frame_constants, sample_frame
 from .attention import ATTENTION_FUNCTIONS, AttentionMask
-from .kv_cache import Segment, SlotKVCache
+from .kv_cache import Segment, SlotKVCache, write_rows
 from .linear_kernels import batched_products
 from .sampling import RowSampler, SamplingParams
 
@@ -134,10 +134,8 @@ class _DecodeView:
             slot, pos = self.slots[0], self.lengths[0]
             keys[slot, :, pos] = key[0, :, 0]
             values[slot, :, pos] = value[0, :, 0]
-        else:
-            keys[self.index, :, self.positions] = key[:, :, 0]  # (B, heads, D)
-            values[self.index, :, self.positions] = value[:, :, 0]
-        return keys, values
+            return keys, values
+        return write_rows(keys, values, self.index, self.positions, key, value)
 
     def attention(self, attend: Any) -> Any:
         def slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionMask,

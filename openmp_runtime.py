@@ -5,13 +5,13 @@ lives. Once the process holds more pooled threads than CPUs, every team spins sh
 step's many small parallel regions then wait on a futex: one product ran 20-30% slower in a thread beside a main
 thread that had run torch (docs/performance.md, "OpenMP teams").
 
-`release_idle_team()` frees the calling thread's team with OpenMP 5.0's `omp_pause_resource_all(omp_pause_soft)`.
-In libgomp that pauses the calling thread's pool only (`gomp_pause_host`: the pooled threads exit and are joined,
-and the process's count of pooled threads drops); the thread's next parallel region builds a new team of the same
-size, so no result and no setting changes. Nothing else is touched: LLVM's and Intel's runtimes pause
-process-wide, so they are left alone, and a libgomp without OpenMP 5.0 (GCC < 9, e.g. the one in torch 2.3.1's
-x86 wheel; its aarch64 wheel, an Ascend host's, has the call) has none; `release_idle_team()` then returns False and
-does nothing.
+`release_idle_team()` frees the calling thread's team with OpenMP 5.0's `omp_pause_resource_all(omp_pause_soft)`. In
+libgomp that pauses the calling thread's pool only (`gomp_pause_host`: the pooled threads exit and are joined, and
+the process's count of pooled threads drops); the thread's next parallel region builds a new team of the same size,
+so no result and no setting changes. Nothing else is touched: other OpenMP runtimes (LLVM's, Intel's) are left
+alone, since only libgomp's per-thread pause was read and tested here, and a libgomp without OpenMP 5.0 (GCC < 9,
+e.g. the one in torch 2.3.1's x86 wheel; its aarch64 wheel, an Ascend host's, has the call) has none;
+`release_idle_team()` then returns False and does nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def _mapped_gnu_openmp(maps_path: str = "/proc/self/maps") -> list[str]:
 
 def _resolve() -> list:
     global _pauses, _why_not
+    if _pauses is not None:  # resolved once; the lock only guards the first resolution
+        return _pauses
     with _lock:
         if _pauses is None:
             pauses, missing = [], []

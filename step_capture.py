@@ -28,6 +28,7 @@ import torch
 
 from .attention import AttentionMask, sdpa_attention
 from .compiled_step import CompiledFrame, _local_frame
+from .kv_cache import write_rows
 from .model_runner import _NO_MASK, decode_key_mask
 
 logger = logging.getLogger(__name__)
@@ -197,10 +198,7 @@ class CapturedDecode:
     length = 0
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.rows, :, self.positions] = key[:, :, 0]  # (B, heads, D) at each row's slot and position
-        values[self.rows, :, self.positions] = value[:, :, 0]
-        return keys, values
+        return write_rows(self.cache.keys[layer], self.cache.values[layer], self.rows, self.positions, key, value)
 
     def _attention(self, mask: AttentionMask) -> Any:
         first, last = self.first, self.first + self.batch

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from measuring import add_run_arguments, apply_threads, cpu_description, load_average, write_report  # noqa: E402
 
 from demo import build_demo_assets  # noqa: E402
+from kv_cache import write_rows  # noqa: E402
 from linear_kernels import register_graph_linear  # noqa: E402
 from model_runner import _NO_MASK, ModelRunner, SlotGlobal  # noqa: E402
 
@@ -40,10 +41,7 @@ class _GraphView:
         self.length = 0  # GPT2Decoder.forward advances it (unused here)
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer], self.values[layer]
-        keys[self.index, :, self.positions] = key[:, :, 0]
-        values[self.index, :, self.positions] = value[:, :, 0]
-        return keys, values
+        return write_rows(self.keys[layer], self.values[layer], self.index, self.positions, key, value)
 
     def attention(self, attend: Any) -> Callable:
         def attend_slot(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Any, scale: float) -> Any:
